@@ -1,0 +1,1 @@
+"""Shared pieces of FusionRec: config, artifact manifest, feature spec, server bootstrap, metrics."""

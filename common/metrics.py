@@ -1,0 +1,66 @@
+"""Prometheus metric set shared by all services (documented in the README's metrics table).
+
+Label values are bounded: service, method, gRPC code, stage, channel and degraded reason come
+from fixed vocabularies. User ids, item ids and request strings never become label values.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+# Latency buckets in seconds, dense around the 5-50 ms serving range.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04,
+                   0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+COUNT_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 150, 200, 250, 300, 400, 500, 1000)
+
+GRPC_REQUESTS = Counter(
+    "fusionrec_grpc_requests_total", "gRPC requests handled, by method and status code",
+    ["service", "method", "code"])
+GRPC_LATENCY = Histogram(
+    "fusionrec_grpc_request_seconds", "gRPC request latency, by method and status code",
+    ["service", "method", "code"], buckets=LATENCY_BUCKETS)
+STAGE_LATENCY = Histogram(
+    "fusionrec_stage_seconds", "Latency of one pipeline stage (retrieval channel, Triton call, re-rank, hop)",
+    ["service", "stage"], buckets=LATENCY_BUCKETS)
+CANDIDATES = Histogram(
+    "fusionrec_candidates", "Candidates per request, per retrieval channel and merged",
+    ["channel"], buckets=COUNT_BUCKETS)
+DEGRADED = Counter(
+    "fusionrec_degraded_total", "Responses that fell back, by reason", ["service", "reason"])
+ARTIFACT_INFO = Gauge(
+    "fusionrec_artifact_info", "Artifact version loaded (value 1)", ["service", "version"])
+INDEX_ITEMS = Gauge(
+    "fusionrec_index_items", "Items in a FAISS index", ["index"])
+EVENTS = Counter(
+    "fusionrec_events_total", "Events ingested, by type and outcome", ["type", "outcome"])
+
+# Fixed vocabularies: anything else is mapped to "other" so a label can never explode.
+DEGRADED_REASONS = frozenset({
+    "ranking_unavailable", "ranking_timeout", "ranking_error",
+    "retrieval_unavailable", "retrieval_timeout", "retrieval_error",
+    "triton_unavailable", "reranker_error", "no_candidates", "other"})
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> None:
+    """Expose /metrics over HTTP on host:port (0 is not allowed: the port is chosen by the caller)."""
+    start_http_server(port, addr=host)
+
+
+def record_degraded(service: str, reason: str) -> None:
+    DEGRADED.labels(service, reason if reason in DEGRADED_REASONS else "other").inc()
+
+
+@contextmanager
+def stage_timer(service: str, stage: str, sink: dict[str, float] | None = None) -> Iterator[None]:
+    """Time a block into fusionrec_stage_seconds and, if given, sink[stage] in milliseconds."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        STAGE_LATENCY.labels(service, stage).observe(elapsed)
+        if sink is not None:
+            sink[stage] = elapsed * 1000.0

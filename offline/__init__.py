@@ -1,0 +1,1 @@
+"""Offline build: the only writer of artifacts/ and model_repository/."""
