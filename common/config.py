@@ -1,0 +1,70 @@
+"""Service configuration: one frozen dataclass per service, read once from flags and environment.
+
+Every field can be given as a flag (--metrics-port) or an environment variable
+(FUSIONREC_METRICS_PORT); flags win. Invalid values fail at start, not on the first request.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _flag(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = _flag("127.0.0.1", "address to bind")
+    port: int = _flag(0, "gRPC port (required, > 0)")
+    metrics_port: int = _flag(0, "Prometheus /metrics HTTP port (0 = no metrics server)")
+    artifacts: Path = _flag(Path("artifacts"), "artifact root (with LATEST) or a version folder")
+    grace_s: float = _flag(5.0, "seconds in-flight calls get to finish on SIGTERM")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig(ServerConfig):
+    candidates: int = _flag(300, "default number of candidates per request")
+    faiss_threads: int = _flag(1, "FAISS OpenMP threads (1 is fastest for one query per call)")
+
+
+@dataclass(frozen=True)
+class RankingConfig(ServerConfig):
+    triton_url: str = _flag("127.0.0.1:8001", "Triton gRPC address")
+    triton_timeout_ms: float = _flag(60.0, "upper bound on one Triton call")
+    reranker_threads: int = _flag(1, "LightGBM threads, set once at load")
+    diversity_weight: float = _flag(0.1, "re-ranker penalty on max similarity to the slate so far")
+    torch_threads: int = _flag(1, "unused by the service itself; documented for symmetry with Triton")
+
+
+@dataclass(frozen=True)
+class GatewayConfig(ServerConfig):
+    retrieval_addr: str = _flag("127.0.0.1:50051", "retrieval service address")
+    ranking_addr: str = _flag("127.0.0.1:50052", "ranking service address")
+    default_deadline_ms: float = _flag(250.0, "budget when the caller sets no deadline")
+    retrieval_share: float = _flag(0.4, "share of the remaining budget given to retrieval")
+    reserve_ms: float = _flag(3.0, "budget kept back for the gateway's own work and fallbacks")
+    candidates: int = _flag(300, "candidates asked of retrieval")
+
+
+def parse_config(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
+    """Build cls from flags, then FUSIONREC_* environment variables, then defaults."""
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(cls):
+        env = os.environ.get(f"FUSIONREC_{f.name.upper()}")
+        kind = f.type if not isinstance(f.type, str) else {"int": int, "float": float, "str": str,
+                                                            "Path": Path}[f.type]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind,
+                            default=kind(env) if env is not None else f.default,
+                            help=f"{f.metadata.get('help', '')} (env FUSIONREC_{f.name.upper()}, default: %(default)s)")
+    args = vars(parser.parse_args(argv))
+    config = cls(**args)
+    if not 0 < config.port < 65536:  # type: ignore[attr-defined]
+        parser.error(f"--port must be in 1..65535, got {config.port}")  # type: ignore[attr-defined]
+    return config

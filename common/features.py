@@ -1,0 +1,82 @@
+"""The feature spec: one declaration that drives ranker training, export, config.pbtxt and the
+Triton client (fused ranker), and the LightGBM re-ranker's training and serving.
+
+Bump FEATURE_SPEC_VERSION whenever a feature's meaning, order or count changes: the manifest
+records it and services refuse artifacts built against another version.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+FEATURE_SPEC_VERSION = "1"
+
+CHANNELS: tuple[str, ...] = ("bert", "cf", "popular")
+
+# Per-candidate features the ranking request carries to Triton, derived from retrieval output.
+RETRIEVAL_FEATURES: tuple[str, ...] = tuple(
+    f"{channel}_{kind}" for channel in CHANNELS for kind in ("score", "rank_inv"))
+
+# Triton model fused_ranker: (name, datatype, dims). max_batch_size 0: no leading batch dim.
+FUSED_RANKER_NAME = "fused_ranker"
+FUSED_RANKER_INPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
+    ("history", "INT64", (-1,)),                           # [L] item indices, oldest first
+    ("candidates", "INT64", (-1,)),                        # [N] item indices
+    ("features", "FP32", (-1, len(RETRIEVAL_FEATURES))),   # [N, F] retrieval features
+)
+FUSED_RANKER_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (("scores", "FP32", (-1,)),)
+
+# The re-ranker sees the fused score, the retrieval features, item side features, and the
+# diversity features measured against the slate built so far.
+RERANK_FEATURES: tuple[str, ...] = (
+    "fused_score", "fused_rank_inv", *RETRIEVAL_FEATURES, "popularity", "age",
+    "max_sim_to_slate", "same_category_in_slate", "position")
+
+
+def retrieval_features(columns: dict[str, tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    """columns: channel -> (scores [N] float32, ranks [N] int32, 0 = not retrieved) -> [N, F] float32."""
+    out = np.zeros((n, len(RETRIEVAL_FEATURES)), dtype=np.float32)
+    for c, channel in enumerate(CHANNELS):
+        if channel not in columns:
+            continue
+        scores, ranks = columns[channel]
+        ranks = np.asarray(ranks, dtype=np.float32)
+        out[:, 2 * c] = scores
+        out[:, 2 * c + 1] = np.where(ranks > 0, 1.0 / np.log2(np.maximum(ranks, 1.0) + 1.0), 0.0)
+    return out
+
+
+def rerank_features(
+    fused: np.ndarray,           # [M] fused scores of the pool
+    fused_rank_inv: np.ndarray,  # [M]
+    retrieval: np.ndarray,       # [M, F]
+    popularity: np.ndarray,      # [M]
+    age: np.ndarray,             # [M]
+    max_sim: np.ndarray,         # [M] max cosine similarity to items already in the slate
+    same_category: np.ndarray,   # [M] count of slate items with the same category
+    position: int,
+) -> np.ndarray:
+    """-> [M, len(RERANK_FEATURES)] float32, columns in RERANK_FEATURES order."""
+    m = len(fused)
+    return np.column_stack([
+        fused, fused_rank_inv, retrieval, popularity, age, max_sim, same_category,
+        np.full(m, position, dtype=np.float32)]).astype(np.float32, copy=False)
+
+
+def fused_ranker_config(max_candidates: int = 1000, threads: int = 1) -> str:
+    """config.pbtxt for the fused ranker, generated from the spec above."""
+    def tensors(kind: str, spec: tuple[tuple[str, str, tuple[int, ...]], ...]) -> str:
+        rows = [f'  {{ name: "{n}" data_type: TYPE_{t} dims: [ {", ".join(map(str, d))} ] }}'
+                for n, t, d in spec]
+        return f"{kind} [\n" + ",\n".join(rows) + "\n]"
+    return "\n".join([
+        f'name: "{FUSED_RANKER_NAME}"',
+        'backend: "python"',
+        "max_batch_size: 0",
+        tensors("input", FUSED_RANKER_INPUTS),
+        tensors("output", FUSED_RANKER_OUTPUTS),
+        "instance_group [ { kind: KIND_CPU count: 1 } ]",
+        "version_policy: { latest: { num_versions: 1 } }",
+        f'parameters: {{ key: "torch_threads" value: {{ string_value: "{threads}" }} }}',
+        f'parameters: {{ key: "feature_spec_version" value: {{ string_value: "{FEATURE_SPEC_VERSION}" }} }}',
+        f'parameters: {{ key: "max_candidates" value: {{ string_value: "{max_candidates}" }} }}',
+        ""])

@@ -1,0 +1,85 @@
+"""Server bootstrap shared by the three services: grpc.aio server, health, reflection, metrics,
+per-method request metrics, and a graceful stop on SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import signal
+import time
+from typing import Any, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.config import ServerConfig
+from common.logs import get_logger
+from common.metrics import GRPC_LATENCY, GRPC_REQUESTS, start_metrics_server
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+log = get_logger("server")
+
+
+def observed(service: str, method: str) -> Callable:
+    """Record request count and latency by status code; turn unexpected errors into INTERNAL."""
+    def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(fn)
+        async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                return await fn(self, request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                code = context.code().name if context.code() else "UNKNOWN"
+                raise
+            except Exception:
+                code = "INTERNAL"
+                log.exception("unhandled error", extra={"service": service, "method": method})
+                await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error")
+            finally:
+                elapsed = time.perf_counter() - start
+                GRPC_REQUESTS.labels(service, method, code).inc()
+                GRPC_LATENCY.labels(service, method, code).observe(elapsed)
+        return handler
+    return wrap
+
+
+async def serve(config: ServerConfig, service_names: list[str],
+                add_servicers: Callable[[grpc.aio.Server], None],
+                on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run until SIGTERM/SIGINT: health says NOT_SERVING first, then in-flight calls get grace_s."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.so_reuseport", 0)])
+    add_servicers(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    address = f"{config.host}:{config.port}"
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"cannot bind {address}")
+    if config.metrics_port:
+        start_metrics_server(config.metrics_port, config.host)
+    await server.start()
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"address": address, "services": service_names,
+                               "metrics_port": config.metrics_port})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping", extra={"grace_s": config.grace_s})
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(config.grace_s)
+    if on_stop is not None:
+        await on_stop()

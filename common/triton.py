@@ -1,0 +1,34 @@
+"""How to start the embedded Triton Inference Server: the tritonserver binary shipped by the
+PyPI package nvidia-pytriton, in its own virtual environment (it needs numpy<2)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def triton_venv() -> Path:
+    return Path(os.environ.get("FUSIONREC_TRITON_VENV", REPO / ".venv-triton"))
+
+
+def triton_command(model_repo: Path, grpc_port: int, http_port: int, metrics_port: int,
+                   models: list[str], host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
+    """-> (argv, environment) for a tritonserver bound to `host` with explicit model control."""
+    site = next((triton_venv() / "lib").glob("python3*/site-packages"), None)
+    if site is None or not (site / "pytriton" / "tritonserver" / "bin" / "tritonserver").exists():
+        raise FileNotFoundError(f"{triton_venv()}: no nvidia-pytriton install; run `make triton`")
+    home = site / "pytriton" / "tritonserver"
+    argv = [str(home / "bin" / "tritonserver"), f"--model-repository={Path(model_repo).resolve()}",
+            f"--backend-directory={home / 'backends'}",
+            f"--grpc-address={host}", f"--grpc-port={grpc_port}",
+            f"--http-address={host}", f"--http-port={http_port}",
+            f"--metrics-address={host}", f"--metrics-port={metrics_port}",
+            "--model-control-mode=explicit", *[f"--load-model={m}" for m in models],
+            "--log-verbose=0", "--exit-timeout-secs=5"]
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(site / "nvidia_pytriton.libs"),
+                                                          env.get("LD_LIBRARY_PATH")]))
+    # The python backend stub embeds the system Python and ignores PYTHONPATH: model.py reads this.
+    env["FUSIONREC_TRITON_SITE"] = str(site)
+    return argv, env

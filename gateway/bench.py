@@ -1,0 +1,65 @@
+"""`make bench`: start the whole stack, drive the gateway open-loop at a fixed rate with users
+drawn from the data, and print + write the figures (it asserts nothing).
+
+Reports achieved rate, latency percentiles, errors by code, degraded share, the per-stage
+breakdown, and the resident memory of each process after the run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from pathlib import Path
+
+from common.artifacts import open_artifacts
+from common.stack import Stack
+from gateway import loadtest_report as report
+from gateway.loadtest import run_open_loop
+from gateway.user_state import ArtifactHistoryStore
+from protos import fusionrec_pb2 as pb
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of a process and its children threads (VmRSS), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _tree_rss_mib(pid: int) -> float:
+    """RSS of a process plus its descendants (Triton's python-backend stubs are children)."""
+    total = rss_mib(pid)
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else []:
+        total += _tree_rss_mib(int(child))
+    return total
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    users = ArtifactHistoryStore(open_artifacts(args.artifacts)).users()
+    rng = random.Random(0)
+    picks = [rng.choice(users) for _ in range(int((args.warmup + args.duration) * args.rate) + 1)]
+
+    def make_request(i: int) -> pb.RecommendRequest:
+        return pb.RecommendRequest(user_id=picks[i % len(picks)], k=args.k, surface="bench")
+
+    with Stack(args.artifacts, args.model_repo, args.run_dir) as stack:
+        result = asyncio.run(run_open_loop(stack.addr("gateway"), args.rate, args.duration, make_request,
+                                           warmup=args.warmup, deadline_s=args.deadline_ms / 1000.0,
+                                           progress=sys.stderr))
+        memory = {name: round(_tree_rss_mib(pid), 1) for name, pid in stack.pids().items()}
+    summary = result.summary()
+    summary["rss_mib"] = memory
+    summary["rss_mib"]["services_total"] = round(sum(v for k, v in memory.items() if k != "triton"), 1)
+    summary["config"] = {"rate": args.rate, "duration_s": args.duration, "k": args.k,
+                         "deadline_ms": args.deadline_ms, "candidates": 300,
+                         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(report.format_summary(summary))
+    print("resident memory (MiB): " + ", ".join(f"{k}={v}" for k, v in summary["rss_mib"].items()))
+    report.write_json(args.out, summary)
+    report.plot_latency(args.out.with_suffix(".png"), result)
+    print(f"written: {args.out} and {args.out.with_suffix('.png')}")
+    return summary

@@ -1,0 +1,116 @@
+"""Recommend, end to end: user state -> retrieval -> ranking, within the caller's deadline.
+
+Budget: retrieval gets `retrieval_share` of what remains (after a reserve for the gateway's own
+work), ranking gets the rest. A failing stage degrades the answer, never fails it:
+retrieval down or late -> popular items; ranking down or late -> retrieval order.
+"""
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+
+from common.config import GatewayConfig
+from common.metrics import record_degraded, stage_timer
+from gateway.catalog import Catalog
+from gateway.user_state import ArtifactHistoryStore
+from gateway.validation import RecommendQuery
+from protos import fusionrec_pb2 as pb
+from protos import fusionrec_pb2_grpc as pb_grpc
+
+SERVICE = "gateway"
+
+
+def _reason(stage: str, error: grpc.aio.AioRpcError) -> str:
+    code = error.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"{stage}_timeout"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"{stage}_unavailable"
+    return f"{stage}_error"
+
+
+class Orchestrator:
+    def __init__(self, catalog: Catalog, store: ArtifactHistoryStore, retrieval: pb_grpc.RetrievalStub,
+                 ranking: pb_grpc.RankingStub, config: GatewayConfig, artifact_version: str) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.retrieval = retrieval
+        self.ranking = ranking
+        self.config = config
+        self.artifact_version = artifact_version
+
+    async def recommend(self, q: RecommendQuery, deadline: float) -> pb.RecommendResponse:
+        """deadline: time.monotonic() by which the answer must be out."""
+        stage_ms: dict[str, float] = {}
+        reasons: list[str] = []
+        versions = {"artifacts": self.artifact_version}
+        reserve = self.config.reserve_ms / 1000.0
+        history = (self.catalog.to_indices(q.history_item_ids) if q.history_item_ids
+                   else self.store.history(q.user_id))
+        exclude = self.catalog.to_indices(q.exclude_item_ids)
+
+        candidates = None
+        budget = (deadline - time.monotonic() - reserve) * self.config.retrieval_share
+        try:
+            with stage_timer(SERVICE, "retrieve", stage_ms):
+                retrieved = await self.retrieval.Retrieve(pb.RetrieveRequest(
+                    user_id=q.user_id, history=history.tolist(), exclude=exclude.tolist(),
+                    num_candidates=self.config.candidates), timeout=max(budget, 0.001))
+            candidates = retrieved.candidates
+            versions["index"] = retrieved.index_version
+            stage_ms.update({f"retrieval.{k}": v for k, v in retrieved.stage_ms.items()})
+        except grpc.aio.AioRpcError as e:
+            reasons.append(_reason("retrieval", e))
+
+        if candidates is None:
+            with stage_timer(SERVICE, "fallback", stage_ms):
+                seen = set(history.tolist()) | set(exclude.tolist())
+                items = self.catalog.popular_excluding(q.k, seen)
+            return self._response(q, items, -np.arange(len(items), dtype=np.float32),
+                                  {int(i): ["popular"] for i in items}, reasons, versions, stage_ms)
+
+        channels = self._channels(candidates)
+        remaining = deadline - time.monotonic() - reserve
+        ranked = None
+        if remaining <= 0.001:
+            reasons.append("ranking_timeout")
+        else:
+            try:
+                with stage_timer(SERVICE, "rank", stage_ms):
+                    ranked = await self.ranking.Rank(pb.RankRequest(
+                        history=history.tolist(), candidates=candidates, k=q.k), timeout=remaining)
+            except grpc.aio.AioRpcError as e:
+                reasons.append(_reason("ranking", e))
+        if ranked is not None:
+            versions["fused_ranker"] = ranked.model_version
+            reasons.extend(ranked.degraded_reasons)
+            stage_ms.update({f"ranking.{k}": v for k, v in ranked.stage_ms.items()})
+            items, scores = np.array(ranked.items, np.int64), np.array(ranked.scores, np.float32)
+        else:
+            items = np.array(candidates.items[:q.k], np.int64)
+            scores = -np.arange(len(items), dtype=np.float32)
+        return self._response(q, items, scores, channels, reasons, versions, stage_ms)
+
+    @staticmethod
+    def _channels(candidates: pb.Candidates) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {int(i): [] for i in candidates.items}
+        for column in candidates.channels:
+            for item, rank in zip(candidates.items, column.ranks):
+                if rank > 0:
+                    out[int(item)].append(column.channel)
+        return out
+
+    def _response(self, q: RecommendQuery, items: np.ndarray, scores: np.ndarray,
+                  channels: dict[int, list[str]], reasons: list[str], versions: dict[str, str],
+                  stage_ms: dict[str, float]) -> pb.RecommendResponse:
+        for reason in reasons:
+            record_degraded(SERVICE, reason)
+        response = pb.RecommendResponse(request_id=q.request_id, degraded=bool(reasons),
+                                        degraded_reasons=reasons, versions=versions, stage_ms=stage_ms)
+        for rank, (item, score) in enumerate(zip(items.tolist(), scores.tolist()), start=1):
+            response.items.add(item_id=self.catalog.item_ids[item], score=score, rank=rank,
+                               channels=channels.get(item, []), title=self.catalog.titles[item],
+                               category=self.catalog.categories[item])
+        return response

@@ -1,0 +1,37 @@
+"""Offline CLI: `python -m offline build --data movielens:data/ml-latest-small`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m offline", description="FusionRec offline build")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build a new versioned artifact set from a dataset")
+    b.add_argument("--data", default="movielens:data/ml-latest-small",
+                   help="<kind>:<path>, kind in movielens, mind, generic, synthetic (default: %(default)s)")
+    b.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifact root (default: %(default)s)")
+    b.add_argument("--model-repo", type=Path, default=Path("model_repository"),
+                   help="Triton model repository (default: %(default)s)")
+    b.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="embedding cache (default: %(default)s)")
+    b.add_argument("--text-model-dir", type=Path, default=None,
+                   help="local BERT-family model folder (default: packaged all-MiniLM-L6-v2)")
+    b.add_argument("--max-items", type=int, default=None, help="keep only the N most popular items")
+    b.add_argument("--max-users", type=int, default=None, help="keep only N users (deterministic sample)")
+    b.add_argument("--epochs", type=int, default=6, help="fused ranker epochs (default: %(default)s)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    from offline.build import BuildOptions, build
+    final = build(BuildOptions(
+        data=args.data, artifacts=args.artifacts, model_repo=args.model_repo, cache_dir=args.cache_dir,
+        text_model_dir=args.text_model_dir, max_items=args.max_items, max_users=args.max_users,
+        epochs=args.epochs, seed=args.seed, progress=not args.no_progress))
+    print(f"artifact set written: {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The offline build: dataset -> embeddings, CF, FAISS indexes, fused ranker, re-ranker, manifest.
+
+Writes a new version: artifacts/<v>/ and model_repository/fused_ranker/<v>/ (+ config.pbtxt).
+Everything is staged in a temporary folder and published only once complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import shutil
+import tempfile
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import faiss
+import numpy as np
+import torch
+
+from common.artifacts import next_version, open_artifacts, publish, write_manifest
+from common.features import FUSED_RANKER_NAME, fused_ranker_config, retrieval_features
+from common.logs import get_logger
+from offline import datasets
+from offline.cf import train_als
+from offline.index import build_index, recall_at_k
+from offline.metrics import auc, intra_list_diversity, ndcg_at_k
+from offline.ranker import MAX_HISTORY, FusedRanker, RankingList, export_torchscript, score_lists, train_ranker
+from offline.reranker import rerank_training_groups, train_reranker
+from offline.split import split_by_time
+from offline.text_encoder import TextEncoder
+from ranking.reranker import DiversityReranker
+from retrieval.retriever import Retriever
+
+log = get_logger("offline.build")
+MODEL_PY = Path(__file__).resolve().parent.parent / "model_repository" / FUSED_RANKER_NAME / "model.py"
+HISTORY_KEEP = 100   # recent history per user kept for serving
+
+
+@dataclass
+class BuildOptions:
+    data: str
+    artifacts: Path
+    model_repo: Path
+    cache_dir: Path = Path(".cache")
+    text_model_dir: Path | None = None
+    max_items: int | None = None     # keep the most popular N items (tests, quick looks)
+    max_users: int | None = None
+    epochs: int = 6
+    cf_factors: int = 64
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class StageLog:
+    rows: list[tuple[str, float, float, str]] = field(default_factory=list)
+
+    @contextmanager
+    def stage(self, name: str, figures: dict[str, str]) -> Iterator[None]:
+        start = time.perf_counter()
+        log.info("stage start", extra={"stage": name})
+        yield
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.rows.append((name, time.perf_counter() - start, peak_mb, ", ".join(
+            f"{k}={v}" for k, v in figures.items())))
+
+    def table(self) -> str:
+        lines = [f"{'stage':<14} {'seconds':>8} {'peak MiB':>9}  figures", "-" * 72]
+        lines += [f"{n:<14} {s:>8.1f} {m:>9.0f}  {f}" for n, s, m, f in self.rows]
+        lines.append(f"{'total':<14} {sum(r[1] for r in self.rows):>8.1f}")
+        return "\n".join(lines)
+
+
+def _subset(ds: datasets.Dataset, max_items: int | None, max_users: int | None) -> datasets.Dataset:
+    keep = np.ones(len(ds), bool)
+    if max_users:
+        users = sorted(set(ds.users), key=lambda u: zlib.crc32(u.encode()))[:max_users]
+        keep &= np.isin(ds.users, users)
+    if max_items:
+        ids, counts = np.unique(ds.item_ids[keep], return_counts=True)
+        top = set(ids[np.argsort(-counts, kind="stable")[:max_items]])
+        keep &= np.array([i in top for i in ds.item_ids])
+        items = [it for it in ds.items if it.item_id in top]
+    else:
+        items = ds.items
+    return datasets.Dataset(ds.name, items, ds.users[keep], ds.item_ids[keep], ds.timestamps[keep],
+                            ds.values[keep], ds.impressions, ds.report)
+
+
+def _user_sequences(users: np.ndarray, items: np.ndarray, ts: np.ndarray) -> dict[str, np.ndarray]:
+    order = np.lexsort((ts, users))
+    out: dict[str, list[int]] = {}
+    for u, i in zip(users[order], items[order]):
+        out.setdefault(u, []).append(int(i))
+    return {u: np.array(v, np.int64) for u, v in out.items()}
+
+
+def _lists(retriever: Retriever, histories: dict[str, np.ndarray], targets: dict[str, np.ndarray],
+           users: list[str]) -> list[RankingList]:
+    out = []
+    for u in users:
+        if u not in targets:
+            continue
+        history = histories.get(u, np.zeros(0, np.int64))
+        r = retriever.retrieve(u, history, np.zeros(0, np.int64))
+        c = r.candidates
+        labels = np.isin(c.items, targets[u]).astype(np.float32)
+        out.append(RankingList(history[-MAX_HISTORY:], c.items,
+                               retrieval_features(c.columns, len(c.items)), labels))
+    return out
+
+
+def build(opts: BuildOptions) -> Path:
+    stages = StageLog()
+    torch.set_num_threads(2)
+    faiss.omp_set_num_threads(2)
+    with stages.stage("load", figures := {}):
+        ds = _subset(datasets.load(opts.data), opts.max_items, opts.max_users)
+        item_ids = [it.item_id for it in ds.items]
+        index_of = {iid: j for j, iid in enumerate(item_ids)}
+        inter_items = np.array([index_of[i] for i in ds.item_ids], np.int64)
+        figures.update(items=str(len(item_ids)), interactions=str(len(ds)),
+                       users=str(len(set(ds.users))), malformed=str(len(ds.report.malformed)))
+        log.info("dataset loaded", extra={"report": ds.report.summary()})
+
+    with stages.stage("split", figures := {}):
+        split = split_by_time(ds.users, ds.timestamps)
+        figures.update(train=str(split.train.sum()), valid=str(split.valid.sum()), test=str(split.test.sum()))
+
+    with stages.stage("text", figures := {}):
+        encoder = TextEncoder(opts.text_model_dir, cache_dir=opts.cache_dir / "embeddings")
+        texts = [f"{it.title}. {it.text} {it.category}".strip() for it in ds.items]
+        item_text = encoder.encode(texts, progress="bert" if opts.progress else None)
+        figures.update(model=encoder.name, dim=str(encoder.dim))
+
+    with stages.stage("cf", figures := {}):
+        tr = split.train
+        cf_users = sorted(set(ds.users[tr]))
+        row = {u: j for j, u in enumerate(cf_users)}
+        cf = train_als(np.array([row[u] for u in ds.users[tr]]), inter_items[tr], len(cf_users),
+                       len(item_ids), cf_users, factors=opts.cf_factors, seed=opts.seed)
+        figures.update(users=str(len(cf_users)), factors=str(opts.cf_factors))
+
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=_ensure(opts.artifacts)))
+    version = max(next_version(opts.artifacts), next_version(opts.model_repo / FUSED_RANKER_NAME))
+    with stages.stage("index", figures := {}):
+        rng = np.random.default_rng(opts.seed)
+        quality: dict[str, float] = {}
+        for name, vectors, queries in (
+                ("text", item_text, item_text[rng.choice(len(item_ids), min(100, len(item_ids)), replace=False)]),
+                ("cf", cf.item_factors, cf.user_factors[rng.choice(len(cf_users), min(100, len(cf_users)), replace=False)])):
+            index = build_index(vectors)
+            faiss.write_index(index, str(staging / f"index_{name}.faiss"))
+            quality[f"index_{name}_recall@100"] = recall_at_k(index, vectors, queries, 100)
+            figures[f"{name}_recall@100"] = f"{quality[f'index_{name}_recall@100']:.3f}"
+
+        counts = np.bincount(inter_items[split.train], minlength=len(item_ids)).astype(np.int64)
+        popularity = (np.log1p(counts) / max(np.log1p(counts).max(), 1e-6)).astype(np.float32)
+        stamps = np.array([it.timestamp for it in ds.items], np.float64)
+        newest = max(stamps.max(initial=0), float(ds.timestamps.max(initial=0)))
+        age = np.where(stamps > 0, np.clip((newest - stamps) / (365.25 * 86400 * 50), 0, 1), 0.5).astype(np.float32)
+        categories = sorted({it.category for it in ds.items if it.category})
+        cat_of = {c: j + 1 for j, c in enumerate(categories)}      # 0 = unknown
+        item_category = np.array([cat_of.get(it.category, 0) for it in ds.items], np.int64)
+        item_side = np.column_stack([popularity, age]).astype(np.float32)
+
+        np.save(staging / "item_text.npy", item_text)
+        np.save(staging / "item_cf.npy", cf.item_factors)
+        np.save(staging / "user_cf.npy", cf.user_factors)
+        np.save(staging / "cf_gram.npy", cf.gram)
+        np.save(staging / "item_counts.npy", counts)
+        np.save(staging / "popular.npy", np.argsort(-counts, kind="stable").astype(np.int64))
+        np.save(staging / "item_category.npy", item_category)
+        np.save(staging / "item_side.npy", item_side)
+        (staging / "cf_users.json").write_text(json.dumps(cf_users))
+        (staging / "catalog.json").write_text(json.dumps({
+            "item_ids": item_ids, "titles": [it.title for it in ds.items],
+            "categories": [it.category for it in ds.items], "category_names": ["", *categories]}))
+        all_seq = _user_sequences(ds.users, inter_items, ds.timestamps)
+        users_sorted = sorted(all_seq)
+        lengths = np.array([min(len(all_seq[u]), HISTORY_KEEP) for u in users_sorted], np.int64)
+        np.savez(staging / "user_history.npz", users=np.array(users_sorted, dtype=str),
+                 offsets=np.r_[0, np.cumsum(lengths)],
+                 items=np.concatenate([all_seq[u][-HISTORY_KEEP:] for u in users_sorted] or [np.zeros(0, np.int64)]))
+        manifest = {
+            "version": version, "dataset": ds.name, "data_spec": opts.data,
+            "data_fingerprint": _fingerprint(item_ids, ds),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "counts": {"items": len(item_ids), "cf_users": len(cf_users), "users": len(users_sorted),
+                       "interactions": len(ds), "categories": len(categories)},
+            "dims": {"text": int(item_text.shape[1]), "cf": int(cf.item_factors.shape[1])},
+            "text_encoder": encoder.name,
+            "cf": {"alpha": cf.alpha, "regularization": cf.regularization, "factors": opts.cf_factors},
+            "models": {FUSED_RANKER_NAME: str(version), "reranker": str(version)},
+            "quality": quality,
+        }
+        write_manifest(staging, manifest)
+
+    with stages.stage("ranker", figures := {}):
+        retriever = Retriever(open_artifacts(staging))
+        train_seq = _user_sequences(ds.users[split.train], inter_items[split.train], ds.timestamps[split.train])
+        hist_seq = _user_sequences(ds.users[split.train | split.valid], inter_items[split.train | split.valid],
+                                   ds.timestamps[split.train | split.valid])
+        valid_t = _user_sequences(ds.users[split.valid], inter_items[split.valid], ds.timestamps[split.valid])
+        test_t = _user_sequences(ds.users[split.test], inter_items[split.test], ds.timestamps[split.test])
+        # Users are split too: the re-ranker learns from fused scores the ranker did not train on.
+        ranker_users = [u for u in sorted(valid_t) if zlib.crc32(u.encode()) % 10 < 7]
+        rerank_users = [u for u in sorted(valid_t) if zlib.crc32(u.encode()) % 10 >= 7]
+        train_lists = _lists(retriever, train_seq, valid_t, ranker_users)
+        model = FusedRanker(item_text, cf.item_factors, cf.gram, cf.alpha, cf.regularization, popularity,
+                            age, item_category, len(categories), train_lists[0].features.shape[1])
+        losses = train_ranker(model, train_lists, epochs=opts.epochs, seed=opts.seed, progress=opts.progress)
+        model_dir = staging / "model"
+        model_dir.mkdir()
+        scripted = export_torchscript(model, str(model_dir / "model.pt"))
+        test_lists = _lists(retriever, hist_seq, test_t, rerank_users)
+        eager, script = score_lists(model, test_lists[:20]), score_lists(scripted, test_lists[:20])
+        quality["torchscript_max_abs_diff"] = float(max((np.abs(a - b).max() for a, b in zip(eager, script)), default=0))
+        fused_test = score_lists(scripted, test_lists)
+        quality["ranker_auc"] = _mean_auc(fused_test, test_lists)
+        quality["popularity_auc"] = _mean_auc([popularity[l.candidates] for l in test_lists], test_lists)
+        quality["retrieval_order_auc"] = _mean_auc([-np.arange(len(l.candidates), dtype=np.float32) for l in test_lists], test_lists)
+        figures.update(lists=str(len(train_lists)), loss=f"{losses[0]:.3f}->{losses[-1]:.3f}",
+                       auc=f"{quality['ranker_auc']:.3f}", pop_auc=f"{quality['popularity_auc']:.3f}")
+
+    with stages.stage("reranker", figures := {}):
+        rr_lists = _lists(retriever, train_seq, valid_t, rerank_users)
+        x, y, groups = rerank_training_groups(rr_lists, score_lists(scripted, rr_lists), item_text,
+                                              item_category, item_side, progress=opts.progress)
+        booster = train_reranker(x, y, groups, seed=opts.seed)
+        booster.save_model(str(staging / "reranker.txt"))
+        reranker = DiversityReranker(booster, item_text, item_category, item_side)
+        fused_ndcg, rerank_ndcg, fused_ild, rerank_ild = [], [], [], []
+        for lst, scores in zip(test_lists, fused_test):
+            relevant = set(lst.candidates[lst.labels > 0].tolist())
+            by_fused = lst.candidates[np.argsort(-scores, kind="stable")[:10]]
+            slate, _ = reranker.rerank(lst.candidates, scores, lst.features, 10)
+            fused_ndcg.append(ndcg_at_k(by_fused.tolist(), relevant, 10))
+            rerank_ndcg.append(ndcg_at_k(slate.tolist(), relevant, 10))
+            fused_ild.append(intra_list_diversity(item_text[by_fused]))
+            rerank_ild.append(intra_list_diversity(item_text[slate]))
+        quality.update({"fused_ndcg@10": float(np.mean(fused_ndcg)), "reranked_ndcg@10": float(np.mean(rerank_ndcg)),
+                        "fused_ild@10": float(np.mean(fused_ild)), "reranked_ild@10": float(np.mean(rerank_ild))})
+        figures.update(rows=str(len(y)), groups=str(len(groups)),
+                       ndcg=f"{quality['fused_ndcg@10']:.3f}->{quality['reranked_ndcg@10']:.3f}",
+                       ild=f"{quality['fused_ild@10']:.3f}->{quality['reranked_ild@10']:.3f}")
+
+    with stages.stage("publish", figures := {}):
+        model_src = staging / "model"
+        manifest["quality"] = quality
+        manifest["stages"] = [{"stage": n, "seconds": round(s, 2), "peak_mib": round(m)} for n, s, m, _ in stages.rows]
+        model_version_dir = _publish_model(opts.model_repo, model_src, version)
+        shutil.rmtree(model_src)
+        manifest["model_checksum"] = hashlib.sha256((model_version_dir / "model.pt").read_bytes()).hexdigest()
+        write_manifest(staging, manifest)
+        final = publish(opts.artifacts, staging, version)
+        figures.update(version=str(version), path=str(final))
+    print(stages.table())
+    return final
+
+
+def _publish_model(repo: Path, src: Path, version: int) -> Path:
+    model_root = _ensure(repo / FUSED_RANKER_NAME)
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_root))
+    shutil.copy2(src / "model.pt", tmp / "model.pt")
+    shutil.copy2(MODEL_PY, tmp / "model.py")
+    final = model_root / str(version)
+    tmp.rename(final)
+    config = model_root / "config.pbtxt"
+    config.with_suffix(".tmp").write_text(fused_ranker_config())
+    config.with_suffix(".tmp").replace(config)
+    return final
+
+
+def _ensure(path: Path) -> Path:
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def _fingerprint(item_ids: list[str], ds: datasets.Dataset) -> str:
+    digest = hashlib.sha256()
+    digest.update("\n".join(item_ids).encode())
+    digest.update(ds.timestamps.tobytes())
+    digest.update("\n".join(ds.users.tolist()).encode())
+    return digest.hexdigest()[:16]
+
+
+def _mean_auc(scores: list[np.ndarray], lists: list[RankingList]) -> float:
+    values = [auc(s, l.labels) for s, l in zip(scores, lists) if 0 < l.labels.sum() < len(l.labels)]
+    return float(np.mean(values)) if values else float("nan")
+

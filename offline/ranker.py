@@ -1,0 +1,150 @@
+"""Fused BERT + CF deep ranker (PyTorch), trained offline and exported as TorchScript.
+
+The model owns its tables (BERT item vectors, CF item factors, item side features), so a
+ranking request carries only ids and the retrieval features:
+  history [L] int64, candidates [N] int64, features [N, F] float32  ->  logits [N] float32.
+User side: self-attention over the history's BERT vectors with attention pooling (as in NRMS),
+and the ALS user vector folded in from the history. Candidate side: its BERT vector, CF factor,
+popularity, age and category.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+MAX_HISTORY = 50
+
+
+class FusedRanker(nn.Module):
+    def __init__(self, item_text: np.ndarray, item_cf: np.ndarray, cf_gram: np.ndarray,
+                 cf_alpha: float, cf_reg: float, popularity: np.ndarray, age: np.ndarray,
+                 category: np.ndarray, n_categories: int, n_features: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.register_buffer("item_text", torch.from_numpy(item_text).float())     # [I, Dt]
+        self.register_buffer("item_cf", torch.from_numpy(item_cf).float())         # [I, Dc]
+        self.register_buffer("cf_gram", torch.from_numpy(cf_gram).float())         # [Dc, Dc]
+        self.register_buffer("item_side", torch.from_numpy(
+            np.column_stack([popularity, age]).astype(np.float32)))               # [I, 2]
+        self.register_buffer("item_category", torch.from_numpy(category.astype(np.int64)))  # [I]
+        # Filled by freeze() at export: the projected item text, so serving skips a [N, Dt] x [Dt, H] matmul.
+        self.register_buffer("item_hidden", torch.zeros(0, hidden))
+        self.cf_alpha = float(cf_alpha)
+        self.max_history = MAX_HISTORY
+        self.cf_reg = float(cf_reg)
+        dt = item_text.shape[1]
+        self.text_proj = nn.Linear(dt, hidden)
+        self.attn_q = nn.Linear(hidden, hidden)
+        self.attn_k = nn.Linear(hidden, hidden)
+        self.attn_v = nn.Linear(hidden, hidden)
+        self.pool = nn.Sequential(nn.Linear(hidden, 64), nn.Tanh(), nn.Linear(64, 1))
+        self.category = nn.Embedding(n_categories + 1, 16)
+        # per candidate: u*c (hidden), u·c, cf dot, side (2), category (16), user-category share, features
+        width = hidden + 1 + 1 + 2 + 16 + 1 + n_features
+        self.mlp = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                                 nn.Linear(64, 1))
+
+    def hidden(self, items: Tensor) -> Tensor:
+        """items [n] -> projected text [n, H]."""
+        if self.item_hidden.shape[0] > 0:
+            return self.item_hidden[items]
+        return torch.tanh(self.text_proj(self.item_text[items]))
+
+    @torch.jit.unused
+    def freeze(self) -> None:
+        with torch.no_grad():
+            self.item_hidden = torch.tanh(self.text_proj(self.item_text))
+
+    def user_text(self, history: Tensor) -> Tensor:
+        """history [L] -> [hidden] (zeros for an empty history)."""
+        if history.numel() == 0:
+            return torch.zeros(self.text_proj.out_features)
+        h = self.hidden(history)                                                   # [L, H]
+        att = torch.softmax(self.attn_q(h) @ self.attn_k(h).t() / math.sqrt(h.shape[1]), dim=-1)
+        h = h + att @ self.attn_v(h)                                               # self-attention
+        weights = torch.softmax(self.pool(h).squeeze(-1), dim=0)                  # attention pooling
+        return weights @ h
+
+    def user_cf(self, history: Tensor) -> Tensor:
+        """Exact ALS fold-in of the history -> [Dc]."""
+        dc = self.cf_gram.shape[0]
+        if history.numel() == 0:
+            return torch.zeros(dc)
+        y = self.item_cf[torch.unique(history)]
+        a = self.cf_gram + self.cf_alpha * (y.t() @ y) + self.cf_reg * torch.eye(dc)
+        b = (1.0 + self.cf_alpha) * y.sum(0)
+        return torch.linalg.solve(a, b)
+
+    def forward(self, history: Tensor, candidates: Tensor, features: Tensor) -> Tensor:
+        history = history[-self.max_history:]
+        u = self.user_text(history)                                                # [H]
+        c = self.hidden(candidates)                                                # [N, H]
+        cf_dot = (self.item_cf[candidates] @ self.user_cf(history)).unsqueeze(-1)  # [N, 1]
+        cats = self.item_category[candidates]
+        if history.numel() > 0:
+            hist_cats = self.item_category[history]
+            share = (cats.unsqueeze(1) == hist_cats.unsqueeze(0)).float().mean(1, keepdim=True)
+        else:
+            share = torch.zeros(candidates.shape[0], 1)
+        x = torch.cat([u * c, (c @ u).unsqueeze(-1), cf_dot, self.item_side[candidates],
+                       self.category(cats), share, features], dim=1)
+        return self.mlp(x).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class RankingList:
+    """One training or evaluation list: a user's history and the retrieval candidates for it."""
+    history: np.ndarray     # [L] int64
+    candidates: np.ndarray  # [N] int64
+    features: np.ndarray    # [N, F] float32 retrieval features
+    labels: np.ndarray      # [N] float32, 1 = the user interacted with it in the target period
+
+
+def train_ranker(model: FusedRanker, lists: list[RankingList], epochs: int = 6, negatives: int = 24,
+                 lr: float = 2e-3, seed: int = 0, progress: bool = True) -> list[float]:
+    """BCE on each list's positives against negatives sampled from its own candidates."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    usable = [l for l in lists if l.labels.any()]
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(total=epochs * len(usable), desc="ranker", unit="list", disable=not progress)
+    for _ in range(epochs):
+        total = 0.0
+        for j in rng.permutation(len(usable)):
+            lst = usable[j]
+            pos = np.flatnonzero(lst.labels > 0)
+            neg = np.flatnonzero(lst.labels == 0)
+            neg = rng.choice(neg, size=min(len(neg), negatives * len(pos)), replace=False)
+            rows = np.concatenate([pos, neg])
+            logits = model(torch.from_numpy(lst.history), torch.from_numpy(lst.candidates[rows]),
+                           torch.from_numpy(lst.features[rows]))
+            target = torch.from_numpy(lst.labels[rows])
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            bar.update(1)
+        losses.append(total / max(len(usable), 1))
+    bar.close()
+    model.eval()
+    return losses
+
+
+@torch.inference_mode()
+def score_lists(model: nn.Module, lists: list[RankingList]) -> list[np.ndarray]:
+    return [model(torch.from_numpy(l.history), torch.from_numpy(l.candidates),
+                  torch.from_numpy(l.features)).numpy() for l in lists]
+
+
+def export_torchscript(model: FusedRanker, path: str) -> torch.jit.ScriptModule:
+    model.eval().freeze()
+    scripted = torch.jit.script(model)
+    scripted.save(path)
+    return scripted

@@ -1,0 +1,90 @@
+"""The ranking pipeline as a plain object: Triton fused scores, then the LightGBM slate builder.
+
+Degrades instead of failing: Triton down or late -> the retrieval order, marked degraded; a
+re-ranker error -> the fused order, marked degraded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import lightgbm as lgb
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from common.artifacts import ArtifactSet, check_shape
+from common.features import FUSED_RANKER_NAME, retrieval_features
+from common.logs import get_logger
+from common.metrics import record_degraded, stage_timer
+from ranking.reranker import DiversityReranker
+from ranking.triton_scorer import ScorerUnavailable, TritonScorer
+
+SERVICE = "ranking"
+log = get_logger("ranking")
+
+
+@dataclass
+class Ranked:
+    items: np.ndarray
+    scores: np.ndarray
+    degraded_reasons: list[str] = field(default_factory=list)
+    stage_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Ranker:
+    def __init__(self, artifacts: ArtifactSet, scorer: TritonScorer, threads: int = 1,
+                 diversity_weight: float = 0.1) -> None:
+        m = artifacts.manifest
+        n_items = m["counts"]["items"]
+        item_text = artifacts.npy("item_text.npy")
+        item_category = artifacts.npy("item_category.npy")
+        item_side = artifacts.npy("item_side.npy")
+        check_shape("item_text.npy", item_text, n_items, m["dims"]["text"])
+        check_shape("item_category.npy", item_category, n_items)
+        check_shape("item_side.npy", item_side, n_items, 2)
+        # Threads are set once here: num_threads per predict call costs extra on every call, and
+        # Booster(model_file=...) ignores params (reset_parameter on it crashes lightgbm 4.7).
+        booster = lgb.Booster(model_file=str(artifacts.path("reranker.txt")))
+        threadpool_limits(threads, "openmp")
+        self.reranker = DiversityReranker(booster, item_text, item_category, item_side, diversity_weight)
+        self.scorer = scorer
+        self.n_items = n_items
+        self.version = artifacts.version
+        self.model_version = str(m["models"][FUSED_RANKER_NAME])
+
+    async def warm_up(self, rounds: int = 5, timeout_s: float = 30.0) -> None:
+        """Score a realistic request a few times before serving: the first TorchScript calls are slow."""
+        rng = np.random.default_rng(0)
+        items = rng.choice(self.n_items, size=min(300, self.n_items), replace=False).astype(np.int64)
+        history = rng.choice(self.n_items, size=min(20, self.n_items), replace=False).astype(np.int64)
+        columns = {"bert": (np.ones(len(items), np.float32), np.arange(1, len(items) + 1, dtype=np.int32))}
+        for _ in range(rounds):
+            ranked = await self.rank(history, items, columns, 10, timeout_s)
+            if ranked.degraded_reasons:
+                log.warning("warm-up degraded", extra={"reasons": ranked.degraded_reasons})
+                return
+
+    async def rank(self, history: np.ndarray, items: np.ndarray,
+                   columns: dict[str, tuple[np.ndarray, np.ndarray]], k: int, timeout_s: float) -> Ranked:
+        out = Ranked(items[:k], np.zeros(min(k, len(items)), np.float32))
+        if len(items) == 0:
+            return out
+        features = retrieval_features(columns, len(items))
+        try:
+            with stage_timer(SERVICE, "triton", out.stage_ms):
+                fused = await self.scorer.score(history, items, features, timeout_s)
+        except ScorerUnavailable as e:
+            log.warning("fused ranker unavailable, serving retrieval order", extra={"reason": e.reason})
+            record_degraded(SERVICE, e.reason)
+            out.degraded_reasons.append(e.reason)
+            out.scores = -np.arange(len(out.items), dtype=np.float32)
+            return out
+        try:
+            with stage_timer(SERVICE, "rerank", out.stage_ms):
+                out.items, out.scores = self.reranker.rerank(items, fused, features, k)
+        except Exception:  # a broken re-ranker must not cost the answer: serve the fused order
+            log.exception("re-ranker failed, serving fused order")
+            record_degraded(SERVICE, "reranker_error")
+            out.degraded_reasons.append("reranker_error")
+            top = np.argsort(-fused, kind="stable")[:k]
+            out.items, out.scores = items[top], fused[top]
+        return out

@@ -1,0 +1,69 @@
+"""The retrieval pipeline as a plain object: channels -> merge, over one loaded artifact set."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+from common.artifacts import ArtifactSet, check_shape
+from common.metrics import CANDIDATES, stage_timer
+from retrieval.channels import BertChannel, CfChannel, ChannelResult, PopularChannel
+from retrieval.merge import DEFAULT_CANDIDATES, DEFAULT_QUOTAS, CandidateMerger, MergedCandidates
+
+SERVICE = "retrieval"
+
+
+@dataclass
+class Retrieval:
+    candidates: MergedCandidates
+    skipped: list[str] = field(default_factory=list)
+    stage_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Retriever:
+    def __init__(self, artifacts: ArtifactSet) -> None:
+        m = artifacts.manifest
+        n_items, text_dim, cf_dim = m["counts"]["items"], m["dims"]["text"], m["dims"]["cf"]
+        item_text = artifacts.npy("item_text.npy")
+        item_cf = artifacts.npy("item_cf.npy")
+        user_cf = artifacts.npy("user_cf.npy")
+        check_shape("item_text.npy", item_text, n_items, text_dim)
+        check_shape("item_cf.npy", item_cf, n_items, cf_dim)
+        check_shape("user_cf.npy", user_cf, m["counts"]["cf_users"], cf_dim)
+        text_index = faiss.read_index(str(artifacts.path("index_text.faiss")))
+        cf_index = faiss.read_index(str(artifacts.path("index_cf.faiss")))
+        check_shape("index_text.faiss", np.empty((text_index.ntotal, 0)), n_items)
+        check_shape("index_cf.faiss", np.empty((cf_index.ntotal, 0)), n_items)
+        cf = m["cf"]
+        self.version = artifacts.version
+        self.n_items = n_items
+        self.bert = BertChannel(text_index, item_text)
+        self.cf = CfChannel(cf_index, artifacts.json("cf_users.json"), user_cf, item_cf,
+                            artifacts.npy("cf_gram.npy"), cf["alpha"], cf["regularization"])
+        self.popular = PopularChannel(artifacts.npy("popular.npy"), artifacts.npy("item_counts.npy"))
+        self.merger = CandidateMerger()
+        self.index_sizes = {"text": text_index.ntotal, "cf": cf_index.ntotal}
+
+    def retrieve(self, user_id: str, history: np.ndarray, exclude: np.ndarray,
+                 total: int = DEFAULT_CANDIDATES, quotas: dict[str, int] | None = None) -> Retrieval:
+        """history [L] int64 oldest first; exclude [E] int64. Seen and excluded items never return."""
+        quotas = dict(DEFAULT_QUOTAS if not quotas else quotas)
+        # Ask each channel for enough to fill the whole list alone if the others come up short.
+        want = max(total, max(quotas.values(), default=0))
+        excluded = set(map(int, history)) | set(map(int, exclude))
+        out = Retrieval(candidates=None)  # type: ignore[arg-type]
+        results: dict[str, ChannelResult] = {}
+        with stage_timer(SERVICE, "channel_bert", out.stage_ms):
+            results["bert"] = self.bert.retrieve(history, want, excluded)
+        with stage_timer(SERVICE, "channel_cf", out.stage_ms):
+            results["cf"] = self.cf.retrieve(user_id, history, want, excluded)
+        with stage_timer(SERVICE, "channel_popular", out.stage_ms):
+            results["popular"] = self.popular.retrieve(want, excluded)
+        out.skipped = [c for c, r in results.items() if len(r.items) == 0]
+        with stage_timer(SERVICE, "merge", out.stage_ms):
+            out.candidates = self.merger.merge(results, quotas, total)
+        for channel, count in out.candidates.per_channel.items():
+            CANDIDATES.labels(channel).observe(count)
+        CANDIDATES.labels("merged").observe(len(out.candidates.items))
+        return out

@@ -1,0 +1,66 @@
+"""Retrieval gRPC service (thin): proto in, Retriever.retrieve, proto out."""
+from __future__ import annotations
+
+import asyncio
+
+import faiss
+import grpc
+import numpy as np
+
+from common.artifacts import open_artifacts
+from common.config import RetrievalConfig, parse_config
+from common.metrics import ARTIFACT_INFO, INDEX_ITEMS
+from common.server import observed, serve
+from common.wire import candidates_to_proto, check_indices
+from protos import fusionrec_pb2 as pb
+from protos import fusionrec_pb2_grpc as pb_grpc
+from retrieval.retriever import SERVICE, Retriever
+
+MAX_HISTORY = 1000
+MAX_EXCLUDE = 20_000
+MAX_CANDIDATES = 2000
+
+
+class RetrievalServicer(pb_grpc.RetrievalServicer):
+    def __init__(self, retriever: Retriever, default_candidates: int) -> None:
+        self.retriever = retriever
+        self.default_candidates = default_candidates
+
+    @observed(SERVICE, "Retrieve")
+    async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> pb.RetrieveResponse:
+        history = np.array(request.history, np.int64)
+        exclude = np.array(request.exclude, np.int64)
+        n = self.retriever.n_items
+        error = (check_indices("history", history, n, MAX_HISTORY)
+                 or check_indices("exclude", exclude, n, MAX_EXCLUDE))
+        if not error and not 0 <= request.num_candidates <= MAX_CANDIDATES:
+            error = f"num_candidates: must be in 0..{MAX_CANDIDATES} (0 = default)"
+        if not error and any(q < 0 for q in request.quotas.values()):
+            error = "quotas: must be >= 0"
+        if error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+        result = self.retriever.retrieve(request.user_id, history, exclude,
+                                         request.num_candidates or self.default_candidates,
+                                         dict(request.quotas))
+        c = result.candidates
+        return pb.RetrieveResponse(candidates=candidates_to_proto(c.items, c.columns),
+                                   index_version=self.retriever.version,
+                                   skipped_channels=result.skipped, stage_ms=result.stage_ms)
+
+
+async def run(config: RetrievalConfig) -> None:
+    faiss.omp_set_num_threads(config.faiss_threads)
+    retriever = Retriever(open_artifacts(config.artifacts))
+    ARTIFACT_INFO.labels(SERVICE, retriever.version).set(1)
+    for name, size in retriever.index_sizes.items():
+        INDEX_ITEMS.labels(name).set(size)
+    servicer = RetrievalServicer(retriever, config.candidates)
+    await serve(config, [pb.DESCRIPTOR.services_by_name["Retrieval"].full_name],
+                lambda server: pb_grpc.add_RetrievalServicer_to_server(servicer, server))
+
+
+def main() -> None:
+    asyncio.run(run(parse_config(RetrievalConfig, description="FusionRec retrieval service")))
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+import lightgbm as lgb
+import numpy as np
+import torch
+
+from common.features import RERANK_FEATURES, fused_ranker_config
+from ranking.reranker import DiversityReranker
+
+
+def test_exported_torchscript_equals_eager(built, artifacts):
+    from offline.ranker import FusedRanker
+    m = artifacts.manifest
+    assert m["quality"]["torchscript_max_abs_diff"] < 1e-5
+    scripted = torch.jit.load(str(built[1] / "fused_ranker" / str(m["version"]) / "model.pt"))
+    history = torch.tensor([1, 2, 3])
+    candidates = torch.arange(100, 160)
+    features = torch.rand(60, 6)
+    with torch.inference_mode():
+        scores = scripted(history, candidates, features)
+        empty = scripted(torch.zeros(0, dtype=torch.int64), candidates, features)
+    assert scores.shape == (60,) and torch.isfinite(scores).all()
+    assert empty.shape == (60,) and torch.isfinite(empty).all()   # anonymous user, no history
+
+
+def test_config_pbtxt_comes_from_the_feature_spec():
+    text = fused_ranker_config()
+    for name in ("history", "candidates", "features", "scores"):
+        assert f'name: "{name}"' in text
+    assert "dims: [ -1, 6 ]" in text and "max_batch_size: 0" in text
+
+
+def _reranker(weight: float) -> tuple[DiversityReranker, np.ndarray]:
+    rng = np.random.default_rng(0)
+    n = 200
+    # Two tight clusters: items 0..99 nearly identical vectors, 100..199 another direction.
+    base = np.zeros((n, 8), np.float32)
+    base[:100, 0] = 1
+    base[100:, 1] = 1
+    vectors = base + 0.01 * rng.normal(size=(n, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    x = rng.normal(size=(500, len(RERANK_FEATURES))).astype(np.float32)
+    y = (x[:, 0] > 0).astype(float)   # relevance follows the fused score
+    booster = lgb.train({"objective": "lambdarank", "verbose": -1, "num_threads": 1, "min_data_in_leaf": 5},
+                        lgb.Dataset(x, y, group=[50] * 10), num_boost_round=20)
+    category = np.where(np.arange(n) < 100, 1, 2)
+    side = np.zeros((n, 2), np.float32)
+    return DiversityReranker(booster, vectors, category, side, weight), vectors
+
+
+def test_slate_is_k_distinct_candidates():
+    reranker, _ = _reranker(0.0)
+    items = np.arange(200, dtype=np.int64)
+    fused = np.linspace(1, 0, 200).astype(np.float32)
+    slate, scores = reranker.rerank(items, fused, np.zeros((200, 6), np.float32), 10)
+    assert len(slate) == 10 == len(set(slate.tolist()))
+    assert set(slate.tolist()) <= set(items.tolist())
+    assert len(scores) == 10
+
+
+def test_diversity_weight_mixes_clusters():
+    items = np.arange(200, dtype=np.int64)
+    # The fused model prefers cluster A (0..99) for its top 10; the pool (top 50) holds both.
+    fused = np.r_[np.linspace(1, 0.5, 100), np.linspace(0.95, 0.45, 100)].astype(np.float32)
+    plain, _ = _reranker(0.0)[0].rerank(items, fused, np.zeros((200, 6), np.float32), 10)
+    diverse, _ = _reranker(50.0)[0].rerank(items, fused, np.zeros((200, 6), np.float32), 10)
+    assert (plain >= 100).sum() < (diverse >= 100).sum()

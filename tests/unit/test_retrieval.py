@@ -1,0 +1,64 @@
+import faiss
+import numpy as np
+import pytest
+
+from offline.index import build_index, recall_at_k
+from retrieval.retriever import Retriever
+
+
+@pytest.fixture(scope="module")
+def retriever(artifacts):
+    return Retriever(artifacts)
+
+
+def test_bert_channel_equals_exact_search(retriever, artifacts):
+    vectors = artifacts.npy("item_text.npy")
+    history = np.array([3, 17, 42], np.int64)
+    got = retriever.bert.retrieve(history, 50, set())
+    weights = np.linspace(1.0, 2.0, 3, dtype=np.float32)
+    query = weights @ vectors[history]
+    exact = np.argsort(-(vectors @ (query / np.linalg.norm(query))), kind="stable")[:50]
+    assert len(set(got.items.tolist()) & set(exact.tolist())) >= 49
+
+
+def test_seen_and_excluded_never_returned(retriever):
+    history = np.arange(0, 40, dtype=np.int64)
+    exclude = np.arange(40, 80, dtype=np.int64)
+    out = retriever.retrieve("no-such-user", history, exclude, total=300)
+    items = out.candidates.items
+    assert len(items) == 300 == len(set(items.tolist()))
+    assert not set(items.tolist()) & set(range(80))
+    assert out.candidates.per_channel["bert"] > 0 and out.candidates.per_channel["cf"] > 0
+
+
+def test_unknown_user_without_history_gets_popular_only(retriever):
+    out = retriever.retrieve("nobody", np.zeros(0, np.int64), np.zeros(0, np.int64), total=50)
+    assert set(out.skipped) == {"bert", "cf"}
+    assert out.candidates.per_channel["popular"] == 50
+
+
+def test_cf_fold_in_matches_trained_vector():
+    """A user folded in from their training history gets (almost) the vector ALS trained for them."""
+    from offline.cf import train_als
+    from retrieval.channels import CfChannel
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 300, 8000)
+    items = (users * 7 + rng.integers(0, 60, 8000)) % 500
+    cf = train_als(users, items, 300, 500, [str(u) for u in range(300)], factors=16, iterations=30)
+    channel = CfChannel(faiss.IndexFlatIP(16), [], cf.user_factors, cf.item_factors, cf.gram,
+                        cf.alpha, cf.regularization)
+    for user in range(5):
+        folded = channel.user_vector("not-trained", np.unique(items[users == user]))
+        assert np.corrcoef(folded, cf.user_factors[user])[0, 1] > 0.999
+
+
+def test_hnsw_index_meets_recall_target():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(50, 64)).astype(np.float32)
+    vectors = centers[rng.integers(0, 50, 6000)] + 0.3 * rng.normal(size=(6000, 64)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = build_index(vectors, exact_below=1000)   # force HNSW
+    assert isinstance(faiss.downcast_index(index.index), faiss.IndexHNSWFlat)
+    assert recall_at_k(index, vectors, vectors[:100], 100) >= 0.95
+    exact = build_index(vectors)
+    assert recall_at_k(exact, vectors, vectors[:100], 100) == 1.0
