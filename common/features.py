@@ -64,19 +64,43 @@ def rerank_features(
 
 def fused_ranker_config(max_candidates: int = 1000, threads: int = 1) -> str:
     """config.pbtxt for the fused ranker, generated from the spec above."""
-    def tensors(kind: str, spec: tuple[tuple[str, str, tuple[int, ...]], ...]) -> str:
-        rows = [f'  {{ name: "{n}" data_type: TYPE_{t} dims: [ {", ".join(map(str, d))} ] }}'
-                for n, t, d in spec]
-        return f"{kind} [\n" + ",\n".join(rows) + "\n]"
     return "\n".join([
         f'name: "{FUSED_RANKER_NAME}"',
         'backend: "python"',
         "max_batch_size: 0",
-        tensors("input", FUSED_RANKER_INPUTS),
-        tensors("output", FUSED_RANKER_OUTPUTS),
+        _tensors("input", FUSED_RANKER_INPUTS),
+        _tensors("output", FUSED_RANKER_OUTPUTS),
         "instance_group [ { kind: KIND_CPU count: 1 } ]",
         "version_policy: { latest: { num_versions: 1 } }",
         f'parameters: {{ key: "torch_threads" value: {{ string_value: "{threads}" }} }}',
         f'parameters: {{ key: "feature_spec_version" value: {{ string_value: "{FEATURE_SPEC_VERSION}" }} }}',
         f'parameters: {{ key: "max_candidates" value: {{ string_value: "{max_candidates}" }} }}',
+        ""])
+
+
+# Triton model text_encoder: raw item texts in, unit-norm BERT vectors out (new items online).
+TEXT_ENCODER_NAME = "text_encoder"
+TEXT_ENCODER_INPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (("text", "BYTES", (-1,)),)
+TEXT_ENCODER_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (("embedding", "FP32", (-1, -1)),)
+
+
+def _tensors(kind: str, spec: tuple[tuple[str, str, tuple[int, ...]], ...]) -> str:
+    # Triton spells BYTES tensors TYPE_STRING in config.pbtxt.
+    rows = [f'  {{ name: "{n}" data_type: TYPE_{"STRING" if t == "BYTES" else t} '
+            f'dims: [ {", ".join(map(str, d))} ] }}' for n, t, d in spec]
+    return f"{kind} [\n" + ",\n".join(rows) + "\n]"
+
+
+def text_encoder_config(max_length: int, threads: int = 1) -> str:
+    """config.pbtxt for the text encoder; max_length must match the offline encoder's."""
+    return "\n".join([
+        f'name: "{TEXT_ENCODER_NAME}"',
+        'backend: "python"',
+        "max_batch_size: 0",
+        _tensors("input", TEXT_ENCODER_INPUTS),
+        _tensors("output", TEXT_ENCODER_OUTPUTS),
+        "instance_group [ { kind: KIND_CPU count: 1 } ]",
+        "version_policy: { latest: { num_versions: 1 } }",
+        f'parameters: {{ key: "torch_threads" value: {{ string_value: "{threads}" }} }}',
+        f'parameters: {{ key: "max_length" value: {{ string_value: "{max_length}" }} }}',
         ""])

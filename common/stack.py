@@ -19,12 +19,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.artifacts import latest_dir
-from common.features import FUSED_RANKER_NAME
+from common.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
 from common.logs import get_logger
 from common.triton import REPO, triton_command
 
 log = get_logger("stack")
 HOST = "127.0.0.1"
+TRITON_MODELS = (FUSED_RANKER_NAME, TEXT_ENCODER_NAME)
 
 
 def free_port() -> int:
@@ -88,7 +89,7 @@ class Stack:
     def start_triton(self, timeout_s: float = 180.0) -> None:
         ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
         argv, env = triton_command(self.model_repo, ports["grpc"], ports["http"], ports["metrics"],
-                                   [FUSED_RANKER_NAME], HOST)
+                                   list(TRITON_MODELS), HOST)
         self._spawn("triton", argv, env, ports)
         self.wait_triton(timeout_s)
 
@@ -125,7 +126,7 @@ class Stack:
             while time.monotonic() < deadline:
                 self._check_alive("triton")
                 try:
-                    if client.is_server_ready() and client.is_model_ready(FUSED_RANKER_NAME):
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in TRITON_MODELS):
                         return
                 except Exception:  # not listening yet
                     pass

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from common.artifacts import next_version, open_artifacts, publish, write_manifest
-from common.features import FUSED_RANKER_NAME, fused_ranker_config, retrieval_features
+from common.features import (FUSED_RANKER_NAME, TEXT_ENCODER_NAME, fused_ranker_config, retrieval_features,
+                             text_encoder_config)
 from common.logs import get_logger
 from offline import datasets
 from offline.cf import train_als
@@ -36,7 +37,7 @@ from ranking.reranker import DiversityReranker
 from retrieval.retriever import Retriever
 
 log = get_logger("offline.build")
-MODEL_PY = Path(__file__).resolve().parent.parent / "model_repository" / FUSED_RANKER_NAME / "model.py"
+MODEL_SOURCES = Path(__file__).resolve().parent.parent / "model_repository"   # model.py of each Triton model
 HISTORY_KEEP = 100   # recent history per user kept for serving
 
 
@@ -254,6 +255,7 @@ def build(opts: BuildOptions) -> Path:
         manifest["quality"] = quality
         manifest["stages"] = [{"stage": n, "seconds": round(s, 2), "peak_mib": round(m)} for n, s, m, _ in stages.rows]
         model_version_dir = _publish_model(opts.model_repo, model_src, version)
+        manifest["models"][TEXT_ENCODER_NAME] = _publish_text_encoder(opts.model_repo, encoder)
         shutil.rmtree(model_src)
         manifest["model_checksum"] = hashlib.sha256((model_version_dir / "model.pt").read_bytes()).hexdigest()
         write_manifest(staging, manifest)
@@ -267,13 +269,34 @@ def _publish_model(repo: Path, src: Path, version: int) -> Path:
     model_root = _ensure(repo / FUSED_RANKER_NAME)
     tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_root))
     shutil.copy2(src / "model.pt", tmp / "model.pt")
-    shutil.copy2(MODEL_PY, tmp / "model.py")
+    shutil.copy2(MODEL_SOURCES / FUSED_RANKER_NAME / "model.py", tmp / "model.py")
     final = model_root / str(version)
     tmp.rename(final)
     config = model_root / "config.pbtxt"
     config.with_suffix(".tmp").write_text(fused_ranker_config())
     config.with_suffix(".tmp").replace(config)
     return final
+
+
+def _publish_text_encoder(repo: Path, encoder: TextEncoder) -> str:
+    """Export the BERT encoder as Triton model text_encoder; a new version only when it changed."""
+    model_root = _ensure(repo / TEXT_ENCODER_NAME)
+    source = {"model": encoder.fingerprint(), "max_length": encoder.max_length,
+              "code": hashlib.sha256((MODEL_SOURCES / TEXT_ENCODER_NAME / "model.py").read_bytes()).hexdigest()}
+    versions = sorted((int(p.name) for p in model_root.glob("[0-9]*") if p.name.isdigit()), reverse=True)
+    if versions and (model_root / str(versions[0]) / "source.json").exists() and \
+            json.loads((model_root / str(versions[0]) / "source.json").read_text()) == source:
+        return str(versions[0])
+    version = (versions[0] if versions else 0) + 1
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_root))
+    shutil.copytree(encoder.model_dir, tmp / "model", ignore=shutil.ignore_patterns("*.md", ".git*"))
+    shutil.copy2(MODEL_SOURCES / TEXT_ENCODER_NAME / "model.py", tmp / "model.py")
+    (tmp / "source.json").write_text(json.dumps(source))
+    tmp.rename(model_root / str(version))
+    config = model_root / "config.pbtxt"
+    config.with_suffix(".tmp").write_text(text_encoder_config(encoder.max_length))
+    config.with_suffix(".tmp").replace(config)
+    return str(version)
 
 
 def _ensure(path: Path) -> Path:

@@ -37,6 +37,15 @@ class TextEncoder:
         self.name = self.model_dir.parent.name if self.model_dir.name == "model" else self.model_dir.name
         self.cache_dir = Path(cache_dir) if cache_dir else None
 
+    def fingerprint(self) -> str:
+        """Content hash of the model's weights and tokenizer files."""
+        digest = hashlib.sha256()
+        for path in sorted(self.model_dir.rglob("*")):
+            if path.is_file() and path.suffix in (".json", ".txt", ".safetensors", ".bin"):
+                digest.update(path.name.encode())
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+        return digest.hexdigest()[:16]
+
     @torch.inference_mode()
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,

@@ -69,4 +69,6 @@ class DiversityReranker:
             slate.append(int(pool.items[rows[best]]))
             scores.append(float(adjusted[best]))
             pool.place(int(rows[best]))
-        return np.array(slate, np.int64), np.array(scores, np.float32)
+        # Placement scores can rise as the slate fills (features shift); callers read the score
+        # as "better than what follows", so report it non-increasing along the slate.
+        return np.array(slate, np.int64), np.minimum.accumulate(np.array(scores, np.float32))
