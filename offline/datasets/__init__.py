@@ -5,9 +5,13 @@ from pathlib import Path
 from typing import Callable
 
 from offline.datasets.base import Dataset, Impression, Item, LoadReport
+from offline.datasets.generic import load_generic
+from offline.datasets.mind import load_mind
 from offline.datasets.movielens import load_movielens
+from offline.datasets.synthetic import load_synthetic
 
-LOADERS: dict[str, Callable[[Path], Dataset]] = {"movielens": load_movielens}
+LOADERS: dict[str, Callable[[Path], Dataset]] = {
+    "movielens": load_movielens, "mind": load_mind, "generic": load_generic, "synthetic": load_synthetic}
 
 
 def register(kind: str, loader: Callable[[Path], Dataset]) -> None:

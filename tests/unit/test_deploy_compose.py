@@ -1,0 +1,144 @@
+"""deploy/compose*.yaml against the vendored Compose Specification schema, plus wiring checks."""
+from __future__ import annotations
+
+import json
+import socket
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import jsonschema
+import pytest
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+REPO = DEPLOY.parent
+SERVICES = {"gateway", "retrieval", "ranking", "triton", "redis", "prometheus", "grafana"}
+TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+
+
+def _validator() -> jsonschema.Draft201909Validator:
+    # The schema's $schema URL is not one jsonschema recognises: name the draft explicitly.
+    schema = json.loads((DEPLOY / "schemas" / "compose-spec.json").read_text())
+    jsonschema.Draft201909Validator.check_schema(schema)
+    return jsonschema.Draft201909Validator(schema)
+
+
+def _compose(name: str = "compose.yaml") -> dict:
+    return yaml.safe_load((DEPLOY / name).read_text())
+
+
+def _flags(command: list[str]) -> dict[str, str]:
+    return {command[i]: command[i + 1] for i in range(len(command) - 1)
+            if command[i].startswith("--")}
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
+def test_compose_file_matches_the_compose_schema(name: str) -> None:
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in _validator().iter_errors(_compose(name))]
+    assert not errors, "\n".join(errors)
+
+
+def test_schema_validation_rejects_a_broken_file() -> None:
+    """Guards against a validator that accepts anything (wrong draft, empty schema)."""
+    doc = _compose()
+    doc["services"]["gateway"]["commnad"] = ["typo"]
+    doc["services"]["ranking"]["depends_on"]["triton"]["condition"] = 3
+    messages = " ".join(e.message for e in _validator().iter_errors(doc))
+    assert "commnad" in messages
+    assert "{'triton': {'condition': 3}} is not valid" in messages
+
+
+def test_services_and_commands() -> None:
+    services = _compose()["services"]
+    assert set(services) == SERVICES
+    for name in ("gateway", "retrieval", "ranking"):
+        cmd = services[name]["command"]
+        assert cmd[:3] == ["python", "-m", f"{name}.server"]
+        assert {"--port", "--metrics-port", "--artifacts"} <= set(_flags(cmd))
+        # ServerConfig binds 127.0.0.1 by default: unreachable from other containers.
+        assert _flags(cmd)["--host"] == "0.0.0.0", name
+        assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
+    gw = _flags(services["gateway"]["command"])
+    assert gw["--retrieval-addr"] == f"retrieval:{_flags(services['retrieval']['command'])['--port']}"
+    assert gw["--ranking-addr"] == f"ranking:{_flags(services['ranking']['command'])['--port']}"
+    assert _flags(services["ranking"]["command"])["--triton-url"] == "triton:8001"
+
+
+def test_gpu_overlay_reserves_a_gpu_for_triton_only() -> None:
+    overlay = _compose("compose.gpu.yaml")["services"]
+    assert set(overlay) == {"triton"}
+    (device,) = overlay["triton"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+
+
+def test_prometheus_scrapes_the_metrics_ports_the_services_open() -> None:
+    services = _compose()["services"]
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.compose.yml").read_text())
+    targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom["scrape_configs"]}
+    for name in ("gateway", "retrieval", "ranking"):
+        port = _flags(services[name]["command"])["--metrics-port"]
+        assert targets[name] == [f"{name}:{port}"]
+    assert "--metrics-port=8002" in services["triton"]["command"]
+    assert targets["triton"] == ["triton:8002"]
+
+
+def test_referenced_files_exist() -> None:
+    services = _compose()["services"]
+    for name, svc in services.items():
+        if "build" in svc:
+            context = (DEPLOY / svc["build"]["context"]).resolve()
+            assert (context / svc["build"]["dockerfile"]).is_file(), name
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            # ../artifacts and ../model_repository are written by `make artifacts`, not committed.
+            if source.startswith(".") and source not in ("../artifacts", "../model_repository"):
+                assert (DEPLOY / source).exists(), f"{name}: {source}"
+        for dep in svc.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown {dep}"
+
+
+def test_dockerfiles_copy_existing_files() -> None:
+    for name in ("Dockerfile", "triton.Dockerfile"):
+        for line in (DEPLOY / name).read_text().splitlines():
+            if line.startswith("COPY "):
+                for src in line.split()[1:-1]:
+                    assert (REPO / src.rstrip("/")).exists(), f"deploy/{name} copies missing {src}"
+
+
+def test_triton_image_and_models() -> None:
+    triton = (DEPLOY / "triton.Dockerfile").read_text()
+    assert f"FROM {TRITON_IMAGE}" in triton
+    assert "requirements-triton.txt" in triton  # same pins as the embedded Triton
+    cmd = _compose()["services"]["triton"]["command"]
+    loaded = {c.split("=", 1)[1] for c in cmd if c.startswith("--load-model=")}
+    assert loaded == {p.name for p in (REPO / "model_repository").iterdir() if p.is_dir()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_grpc_health_check_script() -> None:
+    """The compose healthcheck helper: True only for SERVING."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("grpc_health_check", DEPLOY / "grpc_health_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert module.check(f"127.0.0.1:{port}") is False
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert module.check(f"127.0.0.1:{port}") is True
+    finally:
+        server.stop(None)
+    assert module.check(f"127.0.0.1:{_free_port()}", timeout_s=0.5) is False
