@@ -37,7 +37,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
 async def run(config: GatewayConfig) -> None:
     artifacts = open_artifacts(config.artifacts)
-    options = [("grpc.max_receive_message_length", 8 << 20)]
+    # round_robin spreads calls over every address a dns:/// target resolves to (k8s headless Services).
+    options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.lb_policy_name", "round_robin")]
     retrieval_channel = grpc.aio.insecure_channel(config.retrieval_addr, options=options)
     ranking_channel = grpc.aio.insecure_channel(config.ranking_addr, options=options)
     orchestrator = Orchestrator(Catalog(artifacts), ArtifactHistoryStore(artifacts),

@@ -183,6 +183,7 @@ def trivial_server() -> str:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        proc.stdout.close()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

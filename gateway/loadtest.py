@@ -1,0 +1,273 @@
+"""Open-loop load generator for the gateway's Recommender/Recommend.
+
+Open loop: request i is sent at t0 + i/rate whatever the responses do, so a slow server shows up
+as latency and errors instead of quietly lowering the offered rate (no coordinated omission).
+The tool measures its own scheduling lag (send time minus scheduled time) so that a result from
+an overloaded client can be recognised and discarded.
+
+    python -m gateway.loadtest --target 127.0.0.1:50051 --rate 100 --duration 20 --warmup 3
+    python -m gateway.loadtest --target ... --ramp --rate 50 --ramp-step 25 --ramp-max 300
+    python -m gateway.loadtest --selfcheck      # can this process offer 500 rps on this machine?
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence, TextIO
+
+import grpc
+
+from gateway import loadtest_report as report
+from protos import fusionrec_pb2, fusionrec_pb2_grpc
+
+RecommendRequest = fusionrec_pb2.RecommendRequest
+RECOMMEND_METHOD = "/fusionrec.v1.Recommender/Recommend"
+
+
+@dataclass
+class Sample:
+    """One request sent inside the measured window (times in seconds, relative to the window start)."""
+    at: float                 # scheduled send time
+    lag: float                # actual send time minus scheduled send time
+    latency: float | None     # send -> answer; None when never answered (drained/cancelled)
+    code: str                 # gRPC status code name, or NOT_ANSWERED
+    degraded: bool = False
+    stage_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoadResult:
+    target: str
+    rate: float
+    duration: float
+    warmup: float
+    deadline_s: float | None
+    samples: list[Sample]
+    not_sent: int             # scheduled in the window but dropped: the client fell too far behind
+    wall_s: float             # from window start to the last answer
+
+    def summary(self) -> dict:
+        return report.summarize(self)
+
+
+async def run_open_loop(target: str, rate: float, duration: float,
+                        make_request: Callable[[int], RecommendRequest], warmup: float = 0,
+                        deadline_s: float | None = None, *, drain_s: float = 10.0,
+                        progress: TextIO | None = None) -> LoadResult:
+    """Offer `rate` requests/s for warmup + duration seconds; only the last `duration` count.
+
+    make_request(i) builds request number i (i counts from 0, warm-up included). Sending stops at
+    the end of the window even if the client fell behind (the rest is `not_sent`); calls still in
+    flight get up to max(drain_s, deadline_s) to finish, then are cancelled as NOT_ANSWERED.
+    """
+    if rate <= 0 or duration <= 0 or warmup < 0:
+        raise ValueError("rate and duration must be > 0 and warmup >= 0")
+    loop = asyncio.get_running_loop()
+    n_warm = int(round(warmup * rate))
+    n_total = n_warm + int(round(duration * rate))
+    samples: list[Sample] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = fusionrec_pb2_grpc.RecommenderStub(channel)
+        # Connect before the clock starts: the first sends must not pay for the handshake.
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout=max(drain_s, 5.0))
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"cannot connect to {target}") from None
+        t0 = loop.time() + 0.05
+        t_window = t0 + n_warm / rate
+        stop_sending = t0 + (warmup + duration) + 1.0  # grace: late sends count, very late are dropped
+        pending: set[asyncio.Task] = set()
+        last_done = [t_window]
+
+        async def call(i: int, sent: float, sample: Sample | None) -> None:
+            try:
+                resp = await stub.Recommend(make_request(i), timeout=deadline_s)
+                code, degraded, stage = "OK", resp.degraded, dict(resp.stage_ms)
+            except grpc.aio.AioRpcError as e:
+                code, degraded, stage = e.code().name, False, {}
+            done = loop.time()
+            if sample is not None:
+                sample.latency, sample.code = done - sent, code
+                sample.degraded, sample.stage_ms = degraded, stage
+                last_done[0] = max(last_done[0], done)
+
+        sent_count = [0]  # all sends, warm-up included, for the progress line
+        ticker = asyncio.create_task(_progress(progress, samples, sent_count, lambda: len(pending),
+                                               t_window, loop)) if progress else None
+        not_sent = 0
+        for i in range(n_total):
+            scheduled = t0 + i / rate
+            now = loop.time()
+            if now > stop_sending:
+                not_sent = sum(1 for j in range(i, n_total) if j >= n_warm)
+                break
+            if scheduled > now:
+                await asyncio.sleep(scheduled - now)
+            sent = loop.time()
+            sent_count[0] += 1
+            sample = None
+            if i >= n_warm:  # recorded at send time, so a call that never answers still counts
+                sample = Sample(at=scheduled - t_window, lag=sent - scheduled, latency=None,
+                                code="NOT_ANSWERED")
+                samples.append(sample)
+            task = loop.create_task(call(i, sent, sample))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.wait(set(pending), timeout=max(drain_s, deadline_s or 0.0))
+            for task in list(pending):
+                task.cancel()  # counted as NOT_ANSWERED: the sample keeps its default code
+            await asyncio.gather(*pending, return_exceptions=True)
+        if ticker:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+            progress.write("\n")
+    return LoadResult(target=target, rate=rate, duration=duration, warmup=warmup,
+                      deadline_s=deadline_s, samples=samples, not_sent=not_sent,
+                      wall_s=max(last_done[0] - t_window, 1e-9))
+
+
+async def _progress(out: TextIO, samples: list[Sample], sent_count: list[int],
+                    inflight: Callable[[], int], t_window: float,
+                    loop: asyncio.AbstractEventLoop) -> None:
+    """One status line per second on `out` (carriage return: it overwrites itself on a tty)."""
+    seen, sent_before = 0, 0
+    while True:
+        await asyncio.sleep(1.0)
+        new = samples[seen:]
+        seen = len(samples)
+        sent_now, sent_before = sent_count[0] - sent_before, sent_count[0]
+        lat = sorted(s.latency for s in new if s.latency is not None)
+        errors = sum(1 for s in samples if s.code not in ("OK", "NOT_ANSWERED"))
+        p99 = f"{lat[int(0.99 * (len(lat) - 1))] * 1000:.1f}ms" if lat else "-"
+        phase = "warmup" if loop.time() < t_window else f"t={loop.time() - t_window:5.1f}s"
+        out.write(f"\r{phase} sent/s={sent_now:5d} p99={p99:>8} inflight={inflight():4d} "
+                  f"errors={errors}   ")
+        out.flush()
+
+
+# ---------------------------------------------------------------- requests from a user list
+
+def load_users(path: str | None, default_count: int = 600) -> list[str]:
+    """User ids, one per line (blank lines and #comments skipped); default "1".."600"."""
+    if path is None:
+        return [str(i) for i in range(1, default_count + 1)]
+    users = [ln.strip() for ln in Path(path).read_text().splitlines()]
+    users = [u for u in users if u and not u.startswith("#")]
+    if not users:
+        raise SystemExit(f"--users-file {path}: no user ids")
+    return users
+
+
+def request_factory(users: Sequence[str], k: int, surface: str,
+                    seed: int = 0) -> Callable[[int], RecommendRequest]:
+    """Request i asks for a user drawn uniformly (seeded, so runs are repeatable)."""
+    rng = random.Random(seed)
+    picks = [rng.randrange(len(users)) for _ in range(1 << 16)]
+
+    def make(i: int) -> RecommendRequest:
+        return RecommendRequest(user_id=users[picks[i % len(picks)]], k=k, surface=surface,
+                                request_id=f"loadtest-{i}")
+    return make
+
+
+# ---------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gateway.loadtest",
+                                description="Open-loop gRPC load test of Recommender/Recommend.")
+    p.add_argument("--target", default="127.0.0.1:50051", help="gateway host:port")
+    p.add_argument("--rate", type=float, default=100.0, help="requests/s (ramp: start rate)")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds (per ramp step)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds sent first and not counted")
+    p.add_argument("--deadline-ms", type=float, default=None, help="per-request gRPC deadline")
+    p.add_argument("--users-file", default=None, help="user ids, one per line (default 1..600)")
+    p.add_argument("--k", type=int, default=10, help="items per request")
+    p.add_argument("--surface", default="home")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--drain-s", type=float, default=10.0,
+                   help="max wait for answers after the last send")
+    p.add_argument("--out", default=None,
+                   help="JSON report path (default reports/loadtest/<timestamp>.json; PNG beside it)")
+    p.add_argument("--quiet", action="store_true", help="no live progress line on stderr")
+    p.add_argument("--ramp", action="store_true",
+                   help="step the rate from --rate by --ramp-step up to --ramp-max; report the "
+                        "highest rate whose p99 and error rate hold")
+    p.add_argument("--ramp-step", type=float, default=25.0)
+    p.add_argument("--ramp-max", type=float, default=500.0)
+    p.add_argument("--p99-target-ms", type=float, default=40.0)
+    p.add_argument("--max-error-rate", type=float, default=0.01,
+                   help="largest share of non-OK answers a ramp step may have")
+    p.add_argument("--selfcheck", action="store_true",
+                   help="drive a trivial server in a subprocess at 500 rps and print the figures")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(_parser().parse_args(argv))
+    except ConnectionError as e:
+        print(f"loadtest: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.selfcheck:
+        from gateway.loadtest_selfcheck import selfcheck
+        return selfcheck()
+    make = request_factory(load_users(args.users_file), args.k, args.surface, args.seed)
+    deadline = args.deadline_ms / 1000.0 if args.deadline_ms else None
+    progress = None if args.quiet else sys.stderr
+    out = Path(args.out or f"reports/loadtest/{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+    if not args.ramp:
+        result = asyncio.run(run_open_loop(args.target, args.rate, args.duration, make,
+                                           args.warmup, deadline, drain_s=args.drain_s,
+                                           progress=progress))
+        summary = result.summary()
+        report.write_json(out, summary)
+        report.plot_latency(out.with_suffix(".png"), result)
+        print(report.format_summary(summary))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+        return 0
+
+    steps = asyncio.run(_ramp(args, make, deadline, progress))
+    best = report.best_rate(steps, args.p99_target_ms, args.max_error_rate)
+    doc = {"mode": "ramp", "target": args.target, "p99_target_ms": args.p99_target_ms,
+           "max_error_rate": args.max_error_rate, "max_sustained_rps": best, "steps": steps}
+    report.write_json(out, doc)
+    report.plot_ramp(out.with_suffix(".png"), steps, args.p99_target_ms)
+    for s in steps:
+        print(report.format_summary(s))
+    print(f"highest rate holding p99 <= {args.p99_target_ms:g} ms and errors <= "
+          f"{args.max_error_rate:.1%}: {best if best is not None else 'none'} rps")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+async def _ramp(args: argparse.Namespace, make: Callable[[int], RecommendRequest],
+                deadline: float | None, progress: TextIO | None) -> list[dict]:
+    """Run one step per rate; stop after the first step that misses the target."""
+    steps: list[dict] = []
+    rate = args.rate
+    while rate <= args.ramp_max + 1e-9:
+        if progress:
+            progress.write(f"ramp step: {rate:g} rps\n")
+        result = await run_open_loop(args.target, rate, args.duration, make, args.warmup,
+                                     deadline, drain_s=args.drain_s, progress=progress)
+        summary = result.summary()
+        summary["holds"] = report.step_holds(summary, args.p99_target_ms, args.max_error_rate)
+        steps.append(summary)
+        if not summary["holds"]:
+            break
+        rate += args.ramp_step
+    return steps
+
+
+if __name__ == "__main__":
+    sys.exit(main())
