@@ -29,3 +29,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def artifacts(built):
     from common.artifacts import open_artifacts
     return open_artifacts(built[0])
+
+
+@pytest.fixture(scope="session")
+def synthetic_built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Artifact root of a build on the planted-topic synthetic MIND data (impressions included)."""
+    from offline.build import BuildOptions, build
+    root = tmp_path_factory.mktemp("synthetic")
+    build(BuildOptions(data=f"synthetic:{root / 'data'}", artifacts=root / "artifacts",
+                       model_repo=root / "model_repository", cache_dir=REPO / ".cache", epochs=2,
+                       progress=False))
+    return root / "artifacts"
