@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import sys
 import time
@@ -38,6 +39,16 @@ def _tree_rss_mib(pid: int) -> float:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its descendants so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else []:
+        total += cpu_seconds(int(child))
+    return total
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     users = ArtifactHistoryStore(open_artifacts(args.artifacts)).users()
     rng = random.Random(0)
@@ -47,17 +58,26 @@ def run_bench(args: argparse.Namespace) -> dict:
         return pb.RecommendRequest(user_id=picks[i % len(picks)], k=args.k, surface="bench")
 
     with Stack(args.artifacts, args.model_repo, args.run_dir) as stack:
+        cpu_before = {name: cpu_seconds(pid) for name, pid in stack.pids().items()}
         result = asyncio.run(run_open_loop(stack.addr("gateway"), args.rate, args.duration, make_request,
                                            warmup=args.warmup, deadline_s=args.deadline_ms / 1000.0,
                                            progress=sys.stderr))
         memory = {name: round(_tree_rss_mib(pid), 1) for name, pid in stack.pids().items()}
+        answered = max(len([x for x in result.samples if x.latency is not None]), 1)
+        # Includes warm-up requests' CPU, so divide by everything sent.
+        sent = answered + int(args.warmup * args.rate)
+        cpu_ms = {name: round((cpu_seconds(pid) - cpu_before[name]) * 1000 / sent, 2)
+                  for name, pid in stack.pids().items()}
     summary = result.summary()
     summary["rss_mib"] = memory
     summary["rss_mib"]["services_total"] = round(sum(v for k, v in memory.items() if k != "triton"), 1)
+    summary["cpu_ms_per_request"] = cpu_ms
     summary["config"] = {"rate": args.rate, "duration_s": args.duration, "k": args.k,
                          "deadline_ms": args.deadline_ms, "candidates": 300,
                          "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(report.format_summary(summary))
+    print("CPU core-ms per request: " + ", ".join(f"{k}={v}" for k, v in cpu_ms.items())
+          + f" (total {sum(cpu_ms.values()):.1f})")
     print("resident memory (MiB): " + ", ".join(f"{k}={v}" for k, v in summary["rss_mib"].items()))
     report.write_json(args.out, summary)
     report.plot_latency(args.out.with_suffix(".png"), result)

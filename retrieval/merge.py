@@ -26,38 +26,37 @@ class MergedCandidates:
 class CandidateMerger:
     def merge(self, results: dict[str, ChannelResult], quotas: dict[str, int], total: int) -> MergedCandidates:
         """results hold each channel's list (already over-fetched); quotas are per-channel caps."""
-        order: list[int] = []
-        position: dict[int, int] = {}
-        taken = {c: 0 for c in results}
+        channels = list(results)
+        # Every (rank, channel) proposal in round-robin order, as flat arrays.
+        ranks = np.concatenate([np.arange(len(results[c].items)) for c in channels] or [np.zeros(0, int)])
+        which = np.concatenate([np.full(len(results[c].items), j) for j, c in enumerate(channels)]
+                               or [np.zeros(0, int)])
+        items = np.concatenate([results[c].items for c in channels] or [np.zeros(0, np.int64)])
+        order = np.lexsort((which, ranks))
+        ranks, which, items = ranks[order], which[order], items[order]
+        # A proposal counts only where the item is proposed for the first time.
+        _, first = np.unique(items, return_index=True)
+        fresh = np.zeros(len(items), bool)
+        fresh[first] = True
+        # Pass 1: each channel's fresh proposals up to its quota; pass 2: the rest fill up.
+        nth = np.zeros(len(items), np.int64)
+        for j in range(len(channels)):
+            mask = fresh & (which == j)
+            nth[mask] = np.arange(mask.sum())
+        caps = np.array([quotas.get(c, 0) for c in channels], np.int64)
+        in_quota = fresh & (nth < caps[which] if len(which) else fresh)
+        chosen = np.concatenate([np.flatnonzero(in_quota), np.flatnonzero(fresh & ~in_quota)])[:total]
+        chosen_items = items[chosen]
+        per_channel = {c: int((which[chosen] == j).sum()) for j, c in enumerate(channels)}
 
-        def take(channel: str, rank: int) -> None:
-            item = int(results[channel].items[rank])
-            if item not in position:
-                position[item] = len(order)
-                order.append(item)
-                taken[channel] += 1
-
-        # Pass 1: each channel up to its quota; pass 2: leftovers fill the unused quota.
-        for limit in (quotas, None):
-            depth = max((len(r.items) for r in results.values()), default=0)
-            for rank in range(depth):
-                for channel, result in results.items():
-                    if len(order) >= total:
-                        break
-                    cap = limit.get(channel, 0) if limit is not None else len(result.items)
-                    if rank < len(result.items) and (limit is None or taken[channel] < cap):
-                        take(channel, rank)
-            if len(order) >= total:
-                break
-
-        items = np.array(order, dtype=np.int64)
+        position = {int(item): j for j, item in enumerate(chosen_items)}
         columns = {}
         for channel, result in results.items():
-            scores = np.zeros(len(items), np.float32)
-            ranks = np.zeros(len(items), np.int32)
-            for rank, (item, score) in enumerate(zip(result.items, result.scores), start=1):
-                j = position.get(int(item))
-                if j is not None and ranks[j] == 0:
-                    scores[j], ranks[j] = score, rank
-            columns[channel] = (scores, ranks)
-        return MergedCandidates(items, columns, dict(taken))
+            scores = np.zeros(len(chosen_items), np.float32)
+            col_ranks = np.zeros(len(chosen_items), np.int32)
+            rows = np.array([position.get(int(i), -1) for i in result.items], np.int64)
+            hit = rows >= 0
+            scores[rows[hit]] = result.scores[hit]
+            col_ranks[rows[hit]] = np.flatnonzero(hit) + 1
+            columns[channel] = (scores, col_ranks)
+        return MergedCandidates(chosen_items.astype(np.int64), columns, per_channel)
