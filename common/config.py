@@ -51,6 +51,10 @@ class GatewayConfig(ServerConfig):
     retrieval_share: float = _flag(0.4, "share of the remaining budget given to retrieval")
     reserve_ms: float = _flag(3.0, "budget kept back for the gateway's own work and fallbacks")
     candidates: int = _flag(300, "candidates asked of retrieval")
+    triton_url: str = _flag("127.0.0.1:8001", "Triton gRPC address (text_encoder for UpsertItems)")
+    state: str = _flag("sqlite:run/state.db", "user state store: sqlite:<path> or redis://host:port/db")
+    event_log: Path = _flag(Path("run/events"), "folder of the durable event log")
+    history_cap: int = _flag(100, "recent history kept per user")
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:

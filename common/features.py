@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-FEATURE_SPEC_VERSION = "1"
+FEATURE_SPEC_VERSION = "2"
 
 CHANNELS: tuple[str, ...] = ("bert", "cf", "popular")
 
@@ -17,12 +17,17 @@ RETRIEVAL_FEATURES: tuple[str, ...] = tuple(
     f"{channel}_{kind}" for channel in CHANNELS for kind in ("score", "rank_inv"))
 
 # Triton model fused_ranker: (name, datatype, dims). max_batch_size 0: no leading batch dim.
+# Indices >= the artifact set's item count are online items: their BERT vectors and categories
+# come in the optional extra_* inputs (row = index - item count), scored by the content-only path.
 FUSED_RANKER_NAME = "fused_ranker"
 FUSED_RANKER_INPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
     ("history", "INT64", (-1,)),                           # [L] item indices, oldest first
     ("candidates", "INT64", (-1,)),                        # [N] item indices
     ("features", "FP32", (-1, len(RETRIEVAL_FEATURES))),   # [N, F] retrieval features
+    ("extra_text", "FP32", (-1, -1)),                      # [M, Dt] optional: online items' vectors
+    ("extra_category", "INT64", (-1,)),                    # [M] optional: their category indices
 )
+OPTIONAL_INPUTS = frozenset({"extra_text", "extra_category"})
 FUSED_RANKER_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (("scores", "FP32", (-1,)),)
 
 # The re-ranker sees the fused score, the retrieval features, item side features, and the
@@ -71,7 +76,8 @@ def fused_ranker_config(max_candidates: int = 1000, threads: int = 1) -> str:
         _tensors("input", FUSED_RANKER_INPUTS),
         _tensors("output", FUSED_RANKER_OUTPUTS),
         "instance_group [ { kind: KIND_CPU count: 1 } ]",
-        "version_policy: { latest: { num_versions: 1 } }",
+        # Two versions: the one serving and the one being swapped in (hot swap without failures).
+        "version_policy: { latest: { num_versions: 2 } }",
         f'parameters: {{ key: "torch_threads" value: {{ string_value: "{threads}" }} }}',
         f'parameters: {{ key: "feature_spec_version" value: {{ string_value: "{FEATURE_SPEC_VERSION}" }} }}',
         f'parameters: {{ key: "max_candidates" value: {{ string_value: "{max_candidates}" }} }}',
@@ -87,7 +93,8 @@ TEXT_ENCODER_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (("embeddin
 def _tensors(kind: str, spec: tuple[tuple[str, str, tuple[int, ...]], ...]) -> str:
     # Triton spells BYTES tensors TYPE_STRING in config.pbtxt.
     rows = [f'  {{ name: "{n}" data_type: TYPE_{"STRING" if t == "BYTES" else t} '
-            f'dims: [ {", ".join(map(str, d))} ] }}' for n, t, d in spec]
+            f'dims: [ {", ".join(map(str, d))} ]{" optional: true" if n in OPTIONAL_INPUTS else ""} }}'
+            for n, t, d in spec]
     return f"{kind} [\n" + ",\n".join(rows) + "\n]"
 
 
@@ -100,7 +107,8 @@ def text_encoder_config(max_length: int, threads: int = 1) -> str:
         _tensors("input", TEXT_ENCODER_INPUTS),
         _tensors("output", TEXT_ENCODER_OUTPUTS),
         "instance_group [ { kind: KIND_CPU count: 1 } ]",
-        "version_policy: { latest: { num_versions: 1 } }",
+        # Two versions: the one serving and the one being swapped in (hot swap without failures).
+        "version_policy: { latest: { num_versions: 2 } }",
         f'parameters: {{ key: "torch_threads" value: {{ string_value: "{threads}" }} }}',
         f'parameters: {{ key: "max_length" value: {{ string_value: "{max_length}" }} }}',
         ""])

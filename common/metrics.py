@@ -41,7 +41,7 @@ EVENTS = Counter(
 DEGRADED_REASONS = frozenset({
     "ranking_unavailable", "ranking_timeout", "ranking_error",
     "retrieval_unavailable", "retrieval_timeout", "retrieval_error",
-    "triton_unavailable", "reranker_error", "no_candidates", "other"})
+    "triton_unavailable", "reranker_error", "no_candidates", "user_state_unavailable", "other"})
 
 
 def start_metrics_server(port: int, host: str = "127.0.0.1") -> None:

@@ -72,14 +72,14 @@ class Stack:
     # -- lifecycle
     def start(self, timeout_s: float = 180.0) -> "Stack":
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        version_dir = latest_dir(self.artifacts)
+        latest_dir(self.artifacts)   # fail early, with the hint, when nothing is built
         try:
             self.start_triton(timeout_s)
             for name in ("retrieval", "ranking"):
-                self.start_service(name, version_dir)
+                self.start_service(name, self.artifacts)   # services follow LATEST (hot swap)
             for name in ("retrieval", "ranking"):
                 self.wait_healthy(name, timeout_s)
-            self.start_service("gateway", version_dir)
+            self.start_service("gateway", self.artifacts)
             self.wait_healthy("gateway", timeout_s)
         except BaseException:
             self.stop()
@@ -93,15 +93,16 @@ class Stack:
         self._spawn("triton", argv, env, ports)
         self.wait_triton(timeout_s)
 
-    def start_service(self, name: str, version_dir: Path) -> None:
+    def start_service(self, name: str, artifacts: Path) -> None:
         ports = {"grpc": free_port(), "metrics": free_port()}
         argv = [sys.executable, "-m", f"{name}.server", "--port", str(ports["grpc"]),
-                "--metrics-port", str(ports["metrics"]), "--artifacts", str(version_dir)]
+                "--metrics-port", str(ports["metrics"]), "--artifacts", str(artifacts)]
         if name == "ranking":
             argv += ["--triton-url", self.addr("triton"), *self.ranking_args]
         if name == "gateway":
             argv += ["--retrieval-addr", self.addr("retrieval"), "--ranking-addr", self.addr("ranking"),
-                     *self.gateway_args]
+                     "--triton-url", self.addr("triton"), "--state", f"sqlite:{self.run_dir / 'state.db'}",
+                     "--event-log", str(self.run_dir / "events"), *self.gateway_args]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         self._spawn(name, argv, env, ports)
 

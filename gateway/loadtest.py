@@ -8,6 +8,11 @@ an overloaded client can be recognised and discarded.
     python -m gateway.loadtest --target 127.0.0.1:50051 --rate 100 --duration 20 --warmup 3
     python -m gateway.loadtest --target ... --ramp --rate 50 --ramp-step 25 --ramp-max 300
     python -m gateway.loadtest --selfcheck      # can this process offer 500 rps on this machine?
+    python -m gateway.loadtest --stack --ramp   # start Triton + services on loopback first (make loadtest)
+
+With --stack the tool starts the whole system itself (common.stack.Stack on the --artifacts and
+--model-repo given, ports chosen at run time), draws users from the artifact's user histories
+unless --users-file is given, drives it, and stops it.
 """
 from __future__ import annotations
 
@@ -205,6 +210,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest share of non-OK answers a ramp step may have")
     p.add_argument("--selfcheck", action="store_true",
                    help="drive a trivial server in a subprocess at 500 rps and print the figures")
+    p.add_argument("--stack", action="store_true",
+                   help="start Triton, retrieval, ranking and gateway on loopback first (--target is "
+                        "ignored); users come from the artifact's histories unless --users-file")
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"),
+                   help="with --stack: artifact root (default: %(default)s)")
+    p.add_argument("--model-repo", type=Path, default=Path("model_repository"),
+                   help="with --stack: Triton model repository (default: %(default)s)")
+    p.add_argument("--run-dir", type=Path, default=Path("run/loadtest"),
+                   help="with --stack: process logs and user state (default: %(default)s)")
     return p
 
 
@@ -220,7 +234,32 @@ def _main(args: argparse.Namespace) -> int:
     if args.selfcheck:
         from gateway.loadtest_selfcheck import selfcheck
         return selfcheck()
-    make = request_factory(load_users(args.users_file), args.k, args.surface, args.seed)
+    if args.stack:
+        return _on_fresh_stack(args)
+    return _drive(args, load_users(args.users_file))
+
+
+def _on_fresh_stack(args: argparse.Namespace) -> int:
+    """Start the whole system, load-test its gateway, stop it (also on Ctrl-C or an error)."""
+    from common.artifacts import open_artifacts
+    from common.stack import Stack
+    from gateway.user_state import ArtifactHistoryStore
+
+    users = (load_users(args.users_file) if args.users_file
+             else ArtifactHistoryStore(open_artifacts(args.artifacts)).users())
+    if not users:
+        raise SystemExit(f"{args.artifacts}: the artifact set has no users; pass --users-file")
+    print(f"starting Triton, retrieval, ranking and gateway (logs in {args.run_dir}/) ...",
+          file=sys.stderr, flush=True)
+    with Stack(args.artifacts, args.model_repo, args.run_dir) as stack:
+        args.target = stack.addr("gateway")
+        print(f"gateway at {args.target}; {len(users)} users from "
+              f"{args.users_file or 'the artifact histories'}", file=sys.stderr, flush=True)
+        return _drive(args, users)
+
+
+def _drive(args: argparse.Namespace, users: Sequence[str]) -> int:
+    make = request_factory(users, args.k, args.surface, args.seed)
     deadline = args.deadline_ms / 1000.0 if args.deadline_ms else None
     progress = None if args.quiet else sys.stderr
     out = Path(args.out or f"reports/loadtest/{time.strftime('%Y%m%d-%H%M%S')}.json")

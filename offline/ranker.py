@@ -48,30 +48,56 @@ class FusedRanker(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
                                  nn.Linear(64, 1))
 
-    def hidden(self, items: Tensor) -> Tensor:
-        """items [n] -> projected text [n, H]."""
+    def hidden(self, items: Tensor, extra_text: Tensor) -> Tensor:
+        """items [n] (indices >= I are rows of extra_text [M, Dt]) -> projected text [n, H]."""
+        n_known = self.item_text.shape[0]
+        known = items < n_known
+        safe = torch.where(known, items, torch.zeros_like(items))
         if self.item_hidden.shape[0] > 0:
-            return self.item_hidden[items]
-        return torch.tanh(self.text_proj(self.item_text[items]))
+            out = self.item_hidden[safe]
+        else:
+            out = torch.tanh(self.text_proj(self.item_text[safe]))
+        if not bool(known.all()):
+            # Content-only path: an online item has no trained row, only its BERT vector.
+            rows = torch.nonzero(~known).squeeze(1)
+            values = torch.tanh(self.text_proj(extra_text[items[rows] - n_known]))
+            out = out.index_put([rows], values)   # out of place: autograd needs the tanh output intact
+        return out
 
     @torch.jit.unused
     def freeze(self) -> None:
         with torch.no_grad():
             self.item_hidden = torch.tanh(self.text_proj(self.item_text))
 
-    def user_text(self, history: Tensor) -> Tensor:
+    def known_rows(self, table: Tensor, items: Tensor) -> Tensor:
+        """Rows of a per-item table; zeros for online items (no CF factor, no popularity yet)."""
+        known = items < table.shape[0]
+        rows = table[torch.where(known, items, torch.zeros_like(items))]
+        return rows * known.unsqueeze(-1).to(rows.dtype)
+
+    def categories(self, items: Tensor, extra_category: Tensor) -> Tensor:
+        n_known = self.item_category.shape[0]
+        known = items < n_known
+        out = self.item_category[torch.where(known, items, torch.zeros_like(items))]
+        if not bool(known.all()):
+            rows = torch.nonzero(~known).squeeze(1)
+            out = out.index_put([rows], extra_category[items[rows] - n_known])
+        return out
+
+    def user_text(self, history: Tensor, extra_text: Tensor) -> Tensor:
         """history [L] -> [hidden] (zeros for an empty history)."""
         if history.numel() == 0:
             return torch.zeros(self.text_proj.out_features)
-        h = self.hidden(history)                                                   # [L, H]
+        h = self.hidden(history, extra_text)                                       # [L, H]
         att = torch.softmax(self.attn_q(h) @ self.attn_k(h).t() / math.sqrt(h.shape[1]), dim=-1)
         h = h + att @ self.attn_v(h)                                               # self-attention
         weights = torch.softmax(self.pool(h).squeeze(-1), dim=0)                  # attention pooling
         return weights @ h
 
     def user_cf(self, history: Tensor) -> Tensor:
-        """Exact ALS fold-in of the history -> [Dc]."""
+        """Exact ALS fold-in of the history's trained items -> [Dc]."""
         dc = self.cf_gram.shape[0]
+        history = history[history < self.item_cf.shape[0]]
         if history.numel() == 0:
             return torch.zeros(dc)
         y = self.item_cf[torch.unique(history)]
@@ -79,20 +105,37 @@ class FusedRanker(nn.Module):
         b = (1.0 + self.cf_alpha) * y.sum(0)
         return torch.linalg.solve(a, b)
 
-    def forward(self, history: Tensor, candidates: Tensor, features: Tensor) -> Tensor:
+    def forward(self, history: Tensor, candidates: Tensor, features: Tensor, extra_text: Tensor,
+                extra_category: Tensor) -> Tensor:
+        """history [L], candidates [N], features [N, F], extra_text [M, Dt], extra_category [M] -> [N]."""
         history = history[-self.max_history:]
-        u = self.user_text(history)                                                # [H]
-        c = self.hidden(candidates)                                                # [N, H]
-        cf_dot = (self.item_cf[candidates] @ self.user_cf(history)).unsqueeze(-1)  # [N, 1]
-        cats = self.item_category[candidates]
+        u = self.user_text(history, extra_text)                                    # [H]
+        c = self.hidden(candidates, extra_text)                                    # [N, H]
+        cf_dot = self.known_rows(self.item_cf, candidates) @ self.user_cf(history)  # [N]
+        cats = self.categories(candidates, extra_category)
         if history.numel() > 0:
-            hist_cats = self.item_category[history]
+            hist_cats = self.categories(history, extra_category)
             share = (cats.unsqueeze(1) == hist_cats.unsqueeze(0)).float().mean(1, keepdim=True)
         else:
             share = torch.zeros(candidates.shape[0], 1)
-        x = torch.cat([u * c, (c @ u).unsqueeze(-1), cf_dot, self.item_side[candidates],
-                       self.category(cats), share, features], dim=1)
+        x = torch.cat([u * c, (c @ u).unsqueeze(-1), cf_dot.unsqueeze(-1),
+                       self.known_rows(self.item_side, candidates), self.category(cats), share,
+                       features], dim=1)
         return self.mlp(x).squeeze(-1)
+
+
+NO_EXTRA_CATEGORY = torch.zeros(0, dtype=torch.int64)
+
+
+def as_online(model: FusedRanker, lst: "RankingList", rows: np.ndarray) -> tuple[Tensor, ...]:
+    """Inputs for a list where the candidates at `rows` are treated as online (cold) items."""
+    n = model.item_text.shape[0]
+    candidates = torch.from_numpy(lst.candidates.copy())
+    cold = torch.from_numpy(lst.candidates[rows])
+    extra_text = model.item_text[cold]
+    extra_category = model.item_category[cold]
+    candidates[torch.from_numpy(rows)] = n + torch.arange(len(rows))
+    return candidates, extra_text, extra_category
 
 
 @dataclass(frozen=True)
@@ -105,7 +148,7 @@ class RankingList:
 
 
 def train_ranker(model: FusedRanker, lists: list[RankingList], epochs: int = 6, negatives: int = 24,
-                 lr: float = 2e-3, seed: int = 0, progress: bool = True) -> list[float]:
+                 lr: float = 2e-3, seed: int = 0, progress: bool = True, cold_share: float = 0.1) -> list[float]:
     """BCE on each list's positives against negatives sampled from its own candidates."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -122,8 +165,13 @@ def train_ranker(model: FusedRanker, lists: list[RankingList], epochs: int = 6, 
             neg = np.flatnonzero(lst.labels == 0)
             neg = rng.choice(neg, size=min(len(neg), negatives * len(pos)), replace=False)
             rows = np.concatenate([pos, neg])
-            logits = model(torch.from_numpy(lst.history), torch.from_numpy(lst.candidates[rows]),
-                           torch.from_numpy(lst.features[rows]))
+            sub = RankingList(lst.history, lst.candidates[rows], lst.features[rows], lst.labels[rows])
+            # Cold-start augmentation: some candidates go through the content-only path, as
+            # items added online will at serving time.
+            cold = np.flatnonzero(rng.random(len(rows)) < cold_share)
+            candidates, extra_text, extra_category = as_online(model, sub, cold)
+            logits = model(torch.from_numpy(lst.history), candidates, torch.from_numpy(sub.features),
+                           extra_text, extra_category)
             target = torch.from_numpy(lst.labels[rows])
             loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
             opt.zero_grad()
@@ -139,8 +187,9 @@ def train_ranker(model: FusedRanker, lists: list[RankingList], epochs: int = 6, 
 
 @torch.inference_mode()
 def score_lists(model: nn.Module, lists: list[RankingList]) -> list[np.ndarray]:
+    no_text = torch.zeros(0, model.item_text.shape[1])
     return [model(torch.from_numpy(l.history), torch.from_numpy(l.candidates),
-                  torch.from_numpy(l.features)).numpy() for l in lists]
+                  torch.from_numpy(l.features), no_text, NO_EXTRA_CATEGORY).numpy() for l in lists]
 
 
 def export_torchscript(model: FusedRanker, path: str) -> torch.jit.ScriptModule:

@@ -15,6 +15,8 @@ from common.artifacts import ArtifactSet, check_shape
 from common.features import FUSED_RANKER_NAME, retrieval_features
 from common.logs import get_logger
 from common.metrics import record_degraded, stage_timer
+from common.online_items import OnlineItems
+from protos import fusionrec_pb2 as pb
 from ranking.reranker import DiversityReranker
 from ranking.triton_scorer import ScorerUnavailable, TritonScorer
 
@@ -46,10 +48,23 @@ class Ranker:
         booster = lgb.Booster(model_file=str(artifacts.path("reranker.txt")))
         threadpool_limits(threads, "openmp")
         self.reranker = DiversityReranker(booster, item_text, item_category, item_side, diversity_weight)
+        self.base_tables = (item_text, item_category, item_side)
+        self.online = OnlineItems(n_items, item_text.shape[1])
         self.scorer = scorer
         self.n_items = n_items
         self.version = artifacts.version
         self.model_version = str(m["models"][FUSED_RANKER_NAME])
+
+    def update_items(self, update: pb.ItemUpdate) -> int:
+        """Apply online additions/removals; the re-ranker's tables grow to cover new indices."""
+        self.online.apply(update)
+        text, category, side = self.base_tables
+        m = len(self.online.vectors)
+        # New items: no popularity yet, age 0 (brand new).
+        self.reranker.item_text = np.vstack([text, self.online.vectors])
+        self.reranker.item_category = np.concatenate([category, self.online.categories])
+        self.reranker.item_side = np.vstack([side, np.zeros((m, side.shape[1]), np.float32)])
+        return m
 
     async def warm_up(self, rounds: int = 5, timeout_s: float = 30.0) -> None:
         """Score a realistic request a few times before serving: the first TorchScript calls are slow."""
@@ -71,7 +86,11 @@ class Ranker:
         features = retrieval_features(columns, len(items))
         try:
             with stage_timer(SERVICE, "triton", out.stage_ms):
-                fused = await self.scorer.score(history, items, features, timeout_s)
+                online = self.online
+                needs_extra = (len(items) and items.max() >= self.n_items) or (len(history) and history.max() >= self.n_items)
+                fused = await self.scorer.score(
+                    history, items, features, timeout_s,
+                    online.vectors if needs_extra else None, online.categories if needs_extra else None)
         except ScorerUnavailable as e:
             log.warning("fused ranker unavailable, serving retrieval order", extra={"reason": e.reason})
             record_degraded(SERVICE, e.reason)

@@ -5,16 +5,19 @@ import asyncio
 
 import grpc
 import numpy as np
+from tritonclient.grpc.aio import InferenceServerClient
 
-from common.artifacts import open_artifacts
+from common.artifacts import ArtifactSet, open_artifacts
 from common.config import RankingConfig, parse_config
 from common.metrics import ARTIFACT_INFO
+from common.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
 from common.server import observed, serve
+from common.versions import UnknownVersion, VersionSet, watch_versions
 from common.wire import candidates_from_proto, check_indices
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 from ranking.ranker import SERVICE, Ranker
-from ranking.triton_scorer import TritonScorer
+from ranking.triton_scorer import TritonScorer, ensure_loaded
 
 MAX_HISTORY = 1000
 MAX_CANDIDATES = 1000
@@ -23,18 +26,25 @@ RERANK_RESERVE_S = 0.004   # kept back from the deadline for the re-ranker and t
 
 
 class RankingServicer(pb_grpc.RankingServicer):
-    def __init__(self, ranker: Ranker, triton_timeout_s: float) -> None:
-        self.ranker = ranker
+    def __init__(self, versions: VersionSet[Ranker], triton_timeout_s: float) -> None:
+        self.versions = versions
         self.triton_timeout_s = triton_timeout_s
+
+    async def _ranker(self, version: str, context: grpc.aio.ServicerContext) -> Ranker:
+        try:
+            return self.versions.get(version)
+        except UnknownVersion as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
     @observed(SERVICE, "Rank")
     async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
+        ranker = await self._ranker(request.artifact_version, context)
         history = np.array(request.history, np.int64)
         try:
             items, columns = candidates_from_proto(request.candidates)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        n = self.ranker.n_items
+        n = ranker.online.total
         error = (check_indices("history", history, n, MAX_HISTORY)
                  or check_indices("candidates.items", items, n, MAX_CANDIDATES))
         if not error and not 1 <= request.k <= MAX_K:
@@ -43,25 +53,46 @@ class RankingServicer(pb_grpc.RankingServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         remaining = context.time_remaining()   # huge when the caller set no deadline
         timeout = min(self.triton_timeout_s, (remaining or 1e9) - RERANK_RESERVE_S)
-        ranked = await self.ranker.rank(history, items, columns, request.k, timeout)
+        ranked = await ranker.rank(history, items, columns, request.k, timeout)
         return pb.RankResponse(items=ranked.items.tolist(), scores=ranked.scores.tolist(),
-                               model_version=self.ranker.model_version,
+                               model_version=ranker.model_version,
                                degraded=bool(ranked.degraded_reasons),
                                degraded_reasons=ranked.degraded_reasons, stage_ms=ranked.stage_ms)
 
 
+    @observed(SERVICE, "UpdateItems")
+    async def UpdateItems(self, request: pb.ItemUpdate, context: grpc.aio.ServicerContext) -> pb.ItemUpdateResponse:
+        ranker = await self._ranker(request.artifact_version, context)
+        try:
+            held = ranker.update_items(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.ItemUpdateResponse(online_items=held)
+
+
 async def run(config: RankingConfig) -> None:
-    artifacts = open_artifacts(config.artifacts)
     # The asyncio Triton client must be created inside the running event loop.
-    scorer = TritonScorer(config.triton_url, str(artifacts.manifest["models"]["fused_ranker"]))
-    ranker = Ranker(artifacts, scorer, config.reranker_threads, config.diversity_weight)
-    await ranker.warm_up()
-    ARTIFACT_INFO.labels(SERVICE, ranker.version).set(1)
-    servicer = RankingServicer(ranker, config.triton_timeout_ms / 1000.0)
+    triton = InferenceServerClient(config.triton_url)
+    versions: VersionSet[Ranker] = VersionSet()
+
+    async def load(artifacts: ArtifactSet) -> None:
+        models = {name: str(v) for name, v in artifacts.manifest["models"].items()
+                  if name in (FUSED_RANKER_NAME, TEXT_ENCODER_NAME)}
+        await ensure_loaded(triton, models)
+        ranker = await asyncio.to_thread(Ranker, artifacts, TritonScorer(triton, models[FUSED_RANKER_NAME]),
+                                         config.reranker_threads, config.diversity_weight)
+        await ranker.warm_up()
+        versions.add(ranker.version, ranker)
+        ARTIFACT_INFO.clear()
+        ARTIFACT_INFO.labels(SERVICE, ranker.version).set(1)
+
+    await load(open_artifacts(config.artifacts))
+    servicer = RankingServicer(versions, config.triton_timeout_ms / 1000.0)
+    watcher = asyncio.create_task(watch_versions(config.artifacts, versions.newest, load))
     await serve(config, [pb.DESCRIPTOR.services_by_name["Ranking"].full_name],
                 lambda server: pb_grpc.add_RankingServicer_to_server(servicer, server),
-                on_stop=scorer.close)
-
+                on_stop=triton.close)
+    watcher.cancel()
 
 def main() -> None:
     asyncio.run(run(parse_config(RankingConfig, description="FusionRec ranking service")))

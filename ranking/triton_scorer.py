@@ -18,19 +18,28 @@ class ScorerUnavailable(RuntimeError):
 
 
 class TritonScorer:
-    def __init__(self, url: str, model_version: str, model_name: str = FUSED_RANKER_NAME) -> None:
-        self.client = InferenceServerClient(url)
+    def __init__(self, client: InferenceServerClient, model_version: str, model_name: str = FUSED_RANKER_NAME) -> None:
+        self.client = client   # shared by every loaded version
         self.model_name = model_name
         self.model_version = model_version
         self._outputs = [InferRequestedOutput(name) for name, _, _ in FUSED_RANKER_OUTPUTS]
 
     async def score(self, history: np.ndarray, candidates: np.ndarray, features: np.ndarray,
-                    timeout_s: float) -> np.ndarray:
-        """history [L] int64, candidates [N] int64, features [N, F] float32 -> scores [N] float32."""
+                    timeout_s: float, extra_text: np.ndarray | None = None,
+                    extra_category: np.ndarray | None = None) -> np.ndarray:
+        """history [L] int64, candidates [N] int64, features [N, F] float32 -> scores [N] float32.
+
+        extra_text [M, Dt] / extra_category [M]: online items (indices >= the model's item count).
+        """
         arrays = {"history": history.astype(np.int64), "candidates": candidates.astype(np.int64),
                   "features": features.astype(np.float32)}
+        if extra_text is not None and len(extra_text):
+            arrays["extra_text"] = extra_text.astype(np.float32)
+            arrays["extra_category"] = np.asarray(extra_category, np.int64)
         inputs = []
         for name, dtype, _ in FUSED_RANKER_INPUTS:
+            if name not in arrays:
+                continue   # optional input
             tensor = InferInput(name, list(arrays[name].shape), dtype)
             tensor.set_data_from_numpy(arrays[name])
             inputs.append(tensor)
@@ -49,5 +58,20 @@ class TritonScorer:
         except InferenceServerException:
             return False
 
-    async def close(self) -> None:
-        await self.client.close()
+
+async def ensure_loaded(client: InferenceServerClient, models: dict[str, str]) -> None:
+    """Ask Triton (explicit model control) to load what a new artifact version needs.
+
+    Triton re-reads the model's config and loads the newest versions its policy keeps (two), so the
+    version still serving is not interrupted. Raises RuntimeError if a version does not come up.
+    """
+    for name, version in models.items():
+        try:
+            if await client.is_model_ready(name, version):
+                continue
+            await client.load_model(name)
+            ready = await client.is_model_ready(name, version)
+        except InferenceServerException as e:
+            raise RuntimeError(f"triton: loading {name} failed: {e.message()}") from e
+        if not ready:
+            raise RuntimeError(f"triton: {name} version {version} did not become ready")

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from common.online_items import OnlineItems
+
 # Only the most recent part of a history shapes the content vector: older tastes fade.
 BERT_HISTORY = 50
 
@@ -36,9 +38,30 @@ class BertChannel:
     """Content channel: mean BERT vector of the recent history, searched in the text index."""
     name = "bert"
 
-    def __init__(self, index: faiss.Index, item_vectors: np.ndarray) -> None:
+    def __init__(self, index: faiss.Index, item_vectors: np.ndarray,
+                 online: OnlineItems | None = None) -> None:
         self.index = index
         self.item_vectors = item_vectors   # [n_items, d] unit rows
+        self.online = online               # items added while serving (indices >= n_items)
+
+    def vectors(self, items: np.ndarray) -> np.ndarray:
+        """items [m] -> [m, d], online items included."""
+        n = len(self.item_vectors)
+        if self.online is None or len(items) == 0 or items.max() < n:
+            return self.item_vectors[items]
+        known = items < n
+        out = np.empty((len(items), self.item_vectors.shape[1]), np.float32)
+        out[known] = self.item_vectors[items[known]]
+        out[~known] = self.online.vectors[items[~known] - n]
+        return out
+
+    def add(self, indices: np.ndarray, vectors: np.ndarray) -> None:
+        """Make items retrievable now (replacing any vector they had)."""
+        try:
+            self.index.remove_ids(indices)
+        except RuntimeError:   # HNSW cannot remove: the merge dedupes the stale twin instead
+            pass
+        self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), indices)
 
     def retrieve(self, history: np.ndarray, want: int, exclude: set[int]) -> ChannelResult:
         if len(history) == 0:
@@ -46,7 +69,7 @@ class BertChannel:
         recent = history[-BERT_HISTORY:]
         # Recency weights: the latest item counts twice as much as the oldest one kept.
         weights = np.linspace(1.0, 2.0, len(recent), dtype=np.float32)
-        query = weights @ self.item_vectors[recent]
+        query = weights @ self.vectors(recent)
         norm = np.linalg.norm(query)
         if norm == 0:
             return EMPTY
@@ -71,6 +94,7 @@ class CfChannel:
         row = self.user_row.get(user_id)
         if row is not None:
             return self.user_factors[row]
+        history = history[history < len(self.item_factors)]   # online items have no CF factor
         if len(history) == 0:
             return None
         y = self.item_factors[np.unique(history)]

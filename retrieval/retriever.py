@@ -8,6 +8,8 @@ import numpy as np
 
 from common.artifacts import ArtifactSet, check_shape
 from common.metrics import CANDIDATES, stage_timer
+from common.online_items import OnlineItems
+from protos import fusionrec_pb2 as pb
 from retrieval.channels import BertChannel, CfChannel, ChannelResult, PopularChannel
 from retrieval.merge import DEFAULT_CANDIDATES, DEFAULT_QUOTAS, CandidateMerger, MergedCandidates
 
@@ -38,12 +40,34 @@ class Retriever:
         cf = m["cf"]
         self.version = artifacts.version
         self.n_items = n_items
-        self.bert = BertChannel(text_index, item_text)
+        self.online = OnlineItems(n_items, text_dim)
+        self.bert = BertChannel(text_index, item_text, self.online)
         self.cf = CfChannel(cf_index, artifacts.json("cf_users.json"), user_cf, item_cf,
                             artifacts.npy("cf_gram.npy"), cf["alpha"], cf["regularization"])
         self.popular = PopularChannel(artifacts.npy("popular.npy"), artifacts.npy("item_counts.npy"))
         self.merger = CandidateMerger()
         self.index_sizes = {"text": text_index.ntotal, "cf": cf_index.ntotal}
+
+    def update_items(self, update: pb.ItemUpdate) -> int:
+        """Apply online additions/removals (artifact items may get a new text vector); returns the
+        number of online items held. Raises ValueError naming the field on a malformed update."""
+        indices = np.array(update.add_indices, np.int64)
+        dim = self.bert.item_vectors.shape[1]
+        if len(update.add_vectors) != len(indices) * dim or len(update.add_categories) != len(indices):
+            raise ValueError(f"add_vectors/add_categories: need {len(indices)} x {dim} floats and {len(indices)} categories")
+        vectors = np.array(update.add_vectors, np.float32).reshape(len(indices), dim)
+        online = indices >= self.n_items
+        self.online.apply(pb.ItemUpdate(
+            add_indices=indices[online].tolist(), add_vectors=vectors[online].ravel().tolist(),
+            add_categories=np.array(update.add_categories)[online].tolist(), remove_indices=update.remove_indices))
+        if (~online).any():   # copy on write: a concurrent reader keeps a consistent table
+            table = self.bert.item_vectors.copy()
+            table[indices[~online]] = vectors[~online]
+            self.bert.item_vectors = table
+        if len(indices):
+            self.bert.add(indices, vectors)
+        self.index_sizes["text"] = self.bert.index.ntotal
+        return len(self.online.vectors)
 
     def retrieve(self, user_id: str, history: np.ndarray, exclude: np.ndarray,
                  total: int = DEFAULT_CANDIDATES, quotas: dict[str, int] | None = None) -> Retrieval:
@@ -51,7 +75,7 @@ class Retriever:
         quotas = dict(DEFAULT_QUOTAS if not quotas else quotas)
         # Ask each channel for enough to fill the whole list alone if the others come up short.
         want = max(total, max(quotas.values(), default=0))
-        excluded = set(map(int, history)) | set(map(int, exclude))
+        excluded = set(map(int, history)) | set(map(int, exclude)) | self.online.removed
         out = Retrieval(candidates=None)  # type: ignore[arg-type]
         results: dict[str, ChannelResult] = {}
         with stage_timer(SERVICE, "channel_bert", out.stage_ms):

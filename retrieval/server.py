@@ -7,10 +7,11 @@ import faiss
 import grpc
 import numpy as np
 
-from common.artifacts import open_artifacts
+from common.artifacts import ArtifactSet, open_artifacts
 from common.config import RetrievalConfig, parse_config
 from common.metrics import ARTIFACT_INFO, INDEX_ITEMS
 from common.server import observed, serve
+from common.versions import UnknownVersion, VersionSet, watch_versions
 from common.wire import candidates_to_proto, check_indices
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
@@ -22,15 +23,22 @@ MAX_CANDIDATES = 2000
 
 
 class RetrievalServicer(pb_grpc.RetrievalServicer):
-    def __init__(self, retriever: Retriever, default_candidates: int) -> None:
-        self.retriever = retriever
+    def __init__(self, versions: VersionSet[Retriever], default_candidates: int) -> None:
+        self.versions = versions
         self.default_candidates = default_candidates
+
+    async def _retriever(self, version: str, context: grpc.aio.ServicerContext) -> Retriever:
+        try:
+            return self.versions.get(version)
+        except UnknownVersion as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
     @observed(SERVICE, "Retrieve")
     async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> pb.RetrieveResponse:
+        retriever = await self._retriever(request.artifact_version, context)
         history = np.array(request.history, np.int64)
         exclude = np.array(request.exclude, np.int64)
-        n = self.retriever.n_items
+        n = retriever.online.total
         error = (check_indices("history", history, n, MAX_HISTORY)
                  or check_indices("exclude", exclude, n, MAX_EXCLUDE))
         if not error and not 0 <= request.num_candidates <= MAX_CANDIDATES:
@@ -39,28 +47,47 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
             error = "quotas: must be >= 0"
         if error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
-        result = self.retriever.retrieve(request.user_id, history, exclude,
+        result = retriever.retrieve(request.user_id, history, exclude,
                                          request.num_candidates or self.default_candidates,
                                          dict(request.quotas))
         c = result.candidates
         return pb.RetrieveResponse(candidates=candidates_to_proto(c.items, c.columns),
-                                   index_version=self.retriever.version,
+                                   index_version=retriever.version,
                                    skipped_channels=result.skipped, stage_ms=result.stage_ms)
+
+    @observed(SERVICE, "UpdateItems")
+    async def UpdateItems(self, request: pb.ItemUpdate, context: grpc.aio.ServicerContext) -> pb.ItemUpdateResponse:
+        retriever = await self._retriever(request.artifact_version, context)
+        try:
+            held = retriever.update_items(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        INDEX_ITEMS.labels("text").set(retriever.index_sizes["text"])
+        return pb.ItemUpdateResponse(online_items=held)
 
 
 async def run(config: RetrievalConfig) -> None:
     faiss.omp_set_num_threads(config.faiss_threads)
-    retriever = Retriever(open_artifacts(config.artifacts))
-    ARTIFACT_INFO.labels(SERVICE, retriever.version).set(1)
-    for name, size in retriever.index_sizes.items():
-        INDEX_ITEMS.labels(name).set(size)
-    servicer = RetrievalServicer(retriever, config.candidates)
+    versions: VersionSet[Retriever] = VersionSet()
+
+    async def load(artifacts: ArtifactSet) -> None:
+        retriever = await asyncio.to_thread(Retriever, artifacts)
+        versions.add(retriever.version, retriever)
+        ARTIFACT_INFO.clear()
+        ARTIFACT_INFO.labels(SERVICE, retriever.version).set(1)
+        for name, size in retriever.index_sizes.items():
+            INDEX_ITEMS.labels(name).set(size)
+
+    await load(open_artifacts(config.artifacts))
+    servicer = RetrievalServicer(versions, config.candidates)
+    watcher = asyncio.create_task(watch_versions(config.artifacts, versions.newest, load))
     await serve(config, [pb.DESCRIPTOR.services_by_name["Retrieval"].full_name],
                 lambda server: pb_grpc.add_RetrievalServicer_to_server(servicer, server))
-
+    watcher.cancel()
 
 def main() -> None:
     asyncio.run(run(parse_config(RetrievalConfig, description="FusionRec retrieval service")))
+
 
 if __name__ == "__main__":
     main()

@@ -40,3 +40,38 @@ def synthetic_built(tmp_path_factory: pytest.TempPathFactory) -> Path:
                        model_repo=root / "model_repository", cache_dir=REPO / ".cache", epochs=2,
                        progress=False))
     return root / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    """A real redis-server (Debian package) on a free loopback port, for the Redis backend."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is required (deploy/apt-packages.txt; .ci/run installs it)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                assert proc.poll() is None, "redis-server exited"
+                time.sleep(0.05)
+        else:
+            raise AssertionError("redis-server did not start")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

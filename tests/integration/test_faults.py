@@ -4,7 +4,6 @@ Runs on its own stack (it stops components), under a steady background load.
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 
@@ -15,37 +14,9 @@ from common.stack import Stack
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 
+from .helpers import Load
+
 pytestmark = pytest.mark.integration
-
-
-class Load(threading.Thread):
-    """A steady trickle of requests; records every outcome."""
-
-    def __init__(self, target: str, user: str) -> None:
-        super().__init__(daemon=True)
-        self.channel = grpc.insecure_channel(target)
-        self.stub = pb_grpc.RecommenderStub(self.channel)
-        self.user = user
-        self.outcomes: Counter[str] = Counter()
-        self.reasons: Counter[str] = Counter()
-        self.short: int = 0
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                r = self.stub.Recommend(pb.RecommendRequest(user_id=self.user, k=10), timeout=2)
-                self.outcomes["OK"] += 1
-                self.reasons.update(r.degraded_reasons)
-                self.short += len(r.items) != 10
-            except grpc.RpcError as e:
-                self.outcomes[e.code().name] += 1
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.join(10)
-        self.channel.close()
 
 
 def recommend(stub, user: str) -> pb.RecommendResponse:

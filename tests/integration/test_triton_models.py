@@ -40,8 +40,29 @@ def test_fused_ranker_scores_equal_in_process(client, built, artifacts):
             "features": (features, "FP32")}).as_numpy("scores")
         with torch.inference_mode():
             expected = local(torch.from_numpy(history), torch.from_numpy(candidates),
-                             torch.from_numpy(features)).numpy()
+                             torch.from_numpy(features), torch.zeros(0, 384),
+                             torch.zeros(0, dtype=torch.int64)).numpy()
         np.testing.assert_allclose(served, expected, atol=1e-4)
+
+
+def test_fused_ranker_scores_online_items_like_in_process(client, built, artifacts):
+    version = artifacts.manifest["models"]["fused_ranker"]
+    local = torch.jit.load(str(built[1] / "fused_ranker" / version / "model.pt")).eval()
+    n = artifacts.manifest["counts"]["items"]
+    rng = np.random.default_rng(2)
+    extra_text = rng.normal(size=(3, 384)).astype(np.float32)
+    extra_text /= np.linalg.norm(extra_text, axis=1, keepdims=True)
+    extra_category = np.array([1, 0, 2], np.int64)
+    history = np.array([1, 2, n + 2], np.int64)          # the user clicked an online item too
+    candidates = np.array([5, n, n + 1, 7], np.int64)
+    features = rng.random((4, 6), dtype=np.float32)
+    served = _infer(client, "fused_ranker", version, {
+        "history": (history, "INT64"), "candidates": (candidates, "INT64"), "features": (features, "FP32"),
+        "extra_text": (extra_text, "FP32"), "extra_category": (extra_category, "INT64")}).as_numpy("scores")
+    with torch.inference_mode():
+        expected = local(*(torch.from_numpy(a) for a in (history, candidates, features, extra_text,
+                                                          extra_category))).numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-4)
 
 
 def test_fused_ranker_rejects_out_of_range_ids(client, artifacts):

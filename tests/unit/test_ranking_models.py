@@ -14,11 +14,17 @@ def test_exported_torchscript_equals_eager(built, artifacts):
     history = torch.tensor([1, 2, 3])
     candidates = torch.arange(100, 160)
     features = torch.rand(60, 6)
+    no_text, no_cat = torch.zeros(0, 384), torch.zeros(0, dtype=torch.int64)
     with torch.inference_mode():
-        scores = scripted(history, candidates, features)
-        empty = scripted(torch.zeros(0, dtype=torch.int64), candidates, features)
+        scores = scripted(history, candidates, features, no_text, no_cat)
+        empty = scripted(torch.zeros(0, dtype=torch.int64), candidates, features, no_text, no_cat)
+        # Online items (indices past the table) go through the content-only path.
+        n = scripted.item_text.shape[0]
+        online = scripted(torch.tensor([1, n]), torch.tensor([n, n + 1, 5]), torch.rand(3, 6),
+                          torch.nn.functional.normalize(torch.rand(2, 384), dim=-1), torch.tensor([1, 2]))
     assert scores.shape == (60,) and torch.isfinite(scores).all()
     assert empty.shape == (60,) and torch.isfinite(empty).all()   # anonymous user, no history
+    assert online.shape == (3,) and torch.isfinite(online).all()
 
 
 def test_config_pbtxt_comes_from_the_feature_spec():
@@ -26,6 +32,7 @@ def test_config_pbtxt_comes_from_the_feature_spec():
     for name in ("history", "candidates", "features", "scores"):
         assert f'name: "{name}"' in text
     assert "dims: [ -1, 6 ]" in text and "max_batch_size: 0" in text
+    assert 'name: "extra_text" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true' in text
 
 
 def _reranker(weight: float) -> tuple[DiversityReranker, np.ndarray]:

@@ -1,0 +1,72 @@
+"""Hot swap of artifact versions while serving.
+
+A service keeps the versions it has loaded side by side (at most `keep`), serves the one a request
+names (item indices are version-specific), and watches the artifact root's LATEST pointer: a new
+version is loaded off the event loop, verified, and only then offered. A version that fails to
+load is refused with a logged reason and the old one keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Awaitable, Callable, Generic, TypeVar
+
+from common.artifacts import LATEST, ArtifactError, ArtifactSet, open_artifacts
+from common.logs import get_logger
+
+T = TypeVar("T")
+log = get_logger("versions")
+
+
+class UnknownVersion(LookupError):
+    """The request names a version this process has not loaded (or has already dropped)."""
+
+
+class VersionSet(Generic[T]):
+    def __init__(self, keep: int = 2) -> None:
+        self.loaded: dict[str, T] = {}
+        self.newest: str = ""
+        self.keep = keep
+
+    def get(self, version: str = "") -> T:
+        key = version or self.newest
+        try:
+            return self.loaded[key]
+        except KeyError:
+            raise UnknownVersion(f"artifact_version: {key!r} is not loaded here (have {sorted(self.loaded)})") from None
+
+    def add(self, version: str, value: T) -> None:
+        self.loaded[version] = value
+        self.newest = version
+        for old in sorted(self.loaded, key=int)[:-self.keep]:
+            del self.loaded[old]
+
+
+def pointed_version(root: Path) -> str | None:
+    pointer = Path(root) / LATEST
+    try:
+        return pointer.read_text().strip()
+    except OSError:
+        return None
+
+
+async def watch_versions(root: Path, current: str, load: Callable[[ArtifactSet], Awaitable[None]],
+                         interval_s: float = 0.5, refused: set[str] | None = None) -> None:
+    """Poll root/LATEST forever; call `load` for each new, verified version (oldest first)."""
+    refused = set() if refused is None else refused
+    seen = current
+    while True:
+        await asyncio.sleep(interval_s)
+        version = pointed_version(root)
+        if version is None or version == seen or version in refused:
+            continue
+        try:
+            artifacts = await asyncio.to_thread(open_artifacts, Path(root) / version)
+            await load(artifacts)
+        except (ArtifactError, ValueError, OSError, RuntimeError) as e:
+            refused.add(version)
+            log.error("artifact version refused; the old one keeps serving",
+                      extra={"version": version, "reason": str(e), "serving": seen})
+            continue
+        log.info("artifact version loaded", extra={"version": version, "previous": seen})
+        seen = version

@@ -1,0 +1,121 @@
+"""Durable append-only event log, readable by the next offline build.
+
+One CSV file per UTC day (`events-YYYYMMDD.csv`, by the time of writing) in the generic dataset's
+interactions.csv format (`user_id,item_id,timestamp,event,value`); `export()` joins the days into
+one interactions.csv for `generic:` loading. append() writes a whole batch with one write() and
+fdatasyncs before returning: an acknowledged batch survives a kill of the process (and a power cut)
+right after. One writer process per folder (several gateway replicas need one folder each).
+
+Crash recovery: a batch torn by a crash mid-write was never acknowledged; the first append to a file
+in a process cuts such a partial last line off, so it cannot glue onto the next batch's first row.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+HEADER = "user_id,item_id,timestamp,event,value\n"
+
+
+@dataclass(frozen=True)
+class Event:
+    user_id: str
+    item_id: str
+    type: str          # click, purchase, add_to_cart, like, impression (the loader's event names)
+    timestamp: float   # unix seconds
+    value: float = 1.0
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a new file's directory entry durable too."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode(events: Sequence[Event]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    for i, e in enumerate(events):
+        for name in ("user_id", "item_id", "type"):
+            if any(c in getattr(e, name) for c in "\r\n"):   # one record per line: recovery relies on it
+                raise ValueError(f"events[{i}].{name}: must not contain line breaks")
+        writer.writerow((e.user_id, e.item_id, f"{e.timestamp:.3f}", e.type, repr(float(e.value))))
+    return buffer.getvalue().encode("utf-8")
+
+
+class EventLog:
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()   # append() is called from worker threads
+        self._recovered: set[Path] = set()
+
+    def path_for(self, when: float) -> Path:
+        return self.folder / f"events-{time.strftime('%Y%m%d', time.gmtime(when))}.csv"
+
+    def append(self, events: Sequence[Event]) -> None:
+        """Write the batch and fsync; returns only once it is durable. Blocking: call it off the loop."""
+        if not events:
+            return
+        data = _encode(events)   # a bad event refuses the batch before anything is written
+        with self._lock:
+            path = self.path_for(time.time())
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                created = path not in self._recovered and self._recover(fd, path)
+                if os.fstat(fd).st_size == 0:   # new, or left empty by a crash: header first
+                    data = HEADER.encode() + data
+                os.write(fd, data)   # one write: batches never interleave
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                _fsync_dir(self.folder)
+
+    def _recover(self, fd: int, path: Path) -> bool:
+        """Cut a torn last line (a crash mid-write). True when the file is new to this process."""
+        self._recovered.add(path)
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return True
+        tail = os.pread(fd, min(size, 1 << 16), max(0, size - (1 << 16)))
+        if tail.endswith(b"\n"):
+            return False
+        cut = tail.rfind(b"\n")
+        if cut >= 0 or len(tail) == size:
+            os.ftruncate(fd, size - len(tail) + cut + 1)   # cut == -1: the whole file was torn
+        else:   # no line break in 64 KiB: never cut acknowledged rows, just end the odd line
+            os.write(fd, b"\n")
+        os.fsync(fd)
+        return False
+
+    def files(self) -> list[Path]:
+        """The log's files, oldest day first."""
+        return sorted(self.folder.glob("events-*.csv"))
+
+    def export(self, dest: Path) -> int:
+        """Join all days into one interactions.csv at dest (one header); returns the rows written."""
+        rows = 0
+        with open(dest, "w", encoding="utf-8", newline="") as out:
+            out.write(HEADER)
+            for file in self.files():
+                with open(file, encoding="utf-8", newline="") as f:
+                    first = f.readline()
+                    if not first:   # created, then a crash before the first write
+                        continue
+                    if first != HEADER:
+                        raise ValueError(f"{file}: not an event log file (header)")
+                    for line in f:
+                        if line.endswith("\n"):   # skip a torn last line the writer has not cut yet
+                            out.write(line)
+                            rows += 1
+        return rows

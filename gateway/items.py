@@ -1,0 +1,134 @@
+"""UpsertItems / DeleteItems: new items become retrievable and rankable within a second.
+
+Upsert: the texts are embedded by the BERT `text_encoder` model on Triton, the vectors are pushed
+to ranking first (so anything retrievable is rankable) and then to retrieval (FAISS add), and the
+catalog is updated last. Delete: the catalog drops the items at once (the gateway filters every
+response with it), then retrieval is told to stop proposing them.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+from tritonclient.grpc import InferInput
+from tritonclient.grpc.aio import InferenceServerClient
+
+from common.features import TEXT_ENCODER_NAME
+from common.online_items import item_update
+from common.versions import VersionSet
+from gateway.serving_state import ServingState
+from gateway.validation import InvalidArgument
+from protos import fusionrec_pb2 as pb
+from protos import fusionrec_pb2_grpc as pb_grpc
+
+MAX_UPSERT = 256
+MAX_DELETE = 10_000
+MAX_TITLE = 1_000
+MAX_TEXT = 10_000
+
+
+def validate_upsert(request: pb.UpsertItemsRequest) -> None:
+    if not 1 <= len(request.items) <= MAX_UPSERT:
+        raise InvalidArgument(f"items: {len(request.items)} items; must be 1..{MAX_UPSERT}")
+    seen = set()
+    for i, item in enumerate(request.items):
+        if not 1 <= len(item.item_id) <= 256:
+            raise InvalidArgument(f"items[{i}].item_id: must be 1..256 characters")
+        if item.item_id in seen:
+            raise InvalidArgument(f"items[{i}].item_id: duplicate of an earlier item in this request")
+        seen.add(item.item_id)
+        if not 1 <= len(item.title) <= MAX_TITLE:
+            raise InvalidArgument(f"items[{i}].title: must be 1..{MAX_TITLE} characters")
+        if len(item.text) > MAX_TEXT:
+            raise InvalidArgument(f"items[{i}].text: {len(item.text)} characters exceeds the limit of {MAX_TEXT}")
+        if len(item.category) > 256:
+            raise InvalidArgument(f"items[{i}].category: exceeds the limit of 256 characters")
+
+
+def item_text(item: pb.NewItem) -> str:
+    """The same text the offline build encodes: title, then text, then category."""
+    return f"{item.title}. {item.text} {item.category}".strip()
+
+
+class ItemUpdater:
+    """Applies upserts and deletes to the serving version, and remembers them so that a new
+    artifact version can be brought up to date before it is swapped in."""
+
+    def __init__(self, states: VersionSet[ServingState], triton: InferenceServerClient,
+                 retrieval: pb_grpc.RetrievalStub, ranking: pb_grpc.RankingStub) -> None:
+        self.states = states
+        self.triton = triton
+        self.retrieval = retrieval
+        self.ranking = ranking
+        self.upserted: dict[str, tuple[pb.NewItem, np.ndarray]] = {}
+        self.deleted: set[str] = set()
+        self.lock = asyncio.Lock()   # one change at a time: indices are allocated in order
+
+    async def embed(self, texts: list[str], encoder_version: str, timeout_s: float) -> np.ndarray:
+        """texts -> [n, Dt] unit vectors from Triton's text_encoder."""
+        tensor = InferInput("text", [len(texts)], "BYTES")
+        tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+        result = await self.triton.infer(TEXT_ENCODER_NAME, [tensor], model_version=encoder_version,
+                                         client_timeout=timeout_s)
+        return result.as_numpy("embedding")
+
+    async def upsert(self, request: pb.UpsertItemsRequest, timeout_s: float) -> pb.UpsertItemsResponse:
+        validate_upsert(request)
+        items = list(request.items)
+        async with self.lock:
+            state = self.states.get()
+            vectors = await self.embed([item_text(i) for i in items], state.encoder_version, timeout_s)
+            added = await self._apply(state, items, vectors, timeout_s)
+            for item, vector in zip(items, vectors):
+                self.upserted[item.item_id] = (item, vector)
+                self.deleted.discard(item.item_id)
+        return pb.UpsertItemsResponse(added=added, updated=len(items) - added)
+
+    async def _apply(self, state: ServingState, items: list[pb.NewItem], vectors: np.ndarray,
+                     timeout_s: float) -> int:
+        catalog = state.catalog
+        ids = [i.item_id for i in items]
+        indices = catalog.plan_upsert(ids)
+        # Artifact items keep their trained rows for ranking; only their text vector changes.
+        online = [(j, k) for k, j in enumerate(indices) if j >= catalog.n_artifact_items]
+        categories = [catalog.category_index.get(i.category, 0) for i in items]
+        if online:   # ranking first: anything retrievable must already be rankable
+            update = item_update([j for j, _ in online], vectors[[k for _, k in online]],
+                                 [categories[k] for _, k in online])
+            update.artifact_version = state.version
+            await self.ranking.UpdateItems(update, timeout=timeout_s)
+        update = item_update(indices, vectors, categories)
+        update.artifact_version = state.version
+        await self.retrieval.UpdateItems(update, timeout=timeout_s)
+        added = sum(j >= len(catalog.item_ids) for j in indices)
+        catalog.upsert(indices, ids, [i.title for i in items], [i.category for i in items])
+        return added
+
+    async def delete(self, request: pb.DeleteItemsRequest, timeout_s: float) -> pb.DeleteItemsResponse:
+        if len(request.item_ids) > MAX_DELETE:
+            raise InvalidArgument(f"item_ids: {len(request.item_ids)} ids exceeds the limit of {MAX_DELETE}")
+        async with self.lock:
+            state = self.states.get()
+            gone = state.catalog.delete(request.item_ids)
+            self.deleted.update(request.item_ids)
+            await self._remove(state, gone, timeout_s)
+        return pb.DeleteItemsResponse(deleted=len(gone))
+
+    async def _remove(self, state: ServingState, indices: list[int], timeout_s: float) -> None:
+        if not indices:
+            return
+        # Best effort: responses are already filtered by the catalog; this frees retrieval slots.
+        try:
+            await self.retrieval.UpdateItems(pb.ItemUpdate(remove_indices=indices, artifact_version=state.version),
+                                             timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            pass
+
+    async def replay(self, state: ServingState, timeout_s: float = 10.0) -> None:
+        """Bring a freshly loaded version up to date with the upserts and deletes made so far."""
+        async with self.lock:
+            fresh = [(item, vector) for item, vector in self.upserted.values()]
+            if fresh:
+                await self._apply(state, [i for i, _ in fresh], np.stack([v for _, v in fresh]), timeout_s)
+            await self._remove(state, state.catalog.delete(sorted(self.deleted)), timeout_s)
