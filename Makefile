@@ -10,7 +10,7 @@ MODEL_REPO ?= model_repository
 TRITON_SITE = $(TRITON_VENV)/lib/python3.11/site-packages
 TRITON_HOME = $(TRITON_SITE)/pytriton/tritonserver
 
-.PHONY: help setup venv triton protos artifacts run test test-unit bench clean
+.PHONY: help setup venv triton protos artifacts run test test-unit bench loadtest eval clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -56,6 +56,11 @@ test-unit: setup
 
 bench: setup $(ARTIFACTS)/LATEST  ## open-loop benchmark of the gateway; writes reports/bench/serving.json
 	$(PY) -m common.cli bench --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) --rate 50 --duration 20
+
+LOADTEST_ARGS ?= --ramp --rate 25 --ramp-step 25 --ramp-max 300 --duration 10 --warmup 3
+
+loadtest: setup $(ARTIFACTS)/LATEST  ## open-loop ramp against a fresh stack; reports/loadtest/<time>.json + .png (LOADTEST_ARGS=...)
+	$(PY) -m common.cli loadtest --stack --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(ARTIFACTS) $(MODEL_REPO)/*/[0-9]* $(MODEL_REPO)/*/config.pbtxt reports .cache

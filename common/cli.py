@@ -1,4 +1,4 @@
-"""The `fusionrec` command: build, run, recommend, bench. Each subcommand has --help."""
+"""The `fusionrec` command: build, run, recommend, bench, loadtest. Each subcommand has --help."""
 from __future__ import annotations
 
 import argparse
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--deadline-ms", type=float, default=250.0)
     bench.add_argument("--out", type=Path, default=Path("reports/bench/serving.json"))
     bench.set_defaults(fn=cmd_bench)
+    load = sub.add_parser("loadtest", help="open-loop load test of a gateway, or of a fresh stack with --stack "
+                                           "(same as python -m gateway.loadtest)", add_help=False)
+    load.set_defaults(fn=None)
     rec = sub.add_parser("recommend", help="call a running gateway (same as python -m gateway.client)",
                          add_help=False)
     rec.set_defaults(fn=None)
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recommend":
         from gateway.client import main as client_main
         return client_main(rest)
+    if args.command == "loadtest":
+        from gateway.loadtest import main as loadtest_main
+        return loadtest_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.fn(args)

@@ -12,7 +12,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from common.artifacts import ArtifactSet, check_shape
-from common.features import FUSED_RANKER_NAME, retrieval_features
+from common.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME, retrieval_features
 from common.logs import get_logger
 from common.metrics import record_degraded, stage_timer
 from common.online_items import OnlineItems
@@ -54,6 +54,7 @@ class Ranker:
         self.n_items = n_items
         self.version = artifacts.version
         self.model_version = str(m["models"][FUSED_RANKER_NAME])
+        self.encoder_version = str(m["models"].get(TEXT_ENCODER_NAME, ""))
 
     def update_items(self, update: pb.ItemUpdate) -> int:
         """Apply online additions/removals; the re-ranker's tables grow to cover new indices."""

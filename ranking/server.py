@@ -78,7 +78,9 @@ async def run(config: RankingConfig) -> None:
     async def load(artifacts: ArtifactSet) -> None:
         models = {name: str(v) for name, v in artifacts.manifest["models"].items()
                   if name in (FUSED_RANKER_NAME, TEXT_ENCODER_NAME)}
-        await ensure_loaded(triton, models)
+        serving = {FUSED_RANKER_NAME: {r.model_version for r in versions.loaded.values()},
+                   TEXT_ENCODER_NAME: {r.encoder_version for r in versions.loaded.values() if r.encoder_version}}
+        await ensure_loaded(triton, models, serving)
         ranker = await asyncio.to_thread(Ranker, artifacts, TritonScorer(triton, models[FUSED_RANKER_NAME]),
                                          config.reranker_threads, config.diversity_weight)
         await ranker.warm_up()

@@ -1,6 +1,8 @@
 """TritonScorer: the fused ranker on Triton Inference Server, over tritonclient's asyncio gRPC client."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
@@ -59,17 +61,23 @@ class TritonScorer:
             return False
 
 
-async def ensure_loaded(client: InferenceServerClient, models: dict[str, str]) -> None:
+async def ensure_loaded(client: InferenceServerClient, models: dict[str, str],
+                        keep: dict[str, set[str]] | None = None) -> None:
     """Ask Triton (explicit model control) to load what a new artifact version needs.
 
-    Triton re-reads the model's config and loads the newest versions its policy keeps (two), so the
-    version still serving is not interrupted. Raises RuntimeError if a version does not come up.
+    The load names the exact versions to hold: the new one plus those still serving (`keep`), so a
+    swap never unloads a version that requests are still naming. Raises RuntimeError if the new
+    version does not come up.
     """
+    keep = keep or {}
     for name, version in models.items():
         try:
             if await client.is_model_ready(name, version):
                 continue
-            await client.load_model(name)
+            config = (await client.get_model_config(name, as_json=True))["config"]
+            versions = sorted({version, *keep.get(name, set())}, key=int)
+            config["version_policy"] = {"specific": {"versions": [int(v) for v in versions]}}
+            await client.load_model(name, config=json.dumps(config))
             ready = await client.is_model_ready(name, version)
         except InferenceServerException as e:
             raise RuntimeError(f"triton: loading {name} failed: {e.message()}") from e
