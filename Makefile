@@ -57,6 +57,9 @@ test-unit: setup
 bench: setup $(ARTIFACTS)/LATEST  ## open-loop benchmark of the gateway; writes reports/bench/serving.json
 	$(PY) -m common.cli bench --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) --rate 50 --duration 20
 
+eval: setup $(ARTIFACTS)/LATEST  ## offline quality report on the held-out test split -> reports/<dataset>/
+	$(PY) -m offline.evaluate --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) $(if $(EVAL_USERS),--max-users $(EVAL_USERS))
+
 LOADTEST_ARGS ?= --ramp --rate 25 --ramp-step 25 --ramp-max 300 --duration 10 --warmup 3
 
 loadtest: setup $(ARTIFACTS)/LATEST  ## open-loop ramp against a fresh stack; reports/loadtest/<time>.json + .png (LOADTEST_ARGS=...)

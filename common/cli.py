@@ -1,4 +1,4 @@
-"""The `fusionrec` command: build, run, recommend, bench, loadtest. Each subcommand has --help."""
+"""The `fusionrec` command: build, eval, run, recommend, bench, loadtest. Each subcommand has --help."""
 from __future__ import annotations
 
 import argparse
@@ -69,9 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["build"]:
         return cmd_build(argv[1:])
+    if argv[:1] == ["eval"]:
+        from offline.evaluate import main as evaluate_main
+        return evaluate_main(argv[1:])
     parser = argparse.ArgumentParser(prog="fusionrec", description="FusionRec: BERT + CF two-stage recommender")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("build", help="build artifacts (see `fusionrec build --help`)", add_help=False)
+    sub.add_parser("eval", help="offline quality report (see `fusionrec eval --help`)", add_help=False)
     run = sub.add_parser("run", help="start the whole system on loopback and serve until Ctrl-C")
     _stack_args(run)
     run.add_argument("--samples", type=int, default=3, help="sample users to print (default: %(default)s)")

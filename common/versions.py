@@ -11,6 +11,8 @@ import asyncio
 from pathlib import Path
 from typing import Awaitable, Callable, Generic, TypeVar
 
+import grpc
+
 from common.artifacts import LATEST, ArtifactError, ArtifactSet, open_artifacts
 from common.logs import get_logger
 
@@ -40,6 +42,14 @@ class VersionSet(Generic[T]):
         self.newest = version
         for old in sorted(self.loaded, key=int)[:-self.keep]:
             del self.loaded[old]
+
+
+async def version_or_abort(versions: "VersionSet[T]", version: str, context: grpc.aio.ServicerContext) -> T:
+    """The loaded version a request names; FAILED_PRECONDITION (the caller retries or waits) if none."""
+    try:
+        return versions.get(version)
+    except UnknownVersion as e:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
 
 def pointed_version(root: Path) -> str | None:

@@ -39,6 +39,7 @@ from retrieval.retriever import Retriever
 log = get_logger("offline.build")
 MODEL_SOURCES = Path(__file__).resolve().parent.parent / "model_repository"   # model.py of each Triton model
 HISTORY_KEEP = 100   # recent history per user kept for serving
+IMPRESSION_TRAIN_SHARE = 0.8   # impressions, oldest first: this share trains, the rest is held out
 
 
 @dataclass
@@ -76,7 +77,7 @@ class StageLog:
         return "\n".join(lines)
 
 
-def _subset(ds: datasets.Dataset, max_items: int | None, max_users: int | None) -> datasets.Dataset:
+def subset_dataset(ds: datasets.Dataset, max_items: int | None, max_users: int | None) -> datasets.Dataset:
     keep = np.ones(len(ds), bool)
     if max_users:
         users = sorted(set(ds.users), key=lambda u: zlib.crc32(u.encode()))[:max_users]
@@ -92,7 +93,7 @@ def _subset(ds: datasets.Dataset, max_items: int | None, max_users: int | None) 
                             ds.values[keep], ds.impressions, ds.report)
 
 
-def _user_sequences(users: np.ndarray, items: np.ndarray, ts: np.ndarray) -> dict[str, np.ndarray]:
+def user_sequences(users: np.ndarray, items: np.ndarray, ts: np.ndarray) -> dict[str, np.ndarray]:
     order = np.lexsort((ts, users))
     out: dict[str, list[int]] = {}
     for u, i in zip(users[order], items[order]):
@@ -146,7 +147,7 @@ def build(opts: BuildOptions) -> Path:
     torch.set_num_threads(2)
     faiss.omp_set_num_threads(2)
     with stages.stage("load", figures := {}):
-        ds = _subset(datasets.load(opts.data), opts.max_items, opts.max_users)
+        ds = subset_dataset(datasets.load(opts.data), opts.max_items, opts.max_users)
         item_ids = [it.item_id for it in ds.items]
         index_of = {iid: j for j, iid in enumerate(item_ids)}
         inter_items = np.array([index_of[i] for i in ds.item_ids], np.int64)
@@ -207,7 +208,7 @@ def build(opts: BuildOptions) -> Path:
         (staging / "catalog.json").write_text(json.dumps({
             "item_ids": item_ids, "titles": [it.title for it in ds.items],
             "categories": [it.category for it in ds.items], "category_names": ["", *categories]}))
-        all_seq = _user_sequences(ds.users, inter_items, ds.timestamps)
+        all_seq = user_sequences(ds.users, inter_items, ds.timestamps)
         users_sorted = sorted(all_seq)
         lengths = np.array([min(len(all_seq[u]), HISTORY_KEEP) for u in users_sorted], np.int64)
         np.savez(staging / "user_history.npz", users=np.array(users_sorted, dtype=str),
@@ -215,8 +216,10 @@ def build(opts: BuildOptions) -> Path:
                  items=np.concatenate([all_seq[u][-HISTORY_KEEP:] for u in users_sorted] or [np.zeros(0, np.int64)]))
         manifest = {
             "version": version, "dataset": ds.name, "data_spec": opts.data,
-            "data_fingerprint": _fingerprint(item_ids, ds),
+            "data_fingerprint": data_fingerprint(item_ids, ds),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_options": {"max_items": opts.max_items, "max_users": opts.max_users,
+                              "epochs": opts.epochs, "seed": opts.seed},
             "counts": {"items": len(item_ids), "cf_users": len(cf_users), "users": len(users_sorted),
                        "interactions": len(ds), "categories": len(categories)},
             "dims": {"text": int(item_text.shape[1]), "cf": int(cf.item_factors.shape[1])},
@@ -229,18 +232,18 @@ def build(opts: BuildOptions) -> Path:
 
     with stages.stage("ranker", figures := {}):
         retriever = Retriever(open_artifacts(staging))
-        train_seq = _user_sequences(ds.users[split.train], inter_items[split.train], ds.timestamps[split.train])
-        hist_seq = _user_sequences(ds.users[split.train | split.valid], inter_items[split.train | split.valid],
+        train_seq = user_sequences(ds.users[split.train], inter_items[split.train], ds.timestamps[split.train])
+        hist_seq = user_sequences(ds.users[split.train | split.valid], inter_items[split.train | split.valid],
                                    ds.timestamps[split.train | split.valid])
-        valid_t = _user_sequences(ds.users[split.valid], inter_items[split.valid], ds.timestamps[split.valid])
-        test_t = _user_sequences(ds.users[split.test], inter_items[split.test], ds.timestamps[split.test])
+        valid_t = user_sequences(ds.users[split.valid], inter_items[split.valid], ds.timestamps[split.valid])
+        test_t = user_sequences(ds.users[split.test], inter_items[split.test], ds.timestamps[split.test])
         # Users are split too: the re-ranker learns from fused scores the ranker did not train on.
         ranker_users = [u for u in sorted(valid_t) if zlib.crc32(u.encode()) % 10 < 7]
         rerank_users = [u for u in sorted(valid_t) if zlib.crc32(u.encode()) % 10 >= 7]
         train_lists = _lists(retriever, train_seq, valid_t, ranker_users)
         # Impressions (MIND) are real negatives: the older 80% train, the newest 20% are held out.
         impressions = sorted(ds.impressions, key=lambda imp: imp.timestamp)
-        cut = int(len(impressions) * 0.8)
+        cut = int(len(impressions) * IMPRESSION_TRAIN_SHARE)
         train_lists += _impression_lists(retriever, impressions[:cut], index_of)
         impression_test = _impression_lists(retriever, impressions[cut:], index_of)
         model = FusedRanker(item_text, cf.item_factors, cf.gram, cf.alpha, cf.regularization, popularity,
@@ -340,7 +343,7 @@ def _ensure(path: Path) -> Path:
     return Path(path)
 
 
-def _fingerprint(item_ids: list[str], ds: datasets.Dataset) -> str:
+def data_fingerprint(item_ids: list[str], ds: datasets.Dataset) -> str:
     digest = hashlib.sha256()
     digest.update("\n".join(item_ids).encode())
     digest.update(ds.timestamps.tobytes())

@@ -12,7 +12,7 @@ from common.config import RankingConfig, parse_config
 from common.metrics import ARTIFACT_INFO
 from common.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
 from common.server import observed, serve
-from common.versions import UnknownVersion, VersionSet, watch_versions
+from common.versions import VersionSet, version_or_abort, watch_versions
 from common.wire import candidates_from_proto, check_indices
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
@@ -30,15 +30,9 @@ class RankingServicer(pb_grpc.RankingServicer):
         self.versions = versions
         self.triton_timeout_s = triton_timeout_s
 
-    async def _ranker(self, version: str, context: grpc.aio.ServicerContext) -> Ranker:
-        try:
-            return self.versions.get(version)
-        except UnknownVersion as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-
     @observed(SERVICE, "Rank")
     async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
-        ranker = await self._ranker(request.artifact_version, context)
+        ranker = await version_or_abort(self.versions, request.artifact_version, context)
         history = np.array(request.history, np.int64)
         try:
             items, columns = candidates_from_proto(request.candidates)
@@ -62,7 +56,7 @@ class RankingServicer(pb_grpc.RankingServicer):
 
     @observed(SERVICE, "UpdateItems")
     async def UpdateItems(self, request: pb.ItemUpdate, context: grpc.aio.ServicerContext) -> pb.ItemUpdateResponse:
-        ranker = await self._ranker(request.artifact_version, context)
+        ranker = await version_or_abort(self.versions, request.artifact_version, context)
         try:
             held = ranker.update_items(request)
         except ValueError as e:

@@ -119,10 +119,10 @@ class PopularChannel:
         self.scores = log_counts / max(float(log_counts.max(initial=0.0)), 1e-6)
 
     def retrieve(self, want: int, exclude: set[int]) -> ChannelResult:
-        keep: list[int] = []
-        for j, item in enumerate(self.ranked_items):
-            if len(keep) == want:
-                break
-            if int(item) not in exclude:
-                keep.append(j)
+        head = self.ranked_items[:want + len(exclude)]
+        if exclude:
+            blocked = np.fromiter(exclude, np.int64, len(exclude))
+            keep = np.flatnonzero(~np.isin(head, blocked))[:want]
+        else:
+            keep = np.arange(min(want, len(head)))
         return ChannelResult(self.ranked_items[keep], self.scores[keep])

@@ -11,7 +11,7 @@ from common.artifacts import ArtifactSet, open_artifacts
 from common.config import RetrievalConfig, parse_config
 from common.metrics import ARTIFACT_INFO, INDEX_ITEMS
 from common.server import observed, serve
-from common.versions import UnknownVersion, VersionSet, watch_versions
+from common.versions import VersionSet, version_or_abort, watch_versions
 from common.wire import candidates_to_proto, check_indices
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
@@ -27,15 +27,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         self.versions = versions
         self.default_candidates = default_candidates
 
-    async def _retriever(self, version: str, context: grpc.aio.ServicerContext) -> Retriever:
-        try:
-            return self.versions.get(version)
-        except UnknownVersion as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-
     @observed(SERVICE, "Retrieve")
     async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> pb.RetrieveResponse:
-        retriever = await self._retriever(request.artifact_version, context)
+        retriever = await version_or_abort(self.versions, request.artifact_version, context)
         history = np.array(request.history, np.int64)
         exclude = np.array(request.exclude, np.int64)
         n = retriever.online.total
@@ -57,7 +51,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
     @observed(SERVICE, "UpdateItems")
     async def UpdateItems(self, request: pb.ItemUpdate, context: grpc.aio.ServicerContext) -> pb.ItemUpdateResponse:
-        retriever = await self._retriever(request.artifact_version, context)
+        retriever = await version_or_abort(self.versions, request.artifact_version, context)
         try:
             held = retriever.update_items(request)
         except ValueError as e:

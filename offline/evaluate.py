@@ -1,0 +1,210 @@
+"""Offline evaluation of a built artifact set on its held-out test split, through the serving stack.
+
+  python -m offline.evaluate --artifacts artifacts --model-repo model_repository --max-users 300
+
+Starts the real system (Triton + retrieval + ranking + gateway, common.stack.Stack), replays test
+users through it (offline.eval_replay), compares six systems side by side, sweeps the re-ranker's
+diversity weight, repeats the replay for simulated cold users, scores held-out MIND impressions
+when the data has them, and writes reports/<dataset>/quality.{md,json} + PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from common.artifacts import open_artifacts
+from common.config import RankingConfig
+from common.logs import get_logger
+from common.stack import Stack
+from offline import eval_aggregate as agg
+from offline.eval_replay import DEPTH, StackReplayer
+from offline.eval_testset import EvalSet, ImpressionCase, load_eval_set, sample
+from offline.report import write_report
+
+log = get_logger("offline.evaluate")
+SWEEP_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+SHORT_HISTORY = 5   # "short history" = at most this many training items
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    artifacts: Path
+    model_repo: Path
+    out: Path | None = None               # default reports/<dataset>
+    data: str | None = None               # default: the manifest's data_spec
+    build_max_items: int | None = None    # the build's --max-items (default: the manifest's, if recorded)
+    build_max_users: int | None = None
+    max_users: int | None = None          # test users replayed (deterministic sample)
+    max_impressions: int | None = 2000
+    cold_history: int = SHORT_HISTORY     # simulated cold users keep this many recent items; 0 = skip
+    diversity_weight: float = RankingConfig.diversity_weight   # what the ranking service serves with
+    sweep_weights: tuple[float, ...] = SWEEP_WEIGHTS
+    run_dir: Path | None = None           # process logs (default: a temporary folder, removed after)
+    progress: bool = True
+
+
+def evaluate(opts: EvalOptions) -> Path:
+    """Run the whole evaluation; returns the folder the report was written to."""
+    faiss.omp_set_num_threads(1)   # as the retrieval service; the services share the cores
+    artifacts = open_artifacts(opts.artifacts)
+    manifest = artifacts.manifest
+    build_opts = manifest.get("build_options", {})
+    data_spec = opts.data or manifest["data_spec"]
+    max_items = opts.build_max_items if opts.build_max_items is not None else build_opts.get("max_items")
+    max_users = opts.build_max_users if opts.build_max_users is not None else build_opts.get("max_users")
+    evalset = load_eval_set(artifacts, data_spec, max_items, max_users)
+    users = sample(evalset.users, opts.max_users)
+    cases = _spread(evalset.impressions, opts.max_impressions)
+    out = opts.out or Path("reports") / manifest["dataset"]
+    log.info("evaluating", extra={"artifact_version": artifacts.version, "users": len(users),
+                                  "impressions": len(cases), "out": str(out)})
+    started = time.monotonic()
+    # Process logs go to --run-dir when given, else to a folder removed afterwards (a failed start
+    # raises with the failing process's last log lines anyway).
+    with tempfile.TemporaryDirectory(prefix="fusionrec-eval-") as scratch, \
+            Stack(opts.artifacts, opts.model_repo, opts.run_dir or Path(scratch),
+                  ranking_args=["--diversity-weight", str(opts.diversity_weight)]) as stack:
+        addrs = {name: stack.addr(name) for name in ("gateway", "retrieval", "triton")}
+        main, cold, scored = asyncio.run(_replay(artifacts, addrs, evalset, users, cases, opts))
+    tables = agg.ItemTables(artifacts.npy("item_text.npy"), artifacts.npy("item_category.npy"), evalset.train_counts)
+    report, curves = assemble(evalset, tables, artifacts.manifest, data_spec, main, cold, scored, opts)
+    report["config"]["seconds"] = round(time.monotonic() - started, 1)
+    for path in write_report(report, curves, out):
+        log.info("written", extra={"path": str(path)})
+    return out
+
+
+async def _replay(artifacts, addrs: dict[str, str], evalset: EvalSet, users: list, cases: list[ImpressionCase],
+                  opts: EvalOptions) -> tuple[list[agg.UserResult], list[agg.UserResult], list]:
+    weights = tuple(sorted({*opts.sweep_weights, opts.diversity_weight}))
+    async with StackReplayer(artifacts, addrs, opts.diversity_weight, weights) as replayer:
+        main = [await replayer.user(u, evalset.train_counts)
+                for u in tqdm(users, desc="test users", unit="user", disable=not opts.progress)]
+        cold = [await replayer.user(u, evalset.train_counts, history_len=opts.cold_history, anonymous=True,
+                                    sweep=False)
+                for u in tqdm(users if opts.cold_history else [], desc=f"cold users (last {opts.cold_history})",
+                              unit="user", disable=not opts.progress)]
+        scored = [(await replayer.impression(c), c.labels)
+                  for c in tqdm(cases, desc="impressions", unit="imp", disable=not opts.progress)]
+    return main, cold, scored
+
+
+def assemble(evalset: EvalSet, tables: agg.ItemTables, manifest: dict[str, Any], data_spec: str,
+             main: list[agg.UserResult], cold: list[agg.UserResult],
+             scored: list[tuple[dict[str, np.ndarray], np.ndarray]], opts: EvalOptions
+             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Per-user results -> (the report dict written to quality.json, recall curves for the plot)."""
+    systems, per_user = agg.system_table(main, tables)
+    retrieval, curves = agg.retrieval_table(main)
+    short = [r for r in main if r.n_train <= SHORT_HISTORY]
+    short_systems = agg.system_table(short, tables)[0] if short else {}
+    cold_systems = agg.system_table(cold, tables)[0] if cold else {}
+    checks = [r.matches_gateway for r in main if r.matches_gateway is not None]
+    degraded = Counter(reason for r in (*main, *cold) for reason in r.degraded)
+    report: dict[str, Any] = {
+        "dataset": manifest["dataset"], "artifact_version": str(manifest["version"]), "data_spec": data_spec,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": {"k": agg.SLATE_K, "recall_depths": list(agg.RECALL_DEPTHS), "max_users": opts.max_users,
+                   "served_diversity_weight": opts.diversity_weight, "cold_history": opts.cold_history,
+                   "short_history_max_train_items": SHORT_HISTORY, "candidates": DEPTH},
+        "counts": {"users": len(main), "test_users_available": len(evalset.users),
+                   "positives": sum(len(r.relevant) for r in main), "impressions": len(scored),
+                   "items": len(evalset.item_ids)},
+        "systems": systems,
+        "retrieval": retrieval,
+        "diversity_sweep": agg.sweep_table(main, tables),
+        "cold_start": {
+            "short_history_users": {"max_train_items": SHORT_HISTORY, "users": len(short), "systems": short_systems},
+            "simulated_cold_users": {"history_len": opts.cold_history, "anonymous": True,
+                                     "systems": cold_systems} if cold else None,
+            "cold_items": agg.cold_item_table(main)},
+        "impressions": agg.impression_table(scored) if scored else None,
+        "serving_check": {"gateway_matches_replay": float(np.mean(checks)) if checks else float("nan"),
+                          "degraded_requests": sum(1 for r in (*main, *cold) if r.degraded),
+                          "degraded_reasons": dict(degraded)},
+        "verdict": {"best_ndcg@10": agg.best_system(systems), "winner": agg.winner_verdict(systems, per_user),
+                    "reranker": agg.reranker_verdict(per_user)},
+        "build_quality": manifest.get("quality", {}),
+        "method": METHOD,
+    }
+    return report, curves
+
+
+METHOD = [
+    "Split: offline.split.split_by_time recomputed from the same data and subset options as the build "
+    "(checked against the manifest's data fingerprint); history = train + valid items, oldest first; "
+    "positives = test items not already in the history.",
+    "full_pipeline: the gateway's Recommend(user_id, k=10, history_item_ids=history) on the running "
+    "stack (Triton + retrieval + ranking + gateway); at most 1,000 history ids (the API limit), older ones "
+    "sent as exclude_item_ids.",
+    "retrieval_order: the Retrieval service's merged candidates (300) for the same request, first 10; "
+    "fused_ranker: those candidates scored by fused_ranker on Triton, top 10 by score.",
+    "bert_only / cf_only / popular and per-channel recall: each channel's own list at depth 300, computed in "
+    "process by retrieval.channels on the same artifact set (the code and FAISS indexes the service runs).",
+    "Diversity sweep: ranking.reranker.DiversityReranker in process over the Triton fused scores; at the "
+    "served weight it must reproduce the gateway's slate (the replay check).",
+    "Simulated cold users: the same users, anonymous (CF vector folded in from the history), with only "
+    "their most recent items as history; older items excluded so they are not recommended again.",
+    "Impressions (MIND only): the newest 20% by time, which the ranker never trained on; the shown items "
+    "are scored by fused_ranker on Triton with the retrieval features the Retrieval service gives them.",
+]
+
+
+def _spread(values: list, limit: int | None) -> list:
+    """At most `limit` values, evenly spaced (impressions are ordered by time)."""
+    if not limit or limit >= len(values):
+        return list(values)
+    return [values[int(j)] for j in np.linspace(0, len(values) - 1, limit)]
+
+
+def parse_args(argv: list[str] | None = None) -> EvalOptions:
+    p = argparse.ArgumentParser(prog="python -m offline.evaluate", description=(
+        "Evaluate a built artifact set on its held-out test split by replaying test users through the "
+        "real serving stack; writes quality.md, quality.json and PNG plots."))
+    p.add_argument("--data", default=None, help="<kind>:<path> the build read (default: the manifest's data_spec)")
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifact root (default: %(default)s)")
+    p.add_argument("--model-repo", type=Path, default=Path("model_repository"),
+                   help="Triton model repository (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: reports/<dataset>/)")
+    p.add_argument("--max-users", type=int, default=None, help="replay at most N test users (default: all)")
+    p.add_argument("--max-impressions", type=int, default=2000,
+                   help="held-out MIND impressions to score (default: %(default)s; 0 = all)")
+    p.add_argument("--build-max-items", type=int, default=None,
+                   help="the build's --max-items, if it used one (default: from the manifest when recorded)")
+    p.add_argument("--build-max-users", type=int, default=None, help="the build's --max-users, likewise")
+    p.add_argument("--cold-history", type=int, default=SHORT_HISTORY,
+                   help="simulated cold users keep this many recent items (default: %(default)s; 0 = skip)")
+    p.add_argument("--diversity-weight", type=float, default=RankingConfig.diversity_weight,
+                   help="the ranking service's served diversity weight (default: %(default)s)")
+    p.add_argument("--run-dir", type=Path, default=None, help="process logs (default: a temporary folder)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    for name in ("max_users", "max_impressions", "build_max_items", "build_max_users"):
+        if getattr(a, name) is not None and getattr(a, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    return EvalOptions(artifacts=a.artifacts, model_repo=a.model_repo, out=a.out, data=a.data,
+                       build_max_items=a.build_max_items, build_max_users=a.build_max_users,
+                       max_users=a.max_users or None, max_impressions=a.max_impressions or None,
+                       cold_history=a.cold_history, diversity_weight=a.diversity_weight,
+                       run_dir=a.run_dir, progress=not a.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    out = evaluate(parse_args(argv))
+    print(f"report written: {out / 'quality.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
