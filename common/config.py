@@ -40,7 +40,6 @@ class RankingConfig(ServerConfig):
     triton_timeout_ms: float = _flag(60.0, "upper bound on one Triton call")
     reranker_threads: int = _flag(1, "LightGBM threads, set once at load")
     diversity_weight: float = _flag(0.1, "re-ranker penalty on max similarity to the slate so far")
-    torch_threads: int = _flag(1, "unused by the service itself; documented for symmetry with Triton")
 
 
 @dataclass(frozen=True)
