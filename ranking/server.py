@@ -53,7 +53,6 @@ class RankingServicer(pb_grpc.RankingServicer):
                                degraded=bool(ranked.degraded_reasons),
                                degraded_reasons=ranked.degraded_reasons, stage_ms=ranked.stage_ms)
 
-
     @observed(SERVICE, "UpdateItems")
     async def UpdateItems(self, request: pb.ItemUpdate, context: grpc.aio.ServicerContext) -> pb.ItemUpdateResponse:
         ranker = await version_or_abort(self.versions, request.artifact_version, context)
