@@ -52,6 +52,16 @@ async def version_or_abort(versions: "VersionSet[T]", version: str, context: grp
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
 
+async def apply_item_update(versions: "VersionSet[T]", request, context: grpc.aio.ServicerContext) -> tuple[T, int]:
+    """UpdateItems for retrieval and ranking: the named version applies the update, or the call
+    fails with FAILED_PRECONDITION (version) / INVALID_ARGUMENT (malformed update, nothing applied)."""
+    target = await version_or_abort(versions, request.artifact_version, context)
+    try:
+        return target, target.update_items(request)
+    except ValueError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
 def pointed_version(root: Path) -> str | None:
     pointer = Path(root) / LATEST
     try:

@@ -22,31 +22,29 @@ from gateway.user_state import ArtifactHistoryStore
 from protos import fusionrec_pb2 as pb
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (Triton's python-backend stubs are its children)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = children.read_text().split() if children.exists() else []
+    return [pid, *(p for child in kids for p in process_tree(int(child)))]
+
+
 def rss_mib(pid: int) -> float:
-    """Resident set size of a process and its children threads (VmRSS), in MiB."""
+    """Resident set size (VmRSS) of one process, in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def _tree_rss_mib(pid: int) -> float:
-    """RSS of a process plus its descendants (Triton's python-backend stubs are children)."""
-    total = rss_mib(pid)
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    for child in children.read_text().split() if children.exists() else []:
-        total += _tree_rss_mib(int(child))
-    return total
-
-
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its descendants so far."""
+    """User + system CPU time of one process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    for child in children.read_text().split() if children.exists() else []:
-        total += cpu_seconds(int(child))
-    return total
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_total(measure, pid: int) -> float:
+    return sum(measure(p) for p in process_tree(pid))
 
 
 def run_bench(args: argparse.Namespace) -> dict:
@@ -58,15 +56,15 @@ def run_bench(args: argparse.Namespace) -> dict:
         return pb.RecommendRequest(user_id=picks[i % len(picks)], k=args.k, surface="bench")
 
     with Stack(args.artifacts, args.model_repo, args.run_dir) as stack:
-        cpu_before = {name: cpu_seconds(pid) for name, pid in stack.pids().items()}
+        cpu_before = {name: tree_total(cpu_seconds, pid) for name, pid in stack.pids().items()}
         result = asyncio.run(run_open_loop(stack.addr("gateway"), args.rate, args.duration, make_request,
                                            warmup=args.warmup, deadline_s=args.deadline_ms / 1000.0,
                                            progress=sys.stderr))
-        memory = {name: round(_tree_rss_mib(pid), 1) for name, pid in stack.pids().items()}
+        memory = {name: round(tree_total(rss_mib, pid), 1) for name, pid in stack.pids().items()}
         answered = max(len([x for x in result.samples if x.latency is not None]), 1)
         # Includes warm-up requests' CPU, so divide by everything sent.
         sent = answered + int(args.warmup * args.rate)
-        cpu_ms = {name: round((cpu_seconds(pid) - cpu_before[name]) * 1000 / sent, 2)
+        cpu_ms = {name: round((tree_total(cpu_seconds, pid) - cpu_before[name]) * 1000 / sent, 2)
                   for name, pid in stack.pids().items()}
     summary = result.summary()
     summary["rss_mib"] = memory

@@ -12,7 +12,7 @@ from common.config import RankingConfig, parse_config
 from common.metrics import ARTIFACT_INFO
 from common.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
 from common.server import observed, serve
-from common.versions import VersionSet, version_or_abort, watch_versions
+from common.versions import VersionSet, apply_item_update, version_or_abort, watch_versions
 from common.wire import candidates_from_proto, check_indices
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
@@ -55,11 +55,7 @@ class RankingServicer(pb_grpc.RankingServicer):
 
     @observed(SERVICE, "UpdateItems")
     async def UpdateItems(self, request: pb.ItemUpdate, context: grpc.aio.ServicerContext) -> pb.ItemUpdateResponse:
-        ranker = await version_or_abort(self.versions, request.artifact_version, context)
-        try:
-            held = ranker.update_items(request)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        _, held = await apply_item_update(self.versions, request, context)
         return pb.ItemUpdateResponse(online_items=held)
 
 

@@ -11,7 +11,7 @@ from common.artifacts import ArtifactSet, open_artifacts
 from common.config import RetrievalConfig, parse_config
 from common.metrics import ARTIFACT_INFO, INDEX_ITEMS
 from common.server import observed, serve
-from common.versions import VersionSet, version_or_abort, watch_versions
+from common.versions import VersionSet, apply_item_update, version_or_abort, watch_versions
 from common.wire import candidates_to_proto, check_indices
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
@@ -51,11 +51,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
     @observed(SERVICE, "UpdateItems")
     async def UpdateItems(self, request: pb.ItemUpdate, context: grpc.aio.ServicerContext) -> pb.ItemUpdateResponse:
-        retriever = await version_or_abort(self.versions, request.artifact_version, context)
-        try:
-            held = retriever.update_items(request)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        retriever, held = await apply_item_update(self.versions, request, context)
         INDEX_ITEMS.labels("text").set(retriever.index_sizes["text"])
         return pb.ItemUpdateResponse(online_items=held)
 
