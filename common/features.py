@@ -16,7 +16,8 @@ CHANNELS: tuple[str, ...] = ("bert", "cf", "popular")
 RETRIEVAL_FEATURES: tuple[str, ...] = tuple(
     f"{channel}_{kind}" for channel in CHANNELS for kind in ("score", "rank_inv"))
 
-# Triton model fused_ranker: (name, datatype, dims). max_batch_size 0: no leading batch dim.
+# Triton model fused_ranker: (name, datatype, dims), dims without the batch dim: the model is
+# dynamically batched with ragged inputs, a request is one user and sends [1, *dims] tensors.
 # Indices >= the artifact set's item count are online items: their BERT vectors and categories
 # come in the optional extra_* inputs (row = index - item count), scored by the content-only path.
 FUSED_RANKER_NAME = "fused_ranker"
@@ -67,14 +68,21 @@ def rerank_features(
         np.full(m, position, dtype=np.float32)]).astype(np.float32, copy=False)
 
 
-def fused_ranker_config(max_candidates: int = 1000, threads: int = 1) -> str:
+FUSED_RANKER_MAX_BATCH = 16           # users per model execution
+FUSED_RANKER_QUEUE_DELAY_US = 0       # no waiting: batches form from requests queued while busy
+
+
+def fused_ranker_config(max_candidates: int = 1000, threads: int = 1, max_batch: int = FUSED_RANKER_MAX_BATCH,
+                        queue_delay_us: int = FUSED_RANKER_QUEUE_DELAY_US) -> str:
     """config.pbtxt for the fused ranker, generated from the spec above."""
     return "\n".join([
         f'name: "{FUSED_RANKER_NAME}"',
         'backend: "python"',
-        "max_batch_size: 0",
-        _tensors("input", FUSED_RANKER_INPUTS),
+        f"max_batch_size: {max_batch}",
+        # Ragged: requests with different history / candidate counts still share a batch.
+        _tensors("input", FUSED_RANKER_INPUTS, ragged=True),
         _tensors("output", FUSED_RANKER_OUTPUTS),
+        f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}",
         "instance_group [ { kind: KIND_CPU count: 1 } ]",
         # Two versions: the one serving and the one being swapped in (hot swap without failures).
         "version_policy: { latest: { num_versions: 2 } }",
@@ -90,10 +98,11 @@ TEXT_ENCODER_INPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (("text", "B
 TEXT_ENCODER_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (("embedding", "FP32", (-1, -1)),)
 
 
-def _tensors(kind: str, spec: tuple[tuple[str, str, tuple[int, ...]], ...]) -> str:
+def _tensors(kind: str, spec: tuple[tuple[str, str, tuple[int, ...]], ...], ragged: bool = False) -> str:
     # Triton spells BYTES tensors TYPE_STRING in config.pbtxt.
     rows = [f'  {{ name: "{n}" data_type: TYPE_{"STRING" if t == "BYTES" else t} '
-            f'dims: [ {", ".join(map(str, d))} ]{" optional: true" if n in OPTIONAL_INPUTS else ""} }}'
+            f'dims: [ {", ".join(map(str, d))} ]{" optional: true" if n in OPTIONAL_INPUTS else ""}'
+            f'{" allow_ragged_batch: true" if ragged else ""} }}'
             for n, t, d in spec]
     return f"{kind} [\n" + ",\n".join(rows) + "\n]"
 

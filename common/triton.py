@@ -3,6 +3,8 @@ PyPI package nvidia-pytriton, in its own virtual environment (it needs numpy<2).
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,4 +33,30 @@ def triton_command(model_repo: Path, grpc_port: int, http_port: int, metrics_por
                                                           env.get("LD_LIBRARY_PATH")]))
     # The python backend stub embeds the system Python and ignores PYTHONPATH: model.py reads this.
     env["FUSIONREC_TRITON_SITE"] = str(site)
+    python_home = stub_python_home(home / "backends" / "python" / "triton_python_backend_stub")
+    if python_home:
+        # The stub's interpreter is isolated (ignores PYTHONHOME) and finds its prefix from the
+        # `python3` on PATH: put the one matching its libpython first.
+        env["PATH"] = os.pathsep.join(filter(None, [str(Path(python_home) / "bin"), env.get("PATH")]))
     return argv, env
+
+
+def stub_python_home(stub: Path) -> str | None:
+    """The prefix whose standard library matches the libpython the stub links against.
+
+    Otherwise, with a virtual environment activated, the `python3` on PATH is another Python build
+    (pyenv's) and the stub loads that build's extension modules: importing `ssl` (transformers ->
+    huggingface_hub does) then fails with an undefined symbol.
+    """
+    try:
+        linked = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"libpython(\d+\.\d+)\S*\s+=>\s+(\S+)", linked)
+    if not match:
+        return None
+    version, library = match.groups()
+    for prefix in Path(library).resolve().parents:
+        if (prefix / "lib" / f"python{version}" / "os.py").exists():
+            return str(prefix)
+    return None

@@ -2,7 +2,9 @@
 
 The model owns its tables (BERT item vectors, CF item factors, item side features), so a
 ranking request carries only ids and the retrieval features:
-  history [L] int64, candidates [N] int64, features [N, F] float32  ->  logits [N] float32.
+  history [L] int64, candidates [N] int64, features [N, F] float32  ->  logits [N] float32,
+and forward_batch scores several users in one call (ragged: flat arrays plus per-user lengths),
+which is what Triton's dynamic batcher hands the served model.
 User side: self-attention over the history's BERT vectors with attention pooling (as in NRMS),
 and the ALS user vector folded in from the history. Candidate side: its BERT vector, CF factor,
 popularity, age and category.
@@ -84,44 +86,80 @@ class FusedRanker(nn.Module):
             out = out.index_put([rows], extra_category[items[rows] - n_known])
         return out
 
-    def user_text(self, history: Tensor, extra_text: Tensor) -> Tensor:
-        """history [L] -> [hidden] (zeros for an empty history)."""
-        if history.numel() == 0:
-            return torch.zeros(self.text_proj.out_features)
-        h = self.hidden(history, extra_text)                                       # [L, H]
-        att = torch.softmax(self.attn_q(h) @ self.attn_k(h).t() / math.sqrt(h.shape[1]), dim=-1)
+    def pad_histories(self, history: Tensor, history_len: Tensor) -> tuple[Tensor, Tensor]:
+        """Ragged histories (flat [sum L], lengths [B]) -> the last max_history items of each, left
+        aligned in [B, Lmax] (padding: item 0), and the mask of real entries [B, Lmax]."""
+        keep = torch.clamp(history_len, max=self.max_history)
+        width = int(keep.max()) if keep.numel() > 0 else 0
+        positions = torch.arange(width).unsqueeze(0)                               # [1, Lmax]
+        mask = positions < keep.unsqueeze(1)
+        if width == 0:
+            return torch.zeros(history_len.shape[0], 0, dtype=torch.int64), mask
+        starts = torch.cumsum(history_len, 0) - keep                               # last `keep` of each
+        index = torch.clamp(starts.unsqueeze(1) + positions, max=history.shape[0] - 1)
+        padded = torch.where(mask, history[index], torch.zeros_like(index))
+        return padded, mask
+
+    def user_text(self, history: Tensor, mask: Tensor, extra_text: Tensor) -> Tensor:
+        """Padded histories [B, L] + mask -> [B, hidden] (zeros for an empty history)."""
+        b, width = history.shape[0], history.shape[1]
+        hidden = self.text_proj.out_features
+        if width == 0:
+            return torch.zeros(b, hidden)
+        h = self.hidden(history.reshape(-1), extra_text).reshape(b, width, hidden)  # [B, L, H]
+        # Padding is masked with a large negative, not -inf: an empty row then stays finite.
+        logits = self.attn_q(h) @ self.attn_k(h).transpose(1, 2) / math.sqrt(hidden)
+        att = torch.softmax(logits.masked_fill(~mask.unsqueeze(1), -1e9), dim=-1)
         h = h + att @ self.attn_v(h)                                               # self-attention
-        weights = torch.softmax(self.pool(h).squeeze(-1), dim=0)                  # attention pooling
-        return weights @ h
+        pool = self.pool(h).squeeze(-1).masked_fill(~mask, -1e9)
+        weights = torch.softmax(pool, dim=1)                                       # attention pooling
+        u = (weights.unsqueeze(1) @ h).squeeze(1)
+        return u * mask.any(1, keepdim=True).to(u.dtype)
 
-    def user_cf(self, history: Tensor) -> Tensor:
-        """Exact ALS fold-in of the history's trained items -> [Dc]."""
+    def user_cf(self, history: Tensor, mask: Tensor) -> Tensor:
+        """Exact ALS fold-in of each padded history's distinct trained items -> [B, Dc]."""
+        b, width = history.shape[0], history.shape[1]
         dc = self.cf_gram.shape[0]
-        history = history[history < self.item_cf.shape[0]]
-        if history.numel() == 0:
-            return torch.zeros(dc)
-        y = self.item_cf[torch.unique(history)]
-        a = self.cf_gram + self.cf_alpha * (y.t() @ y) + self.cf_reg * torch.eye(dc)
-        b = (1.0 + self.cf_alpha) * y.sum(0)
-        return torch.linalg.solve(a, b)
+        if width == 0:
+            return torch.zeros(b, dc)
+        earlier = torch.tril(torch.ones(width, width, dtype=torch.bool), diagonal=-1)   # j < i
+        repeated = ((history.unsqueeze(2) == history.unsqueeze(1)) & mask.unsqueeze(1) & earlier).any(2)
+        counted = mask & ~repeated & (history < self.item_cf.shape[0])   # ALS saw each item once
+        y = self.known_rows(self.item_cf, history) * counted.unsqueeze(-1).to(torch.float32)   # [B, L, Dc]
+        a = self.cf_gram + self.cf_alpha * (y.transpose(1, 2) @ y) + self.cf_reg * torch.eye(dc)
+        rhs = (1.0 + self.cf_alpha) * y.sum(1)
+        return torch.linalg.solve(a, rhs)
 
-    def forward(self, history: Tensor, candidates: Tensor, features: Tensor, extra_text: Tensor,
-                extra_category: Tensor) -> Tensor:
-        """history [L], candidates [N], features [N, F], extra_text [M, Dt], extra_category [M] -> [N]."""
-        history = history[-self.max_history:]
-        u = self.user_text(history, extra_text)                                    # [H]
+    @torch.jit.export
+    def forward_batch(self, history: Tensor, history_len: Tensor, candidates: Tensor,
+                      candidate_count: Tensor, features: Tensor, extra_text: Tensor,
+                      extra_category: Tensor) -> Tensor:
+        """Several users at once (Triton's dynamic batches): user b has history_len[b] items of the
+        flat history and candidate_count[b] of the flat candidates / feature rows, in order.
+        history [sum L], candidates [N], features [N, F], extra_text [M, Dt], extra_category [M] -> [N].
+        """
+        padded, mask = self.pad_histories(history, history_len)
+        owner = torch.repeat_interleave(torch.arange(history_len.shape[0]), candidate_count)   # [N]
+        u = self.user_text(padded, mask, extra_text)[owner]                        # [N, H]
         c = self.hidden(candidates, extra_text)                                    # [N, H]
-        cf_dot = self.known_rows(self.item_cf, candidates) @ self.user_cf(history)  # [N]
+        cf_dot = (self.known_rows(self.item_cf, candidates) * self.user_cf(padded, mask)[owner]).sum(1)
         cats = self.categories(candidates, extra_category)
-        if history.numel() > 0:
-            hist_cats = self.categories(history, extra_category)
-            share = (cats.unsqueeze(1) == hist_cats.unsqueeze(0)).float().mean(1, keepdim=True)
+        if padded.shape[1] > 0:
+            hist_cats = self.categories(padded.reshape(-1), extra_category).reshape(padded.shape)
+            same = (cats.unsqueeze(1) == hist_cats[owner]) & mask[owner]
+            share = same.sum(1, keepdim=True).float() / mask[owner].sum(1, keepdim=True).clamp(min=1).float()
         else:
             share = torch.zeros(candidates.shape[0], 1)
-        x = torch.cat([u * c, (c @ u).unsqueeze(-1), cf_dot.unsqueeze(-1),
+        x = torch.cat([u * c, (u * c).sum(1, keepdim=True), cf_dot.unsqueeze(-1),
                        self.known_rows(self.item_side, candidates), self.category(cats), share,
                        features], dim=1)
         return self.mlp(x).squeeze(-1)
+
+    def forward(self, history: Tensor, candidates: Tensor, features: Tensor, extra_text: Tensor,
+                extra_category: Tensor) -> Tensor:
+        """One user: history [L], candidates [N], features [N, F], extra_text [M, Dt], extra_category [M] -> [N]."""
+        return self.forward_batch(history, torch.tensor([history.shape[0]]), candidates,
+                                  torch.tensor([candidates.shape[0]]), features, extra_text, extra_category)
 
 
 NO_EXTRA_CATEGORY = torch.zeros(0, dtype=torch.int64)
@@ -186,10 +224,21 @@ def train_ranker(model: FusedRanker, lists: list[RankingList], epochs: int = 6, 
 
 
 @torch.inference_mode()
-def score_lists(model: nn.Module, lists: list[RankingList]) -> list[np.ndarray]:
+def score_lists(model: nn.Module, lists: list[RankingList], batch: int = 32) -> list[np.ndarray]:
+    """Scores of each list's candidates, `batch` lists per forward_batch call."""
     no_text = torch.zeros(0, model.item_text.shape[1])
-    return [model(torch.from_numpy(l.history), torch.from_numpy(l.candidates),
-                  torch.from_numpy(l.features), no_text, NO_EXTRA_CATEGORY).numpy() for l in lists]
+    out: list[np.ndarray] = []
+    for start in range(0, len(lists), batch):
+        part = lists[start:start + batch]
+        scores = model.forward_batch(
+            torch.from_numpy(np.concatenate([l.history for l in part]).astype(np.int64)),
+            torch.tensor([len(l.history) for l in part]),
+            torch.from_numpy(np.concatenate([l.candidates for l in part]).astype(np.int64)),
+            torch.tensor([len(l.candidates) for l in part]),
+            torch.from_numpy(np.concatenate([l.features for l in part]).astype(np.float32)),
+            no_text, NO_EXTRA_CATEGORY).numpy()
+        out += np.split(scores, np.cumsum([len(l.candidates) for l in part])[:-1])
+    return out
 
 
 def export_torchscript(model: FusedRanker, path: str) -> torch.jit.ScriptModule:

@@ -42,8 +42,9 @@ class TritonScorer:
         for name, dtype, _ in FUSED_RANKER_INPUTS:
             if name not in arrays:
                 continue   # optional input
-            tensor = InferInput(name, list(arrays[name].shape), dtype)
-            tensor.set_data_from_numpy(arrays[name])
+            array = arrays[name][None]   # batch dim: one user per request, Triton batches requests
+            tensor = InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         try:
             result = await self.client.infer(self.model_name, inputs, model_version=self.model_version,
@@ -52,7 +53,7 @@ class TritonScorer:
             status = (e.status() or "").upper()
             reason = "ranking_timeout" if "DEADLINE" in status else "triton_unavailable"
             raise ScorerUnavailable(reason, f"triton: {e.message()}") from e
-        return result.as_numpy(FUSED_RANKER_OUTPUTS[0][0]).astype(np.float32)
+        return result.as_numpy(FUSED_RANKER_OUTPUTS[0][0])[0].astype(np.float32)
 
     async def ready(self) -> bool:
         try:

@@ -26,6 +26,25 @@ def _infer(client, model, version, arrays):
     return client.infer(model, inputs, model_version=version)
 
 
+def _rank(client, version, history, candidates, features, extra_text=None, extra_category=None):
+    """One user's request to the dynamically batched fused ranker: [1, ...] tensors in, [1, N] out."""
+    arrays = {"history": (history[None], "INT64"), "candidates": (candidates[None], "INT64"),
+              "features": (features[None], "FP32")}
+    if extra_text is not None:
+        arrays.update(extra_text=(extra_text[None], "FP32"), extra_category=(extra_category[None], "INT64"))
+    scores = _infer(client, "fused_ranker", version, arrays).as_numpy("scores")
+    assert scores.shape == (1, len(candidates))
+    return scores[0]
+
+
+def _local(model, history, candidates, features, extra_text=None, extra_category=None):
+    if extra_text is None:
+        extra_text, extra_category = np.zeros((0, 384), np.float32), np.zeros(0, np.int64)
+    with torch.inference_mode():
+        return model(*(torch.from_numpy(a) for a in (history, candidates, features, extra_text,
+                                                      extra_category))).numpy()
+
+
 def test_fused_ranker_scores_equal_in_process(client, built, artifacts):
     version = artifacts.manifest["models"]["fused_ranker"]
     local = torch.jit.load(str(built[1] / "fused_ranker" / version / "model.pt")).eval()
@@ -35,14 +54,8 @@ def test_fused_ranker_scores_equal_in_process(client, built, artifacts):
         history = rng.choice(n, history_len, replace=False).astype(np.int64)
         candidates = rng.choice(n, 300, replace=False).astype(np.int64)
         features = rng.random((300, 6), dtype=np.float32)
-        served = _infer(client, "fused_ranker", version, {
-            "history": (history, "INT64"), "candidates": (candidates, "INT64"),
-            "features": (features, "FP32")}).as_numpy("scores")
-        with torch.inference_mode():
-            expected = local(torch.from_numpy(history), torch.from_numpy(candidates),
-                             torch.from_numpy(features), torch.zeros(0, 384),
-                             torch.zeros(0, dtype=torch.int64)).numpy()
-        np.testing.assert_allclose(served, expected, atol=1e-4)
+        served = _rank(client, version, history, candidates, features)
+        np.testing.assert_allclose(served, _local(local, history, candidates, features), atol=1e-4)
 
 
 def test_fused_ranker_scores_online_items_like_in_process(client, built, artifacts):
@@ -56,21 +69,66 @@ def test_fused_ranker_scores_online_items_like_in_process(client, built, artifac
     history = np.array([1, 2, n + 2], np.int64)          # the user clicked an online item too
     candidates = np.array([5, n, n + 1, 7], np.int64)
     features = rng.random((4, 6), dtype=np.float32)
-    served = _infer(client, "fused_ranker", version, {
-        "history": (history, "INT64"), "candidates": (candidates, "INT64"), "features": (features, "FP32"),
-        "extra_text": (extra_text, "FP32"), "extra_category": (extra_category, "INT64")}).as_numpy("scores")
-    with torch.inference_mode():
-        expected = local(*(torch.from_numpy(a) for a in (history, candidates, features, extra_text,
-                                                          extra_category))).numpy()
+    served = _rank(client, version, history, candidates, features, extra_text, extra_category)
+    expected = _local(local, history, candidates, features, extra_text, extra_category)
     np.testing.assert_allclose(served, expected, atol=1e-4)
 
 
 def test_fused_ranker_rejects_out_of_range_ids(client, artifacts):
     n = artifacts.manifest["counts"]["items"]
     with pytest.raises(InferenceServerException, match="candidates: item index out of range"):
-        _infer(client, "fused_ranker", artifacts.manifest["models"]["fused_ranker"], {
-            "history": (np.zeros(0, np.int64), "INT64"), "candidates": (np.array([n], np.int64), "INT64"),
-            "features": (np.zeros((1, 6), np.float32), "FP32")})
+        _rank(client, artifacts.manifest["models"]["fused_ranker"], np.zeros(0, np.int64),
+              np.array([n], np.int64), np.zeros((1, 6), np.float32))
+
+
+def _batch_counts(client, version):
+    """{batch size: executions} from Triton's statistics for the fused ranker."""
+    stats = client.get_inference_statistics("fused_ranker", version, as_json=True)["model_stats"][0]
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+
+
+def test_fused_ranker_batches_concurrent_users_and_scores_each_like_in_process(client, built, artifacts):
+    """Concurrent users of different sizes (some with online items, one with a bad id) share model
+    executions; every good request gets its own scores, the bad one alone gets an error."""
+    from concurrent.futures import ThreadPoolExecutor
+    version = artifacts.manifest["models"]["fused_ranker"]
+    local = torch.jit.load(str(built[1] / "fused_ranker" / version / "model.pt")).eval()
+    n = artifacts.manifest["counts"]["items"]
+    rng = np.random.default_rng(3)
+    users = []
+    for j in range(48):
+        history = rng.choice(n, int(rng.integers(0, 60)), replace=False).astype(np.int64)
+        candidates = rng.choice(n, int(rng.integers(1, 300)), replace=False).astype(np.int64)
+        features = rng.random((len(candidates), 6), dtype=np.float32)
+        extra = None
+        if j % 3 == 0:   # online items: numbered from n in every request, each with its own vectors
+            m = int(rng.integers(1, 4))
+            text = rng.normal(size=(m, 384)).astype(np.float32)
+            extra = (text / np.linalg.norm(text, axis=1, keepdims=True), rng.integers(0, 3, m).astype(np.int64))
+            candidates[:m] = n + np.arange(m)
+            history = np.r_[history, n + m - 1]
+        users.append((history, candidates, features, *(extra or ())))
+    bad = 17
+    users[bad] = (users[bad][0], np.r_[users[bad][1][:-1], n + 50], users[bad][2])
+    before = _batch_counts(client, version)
+
+    def call(user):
+        try:
+            return _rank(client, version, *user)
+        except InferenceServerException as e:
+            return e
+
+    with ThreadPoolExecutor(16) as pool:
+        served = list(pool.map(call, users))
+    for j, (user, result) in enumerate(zip(users, served)):
+        if j == bad:
+            assert isinstance(result, InferenceServerException) and "out of range" in str(result)
+            continue
+        assert not isinstance(result, Exception), result
+        np.testing.assert_allclose(result, _local(local, *user), atol=1e-4)
+    after = _batch_counts(client, version)
+    batched = {size: count - before.get(size, 0) for size, count in after.items() if size > 1}
+    assert sum(batched.values()) > 0, f"no execution held more than one request: {after}"
 
 
 def test_text_encoder_equals_offline_encoder(client, artifacts):

@@ -31,8 +31,36 @@ def test_config_pbtxt_comes_from_the_feature_spec():
     text = fused_ranker_config()
     for name in ("history", "candidates", "features", "scores"):
         assert f'name: "{name}"' in text
-    assert "dims: [ -1, 6 ]" in text and "max_batch_size: 0" in text
-    assert 'name: "extra_text" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true' in text
+    assert "dims: [ -1, 6 ] allow_ragged_batch: true" in text
+    assert "max_batch_size: 16" in text and "dynamic_batching {" in text
+    assert 'name: "extra_text" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true allow_ragged_batch: true' in text
+
+
+def test_forward_batch_equals_one_user_at_a_time(built, artifacts):
+    """Triton hands the model several users at once: the batched path must score each user exactly
+    as the one-user path does (padding, history truncation, ALS fold-in, online items)."""
+    scripted = torch.jit.load(str(built[1] / "fused_ranker" / str(artifacts.manifest["version"]) / "model.pt"))
+    n = int(scripted.item_text.shape[0])
+    rng = np.random.default_rng(0)
+    extra_text = torch.nn.functional.normalize(torch.rand(4, 384), dim=-1)
+    extra_category = torch.tensor([1, 0, 2, 1])
+    users = []
+    for length in (0, 3, 80, 1, 50):   # 80 > MAX_HISTORY: only the last 50 count
+        history = torch.from_numpy(rng.integers(0, n, length))
+        if length == 3:
+            history = torch.tensor([4, n + 1, 4])   # repeated item, an online item
+        candidates = torch.from_numpy(rng.integers(0, n + 4, int(rng.integers(1, 40))))
+        users.append((history, candidates, torch.rand(len(candidates), 6)))
+    with torch.inference_mode():
+        single = [scripted(h, c, f, extra_text, extra_category) for h, c, f in users]
+        batched = scripted.forward_batch(
+            torch.cat([u[0] for u in users]), torch.tensor([len(u[0]) for u in users]),
+            torch.cat([u[1] for u in users]), torch.tensor([len(u[1]) for u in users]),
+            torch.cat([u[2] for u in users]), extra_text, extra_category)
+    torch.testing.assert_close(batched, torch.cat(single), atol=1e-5, rtol=1e-5)
+    h, c, f = users[2]
+    with torch.inference_mode():
+        torch.testing.assert_close(scripted(h[-50:], c, f, extra_text, extra_category), single[2])
 
 
 def _reranker(weight: float) -> tuple[DiversityReranker, np.ndarray]:
