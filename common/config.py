@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def _flag(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _flag(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class ServerConfig:
 class RetrievalConfig(ServerConfig):
     candidates: int = _flag(300, "default number of candidates per request")
     faiss_threads: int = _flag(1, "FAISS OpenMP threads (1 is fastest for one query per call)")
+    faiss_gpu: str = _flag("auto", "search flat/IVF indexes on the GPU: auto (if faiss sees one), "
+                                   "on (required, else fail at start), off", choices=("auto", "on", "off"))
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str =
                             default=kind(env) if env is not None else f.default,
                             help=f"{f.metadata.get('help', '')} (env FUSIONREC_{f.name.upper()}, default: %(default)s)")
     args = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(cls):   # argparse checks choices on flags only, not on env defaults
+        choices = f.metadata.get("choices")
+        if choices and args[f.name] not in choices:
+            parser.error(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {args[f.name]!r}")
     config = cls(**args)
     if not 0 < config.port < 65536:  # type: ignore[attr-defined]
         parser.error(f"--port must be in 1..65535, got {config.port}")  # type: ignore[attr-defined]

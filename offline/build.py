@@ -13,7 +13,7 @@ import tempfile
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -22,16 +22,17 @@ import numpy as np
 import torch
 
 from common.artifacts import next_version, open_artifacts, publish, write_manifest
+from common.faiss_index import index_info
 from common.features import (FUSED_RANKER_NAME, TEXT_ENCODER_NAME, fused_ranker_config, retrieval_features,
                              text_encoder_config)
 from common.logs import get_logger
 from offline import datasets
 from offline.cf import train_als
-from offline.index import build_index, recall_at_k
+from offline.index import RECALL_K, build_index, recall_at_k
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.ranker import MAX_HISTORY, FusedRanker, RankingList, export_torchscript, score_lists, train_ranker
 from offline.reranker import rerank_training_groups, train_reranker
-from offline.split import split_by_time
+from offline.split import dataset_split, split_impressions
 from offline.text_encoder import TextEncoder
 from ranking.reranker import DiversityReranker
 from retrieval.retriever import Retriever
@@ -39,7 +40,7 @@ from retrieval.retriever import Retriever
 log = get_logger("offline.build")
 MODEL_SOURCES = Path(__file__).resolve().parent.parent / "model_repository"   # model.py of each Triton model
 HISTORY_KEEP = 100   # recent history per user kept for serving
-IMPRESSION_TRAIN_SHARE = 0.8   # impressions, oldest first: this share trains, the rest is held out
+INDEX_QUERIES = 100   # sample queries per FAISS index, for tuning and again for measuring recall
 
 
 @dataclass
@@ -89,8 +90,9 @@ def subset_dataset(ds: datasets.Dataset, max_items: int | None, max_users: int |
         items = [it for it in ds.items if it.item_id in top]
     else:
         items = ds.items
+    labels = None if ds.split_labels is None else ds.split_labels[keep]
     return datasets.Dataset(ds.name, items, ds.users[keep], ds.item_ids[keep], ds.timestamps[keep],
-                            ds.values[keep], ds.impressions, ds.report)
+                            ds.values[keep], ds.impressions, ds.report, labels)
 
 
 def user_sequences(users: np.ndarray, items: np.ndarray, ts: np.ndarray) -> dict[str, np.ndarray]:
@@ -156,8 +158,11 @@ def build(opts: BuildOptions) -> Path:
         log.info("dataset loaded", extra={"report": ds.report.summary()})
 
     with stages.stage("split", figures := {}):
-        split = split_by_time(ds.users, ds.timestamps)
-        figures.update(train=str(split.train.sum()), valid=str(split.valid.sum()), test=str(split.test.sum()))
+        split = dataset_split(ds)
+        impressions_train, impressions_held_out = split_impressions(ds)
+        figures.update(rule=split.rule, train=str(split.train.sum()), valid=str(split.valid.sum()),
+                       test=str(split.test.sum()), imp_train=str(len(impressions_train)),
+                       imp_held_out=str(len(impressions_held_out)))
 
     with stages.stage("text", figures := {}):
         encoder = TextEncoder(opts.text_model_dir, cache_dir=opts.cache_dir / "embeddings")
@@ -178,13 +183,19 @@ def build(opts: BuildOptions) -> Path:
     with stages.stage("index", figures := {}):
         rng = np.random.default_rng(opts.seed)
         quality: dict[str, float] = {}
-        for name, vectors, queries in (
-                ("text", item_text, item_text[rng.choice(len(item_ids), min(100, len(item_ids)), replace=False)]),
-                ("cf", cf.item_factors, cf.user_factors[rng.choice(len(cf_users), min(100, len(cf_users)), replace=False)])):
-            index = build_index(vectors)
+        indexes: dict[str, dict] = {}
+        for name, vectors, pool in (("text", item_text, item_text), ("cf", cf.item_factors, cf.user_factors)):
+            # Disjoint query samples: one tunes efSearch/nprobe, the other measures the recall reported.
+            picks = rng.choice(len(pool), min(2 * INDEX_QUERIES, len(pool)), replace=False)
+            tune_queries, eval_queries = pool[picks[::2]], pool[picks[1::2] if len(picks) > 1 else picks]
+            index = build_index(vectors, queries=tune_queries, k=RECALL_K, seed=opts.seed)
             faiss.write_index(index, str(staging / f"index_{name}.faiss"))
-            quality[f"index_{name}_recall@100"] = recall_at_k(index, vectors, queries, 100)
-            figures[f"{name}_recall@100"] = f"{quality[f'index_{name}_recall@100']:.3f}"
+            recall = recall_at_k(index, vectors, eval_queries, RECALL_K)
+            quality[f"index_{name}_recall@{RECALL_K}"] = recall
+            info = index_info(index)
+            indexes[name] = {**asdict(info), f"recall@{RECALL_K}": recall}
+            figures[f"{name}_index"] = " ".join([info.kind, *(f"{p}={v}" for p, v in info.search.items())])
+            figures[f"{name}_recall@{RECALL_K}"] = f"{recall:.3f}"
 
         counts = np.bincount(inter_items[split.train], minlength=len(item_ids)).astype(np.int64)
         popularity = (np.log1p(counts) / max(np.log1p(counts).max(), 1e-6)).astype(np.float32)
@@ -216,7 +227,7 @@ def build(opts: BuildOptions) -> Path:
                  items=np.concatenate([all_seq[u][-HISTORY_KEEP:] for u in users_sorted] or [np.zeros(0, np.int64)]))
         manifest = {
             "version": version, "dataset": ds.name, "data_spec": opts.data,
-            "data_fingerprint": data_fingerprint(item_ids, ds),
+            "data_fingerprint": data_fingerprint(item_ids, ds), "split": split.rule,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_options": {"max_items": opts.max_items, "max_users": opts.max_users,
                               "epochs": opts.epochs, "seed": opts.seed},
@@ -226,6 +237,7 @@ def build(opts: BuildOptions) -> Path:
             "text_encoder": encoder.name,
             "cf": {"alpha": cf.alpha, "regularization": cf.regularization, "factors": opts.cf_factors},
             "models": {FUSED_RANKER_NAME: str(version), "reranker": str(version)},
+            "indexes": indexes,   # kind and tuned search parameters; retrieval applies them at load
             "quality": quality,
         }
         write_manifest(staging, manifest)
@@ -241,11 +253,9 @@ def build(opts: BuildOptions) -> Path:
         ranker_users = [u for u in sorted(valid_t) if zlib.crc32(u.encode()) % 10 < 7]
         rerank_users = [u for u in sorted(valid_t) if zlib.crc32(u.encode()) % 10 >= 7]
         train_lists = _lists(retriever, train_seq, valid_t, ranker_users)
-        # Impressions (MIND) are real negatives: the older 80% train, the newest 20% are held out.
-        impressions = sorted(ds.impressions, key=lambda imp: imp.timestamp)
-        cut = int(len(impressions) * IMPRESSION_TRAIN_SHARE)
-        train_lists += _impression_lists(retriever, impressions[:cut], index_of)
-        impression_test = _impression_lists(retriever, impressions[cut:], index_of)
+        # Impressions (MIND) are real negatives; the held-out ones never train (offline.split).
+        train_lists += _impression_lists(retriever, impressions_train, index_of)
+        impression_test = _impression_lists(retriever, impressions_held_out, index_of)
         model = FusedRanker(item_text, cf.item_factors, cf.gram, cf.alpha, cf.regularization, popularity,
                             age, item_category, len(categories), train_lists[0].features.shape[1])
         losses = train_ranker(model, train_lists, epochs=opts.epochs, seed=opts.seed, progress=opts.progress)

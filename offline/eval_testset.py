@@ -2,7 +2,8 @@
 
 The build does not store its split; this module reloads the dataset with the same loader and
 subset options, checks that the result is the data the artifacts were built from (item ids equal
-the catalog's and the data fingerprint equals the manifest's), and reruns split_by_time.
+the catalog's, the data fingerprint and split rule equal the manifest's), and reruns
+offline.split.dataset_split and split_impressions, as the build does.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import numpy as np
 from common.artifacts import ArtifactSet
 from common.logs import get_logger
 from offline import datasets
-from offline.build import IMPRESSION_TRAIN_SHARE, data_fingerprint, subset_dataset, user_sequences
-from offline.split import split_by_time
+from offline.build import data_fingerprint, subset_dataset, user_sequences
+from offline.split import dataset_split, split_impressions
 
 log = get_logger("offline.evaluate")
 REPO = Path(__file__).resolve().parent.parent
@@ -76,9 +77,12 @@ def load_eval_set(artifacts: ArtifactSet, data_spec: str, max_items: int | None 
             f"fingerprint {fingerprint}; artifact set {artifacts.version} has {len(catalog)} items and "
             f"fingerprint {manifest.get('data_fingerprint')}: pass the build's --data, --build-max-items "
             "and --build-max-users")
+    split = dataset_split(ds)
+    if split.rule != manifest.get("split", split.rule):   # manifests before the key: no check
+        raise DataMismatch(f"data {data_spec!r} splits by {split.rule!r}; artifact set {artifacts.version} "
+                           f"was built with {manifest['split']!r}")
     index_of = {iid: j for j, iid in enumerate(item_ids)}
     items = np.array([index_of[i] for i in ds.item_ids], np.int64)
-    split = split_by_time(ds.users, ds.timestamps)
     seen = split.train | split.valid
     history = user_sequences(ds.users[seen], items[seen], ds.timestamps[seen])
     test = user_sequences(ds.users[split.test], items[split.test], ds.timestamps[split.test])
@@ -95,10 +99,9 @@ def load_eval_set(artifacts: ArtifactSet, data_spec: str, max_items: int | None 
 
 
 def _held_out_impressions(ds: datasets.Dataset, index_of: dict[str, int]) -> list[ImpressionCase]:
-    """The newest 20% of impressions by time, which the fused ranker never trained on."""
-    ordered = sorted(ds.impressions, key=lambda imp: imp.timestamp)
+    """The impressions the fused ranker never trained on, oldest first (offline.split)."""
     out = []
-    for imp in ordered[int(len(ordered) * IMPRESSION_TRAIN_SHARE):]:
+    for imp in split_impressions(ds)[1]:
         shown = [(index_of[i], c) for i, c in zip(imp.shown, imp.clicked) if i in index_of]
         if not shown:
             continue

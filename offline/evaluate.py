@@ -142,9 +142,10 @@ def assemble(evalset: EvalSet, tables: agg.ItemTables, manifest: dict[str, Any],
 
 
 METHOD = [
-    "Split: offline.split.split_by_time recomputed from the same data and subset options as the build "
-    "(checked against the manifest's data fingerprint); history = train + valid items, oldest first; "
-    "positives = test items not already in the history.",
+    "Split: offline.split.dataset_split recomputed from the same data and subset options as the build "
+    "(checked against the manifest's data fingerprint and split rule): MIND's own train/dev folders when "
+    "both are given (test = dev clicks), else the per-user time split (newest 10% of each user's items); "
+    "history = train + valid items, oldest first; positives = test items not already in the history.",
     "full_pipeline: the gateway's Recommend(user_id, k=10, history_item_ids=history) on the running "
     "stack (Triton + retrieval + ranking + gateway); at most 1,000 history ids (the API limit), older ones "
     "sent as exclude_item_ids.",
@@ -156,7 +157,8 @@ METHOD = [
     "served weight it must reproduce the gateway's slate (the replay check).",
     "Simulated cold users: the same users, anonymous (CF vector folded in from the history), with only "
     "their most recent items as history; older items excluded so they are not recommended again.",
-    "Impressions (MIND only): the newest 20% by time, which the ranker never trained on; the shown items "
+    "Impressions (MIND only): the dev folder's (or, from one folder, the newest 20% by time), which the "
+    "ranker never trained on; the shown items "
     "are scored by fused_ranker on Triton with the retrieval features the Retrieval service gives them.",
 ]
 

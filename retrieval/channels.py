@@ -25,8 +25,10 @@ class ChannelResult:
 EMPTY = ChannelResult(np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 
-def _search(index: faiss.Index, query: np.ndarray, want: int, exclude: set[int]) -> ChannelResult:
-    fetch = min(index.ntotal, want + len(exclude))
+def _search(index: faiss.Index, query: np.ndarray, want: int, exclude: set[int],
+            max_k: int | None = None) -> ChannelResult:
+    """max_k: the most results one search may ask for (a GPU index refuses more than GPU_MAX_K)."""
+    fetch = min(index.ntotal, want + len(exclude), max_k or index.ntotal)
     if fetch <= 0:
         return EMPTY
     scores, ids = index.search(query.reshape(1, -1).astype(np.float32, copy=False), fetch)
@@ -39,8 +41,9 @@ class BertChannel:
     name = "bert"
 
     def __init__(self, index: faiss.Index, item_vectors: np.ndarray,
-                 online: OnlineItems | None = None) -> None:
+                 online: OnlineItems | None = None, max_k: int | None = None) -> None:
         self.index = index
+        self.max_k = max_k
         self.item_vectors = item_vectors   # [n_items, d] unit rows
         self.online = online               # items added while serving (indices >= n_items)
 
@@ -59,7 +62,7 @@ class BertChannel:
         """Make items retrievable now (replacing any vector they had)."""
         try:
             self.index.remove_ids(indices)
-        except RuntimeError:   # HNSW cannot remove: the merge dedupes the stale twin instead
+        except RuntimeError:   # HNSW and GPU indexes cannot remove: the merge dedupes the stale twin
             pass
         self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), indices)
 
@@ -73,7 +76,7 @@ class BertChannel:
         norm = np.linalg.norm(query)
         if norm == 0:
             return EMPTY
-        return _search(self.index, query / norm, want, exclude)
+        return _search(self.index, query / norm, want, exclude, self.max_k)
 
 
 class CfChannel:
@@ -81,8 +84,10 @@ class CfChannel:
     name = "cf"
 
     def __init__(self, index: faiss.Index, user_ids: list[str], user_factors: np.ndarray,
-                 item_factors: np.ndarray, gram: np.ndarray, alpha: float, regularization: float) -> None:
+                 item_factors: np.ndarray, gram: np.ndarray, alpha: float, regularization: float,
+                 max_k: int | None = None) -> None:
         self.index = index
+        self.max_k = max_k
         self.user_row = {u: i for i, u in enumerate(user_ids)}
         self.user_factors = user_factors
         self.item_factors = item_factors
@@ -105,7 +110,7 @@ class CfChannel:
         vector = self.user_vector(user_id, history)
         if vector is None:
             return EMPTY
-        return _search(self.index, vector, want, exclude)
+        return _search(self.index, vector, want, exclude, self.max_k)
 
 
 class PopularChannel:

@@ -7,6 +7,7 @@ import faiss
 import numpy as np
 
 from common.artifacts import ArtifactSet, check_shape
+from common.faiss_index import GPU_MAX_K, load_index
 from common.metrics import CANDIDATES, stage_timer
 from common.online_items import OnlineItems
 from protos import fusionrec_pb2 as pb
@@ -23,8 +24,18 @@ class Retrieval:
     stage_ms: dict[str, float] = field(default_factory=dict)
 
 
+def _load_index(artifacts: ArtifactSet, name: str, gpu: bool) -> tuple[faiss.Index, int | None]:
+    """index_<name>.faiss with the manifest's search parameters (a set built before the manifest
+    recorded them keeps the ones stored in the file), on the GPU if asked; returns (index, the
+    largest k one search may ask for, None = no limit)."""
+    search = artifacts.manifest.get("indexes", {}).get(name, {}).get("search", {})
+    index, on_gpu = load_index(artifacts.path(f"index_{name}.faiss"), search, gpu)
+    return index, GPU_MAX_K if on_gpu else None
+
+
 class Retriever:
-    def __init__(self, artifacts: ArtifactSet) -> None:
+    def __init__(self, artifacts: ArtifactSet, gpu: bool = False) -> None:
+        """gpu: search flat and IVF indexes on the GPU (see common.faiss_index.resolve_faiss_gpu)."""
         m = artifacts.manifest
         n_items, text_dim, cf_dim = m["counts"]["items"], m["dims"]["text"], m["dims"]["cf"]
         item_text = artifacts.npy("item_text.npy")
@@ -33,17 +44,17 @@ class Retriever:
         check_shape("item_text.npy", item_text, n_items, text_dim)
         check_shape("item_cf.npy", item_cf, n_items, cf_dim)
         check_shape("user_cf.npy", user_cf, m["counts"]["cf_users"], cf_dim)
-        text_index = faiss.read_index(str(artifacts.path("index_text.faiss")))
-        cf_index = faiss.read_index(str(artifacts.path("index_cf.faiss")))
+        text_index, text_max_k = _load_index(artifacts, "text", gpu)
+        cf_index, cf_max_k = _load_index(artifacts, "cf", gpu)
         check_shape("index_text.faiss", np.empty((text_index.ntotal, 0)), n_items)
         check_shape("index_cf.faiss", np.empty((cf_index.ntotal, 0)), n_items)
         cf = m["cf"]
         self.version = artifacts.version
         self.n_items = n_items
         self.online = OnlineItems(n_items, text_dim)
-        self.bert = BertChannel(text_index, item_text, self.online)
+        self.bert = BertChannel(text_index, item_text, self.online, text_max_k)
         self.cf = CfChannel(cf_index, artifacts.json("cf_users.json"), user_cf, item_cf,
-                            artifacts.npy("cf_gram.npy"), cf["alpha"], cf["regularization"])
+                            artifacts.npy("cf_gram.npy"), cf["alpha"], cf["regularization"], cf_max_k)
         self.popular = PopularChannel(artifacts.npy("popular.npy"), artifacts.npy("item_counts.npy"))
         self.merger = CandidateMerger()
         self.index_sizes = {"text": text_index.ntotal, "cf": cf_index.ntotal}

@@ -9,6 +9,7 @@ import numpy as np
 
 from common.artifacts import ArtifactSet, open_artifacts
 from common.config import RetrievalConfig, parse_config
+from common.faiss_index import resolve_faiss_gpu
 from common.metrics import ARTIFACT_INFO, INDEX_ITEMS
 from common.server import observed, serve
 from common.versions import VersionSet, apply_item_update, version_or_abort, watch_versions
@@ -58,10 +59,11 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
 async def run(config: RetrievalConfig) -> None:
     faiss.omp_set_num_threads(config.faiss_threads)
+    gpu = resolve_faiss_gpu(config.faiss_gpu)   # faiss_gpu=on without a GPU stops here
     versions: VersionSet[Retriever] = VersionSet()
 
     async def load(artifacts: ArtifactSet) -> None:
-        retriever = await asyncio.to_thread(Retriever, artifacts)
+        retriever = await asyncio.to_thread(Retriever, artifacts, gpu)
         versions.add(retriever.version, retriever)
         ARTIFACT_INFO.clear()
         ARTIFACT_INFO.labels(SERVICE, retriever.version).set(1)

@@ -33,9 +33,12 @@ def artifacts(built):
 
 @pytest.fixture(scope="session")
 def synthetic_built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Artifact root of a build on the planted-topic synthetic MIND data (impressions included)."""
+    """Artifact root of a build on the planted-topic synthetic MIND data (impressions included), in
+    MIND's train/dev layout (dev = the last round of impressions), so the build uses MIND's own split."""
     from offline.build import BuildOptions, build
+    from offline.datasets.synthetic import generate_mind
     root = tmp_path_factory.mktemp("synthetic")
+    generate_mind(root / "data", dev_rounds=1)
     build(BuildOptions(data=f"synthetic:{root / 'data'}", artifacts=root / "artifacts",
                        model_repo=root / "model_repository", cache_dir=REPO / ".cache", epochs=2,
                        progress=False))

@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Dataset.split_labels values: the part of a predefined split an interaction belongs to.
+SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
+
 
 @dataclass(frozen=True)
 class Item:
@@ -24,6 +27,7 @@ class Impression:
     history: tuple[str, ...]   # item ids clicked before, oldest first
     shown: tuple[str, ...]
     clicked: tuple[bool, ...]  # aligned with shown
+    split: str = ""            # MIND folder it came from: "train" or "dev" ("" for a single folder)
 
 
 @dataclass
@@ -50,6 +54,8 @@ class Dataset:
 
     interactions: user [n] str, item [n] str, ts [n] int64 unix seconds, value [n] float32.
     Every interaction item is in `items`; loaders count and drop the rest as malformed.
+    split_labels: [n] int8 SPLIT_TRAIN / SPLIT_VALID / SPLIT_TEST when the data comes with its own
+    split (MIND train + dev folders); None when it does not and the build splits by time.
     """
     name: str
     items: list[Item]
@@ -59,6 +65,7 @@ class Dataset:
     values: np.ndarray       # [n] float32 (rating, 1 for a click)
     impressions: list[Impression] = field(default_factory=list)
     report: LoadReport = field(default_factory=LoadReport)
+    split_labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.users)

@@ -21,7 +21,17 @@ Conventions:
     (oldest first), so history precedes the impression and keeps its order. Interactions are
     deduplicated per (user, item), keeping the earliest time; each user's rows are sorted by time.
   * Dataset.impressions: one Impression per labelled row, in file order; history and shown lists
-    keep the order in the file, minus unknown ids.
+    keep the order in the file, minus unknown ids. Impression.split is the folder's label ("train" /
+    "dev"; "" for a single folder).
+
+MIND's own split (Dataset.split_labels), only when both train and dev are loaded; with one folder it
+is None and the build splits each user's interactions by time instead. After deduplication:
+  * an interaction kept at a history entry -> train (MIND histories precede its impression logs);
+  * a click in a train impression -> train, except clicks at or after
+    t_max - (t_max - t_min) * VALID_SHARE_OF_TRAIN, t over the train folder's impression times -> valid.
+    MIND-small/large train covers 6 days and dev the 7th, so valid is the train folder's last day;
+  * a click in a dev impression -> test. An item the user already had earlier (in their history or a
+    train click) keeps that earlier occurrence and its label: test holds only new clicks.
 
 Bad input is never fatal; it goes to Dataset.report with file (as `split/file` when there are
 splits) and line number:
@@ -41,12 +51,14 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from offline.datasets.base import Dataset, Impression, Item, LoadReport
+from offline.datasets.base import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, Dataset, Impression, Item, LoadReport
 
 NEWS_FIELDS = 8
 BEHAVIOR_FIELDS = 5
 _EPOCH = datetime(1970, 1, 1)
 _SPLIT_ORDER = ("train", "dev")
+VALID_SHARE_OF_TRAIN = 1 / 6   # MIND train spans 6 days: its last day validates (see module docstring)
+_HISTORY = "history"           # origin of an interaction first seen in a history, next to folder labels
 
 
 def parse_mind_time(text: str) -> int:
@@ -144,7 +156,7 @@ def load_mind(path: Path) -> Dataset:
     # Per user: history string -> (known ids, earliest impression time, unknown ids). A MIND user's
     # history is the same string in all of their rows: parse it once, share the tuple.
     histories: dict[str, dict[str, tuple[tuple[str, ...], int, list[str]]]] = {}
-    clicks: dict[str, list[tuple[str, int]]] = {}
+    clicks: dict[str, list[tuple[str, int, str]]] = {}   # user -> (news id, time, folder label)
 
     for label, folder in splits:
         name = f"{label}/behaviors.tsv" if label else "behaviors.tsv"
@@ -202,35 +214,52 @@ def load_mind(path: Path) -> Dataset:
                 if ts < first_shown.get(news_id, ts + 1):
                     first_shown[news_id] = ts
                 if click:
-                    clicks.setdefault(user, []).append((news_id, ts))
+                    clicks.setdefault(user, []).append((news_id, ts, label))
             if shown:
-                impressions.append(Impression(user, ts, history, tuple(shown), tuple(clicked)))
+                impressions.append(Impression(user, ts, history, tuple(shown), tuple(clicked), label))
         report.rows_read[name] = n
 
     items = [Item(news_id, title, abstract, category, subcategory, first_shown.get(news_id, 0))
              for news_id, (title, abstract, category, subcategory) in news.items()]
-    users, item_ids, stamps = _interactions(histories, clicks)
+    users, item_ids, stamps, origins = _interactions(histories, clicks)
+    own_split = [label for label, _ in splits] == list(_SPLIT_ORDER)
     return Dataset("mind", items, users, item_ids, stamps, np.ones(len(users), dtype=np.float32),
-                   impressions=impressions, report=report)
+                   impressions=impressions, report=report,
+                   split_labels=_split_labels(origins, stamps, impressions) if own_split else None)
 
 
 def _interactions(histories: dict[str, dict[str, tuple[tuple[str, ...], int, list[str]]]],
-                  clicks: dict[str, list[tuple[str, int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """History + impression clicks, deduped per (user, item) at the earliest time, sorted per user."""
+                  clicks: dict[str, list[tuple[str, int, str]]]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """History + impression clicks, deduped per (user, item) at the earliest time, sorted per user.
+
+    Also returns each kept interaction's origin: _HISTORY or the label of the folder it was clicked in."""
     users: list[str] = []
     item_ids: list[str] = []
     stamps: list[int] = []
+    origins: list[str] = []
     for user in histories:  # every kept row registered its user here, in first-seen order
-        earliest: dict[str, int] = {}
+        earliest: dict[str, tuple[int, str]] = {}
         for history, ts, _ in histories[user].values():
             for offset, news_id in enumerate(history):
                 t = ts - len(history) + offset
-                if t < earliest.get(news_id, t + 1):
-                    earliest[news_id] = t
-        for news_id, t in clicks.get(user, ()):
-            if t < earliest.get(news_id, t + 1):
-                earliest[news_id] = t
-        for news_id, t in sorted(earliest.items(), key=lambda kv: kv[1]):
-            users.append(user), item_ids.append(news_id), stamps.append(t)
+                if t < earliest.get(news_id, (t + 1,))[0]:
+                    earliest[news_id] = (t, _HISTORY)
+        for news_id, t, label in clicks.get(user, ()):
+            if t < earliest.get(news_id, (t + 1,))[0]:
+                earliest[news_id] = (t, label)
+        for news_id, (t, origin) in sorted(earliest.items(), key=lambda kv: kv[1][0]):
+            users.append(user), item_ids.append(news_id), stamps.append(t), origins.append(origin)
     return (np.array(users, dtype=object), np.array(item_ids, dtype=object),
-            np.array(stamps, dtype=np.int64))
+            np.array(stamps, dtype=np.int64), np.array(origins, dtype=object))
+
+
+def _split_labels(origins: np.ndarray, stamps: np.ndarray, impressions: list[Impression]) -> np.ndarray:
+    """[n] int8 split labels from interaction origins and times (rule in the module docstring)."""
+    train_times = [imp.timestamp for imp in impressions if imp.split == "train"]
+    t_min, t_max = min(train_times, default=0), max(train_times, default=0)
+    valid_from = t_max - (t_max - t_min) * VALID_SHARE_OF_TRAIN
+    labels = np.full(len(origins), SPLIT_TRAIN, np.int8)
+    labels[(origins == "train") & (stamps >= valid_from)] = SPLIT_VALID
+    labels[origins == "dev"] = SPLIT_TEST
+    return labels

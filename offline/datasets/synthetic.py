@@ -9,6 +9,7 @@ Structure a model should recover:
 Item i belongs to topic i % n_topics. Every 20th item has no abstract (as ~5% of real MIND news).
 Impressions go round-robin over users with strictly increasing times (about 5 minutes apart from
 11/9/2019 0:00 UTC), so every user has impressions early and late and a time split works.
+With dev_rounds > 0 the last rounds go to a dev folder, as MIND ships train and dev (its own split).
 Same arguments -> same bytes (stdlib random.Random, whose stream Python keeps stable).
 """
 from __future__ import annotations
@@ -64,14 +65,20 @@ def _sentence(rng: random.Random, vocab: tuple[str, ...], n_words: int, shared_f
 
 
 def generate_mind(out_dir: Path, n_topics: int = 4, items_per_topic: int = 50, n_users: int = 200,
-                  impressions_per_user: int = 5, seed: int = 0) -> Path:
-    """Write out_dir/news.tsv and out_dir/behaviors.tsv (MIND format); returns out_dir."""
+                  impressions_per_user: int = 5, seed: int = 0, dev_rounds: int = 0) -> Path:
+    """Write out_dir/news.tsv and out_dir/behaviors.tsv (MIND format); returns out_dir.
+
+    With dev_rounds > 0, write MIND's two-split layout instead: out_dir/train/ and out_dir/dev/, each
+    with news.tsv (all news, as MIND ships) and behaviors.tsv; dev holds the last dev_rounds rounds of
+    impressions, train the rest. The rows are the same either way, only the impression ids restart
+    at 1 in each behaviors.tsv (as in MIND)."""
     if n_topics < 2 or items_per_topic < IMPRESSION_SIZE or n_users < 1 or impressions_per_user < 1:
         raise ValueError("need n_topics >= 2, items_per_topic >= "
                          f"{IMPRESSION_SIZE}, n_users >= 1, impressions_per_user >= 1")
+    if not 0 <= dev_rounds < impressions_per_user:
+        raise ValueError("need 0 <= dev_rounds < impressions_per_user (train keeps at least one round)")
     rng = random.Random(seed)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     topics = topic_names(n_topics)
 
     by_topic: list[list[str]] = [[] for _ in topics]
@@ -99,7 +106,7 @@ def generate_mind(out_dir: Path, n_topics: int = 4, items_per_topic: int = 50, n
         rng.shuffle(history)
         histories.append(history)
 
-    behavior_lines: list[str] = []
+    behavior_rows: list[str] = []   # behaviors.tsv lines without their impression id
     ts = START_TS
     for _ in range(impressions_per_user):
         for u in range(n_users):
@@ -114,11 +121,14 @@ def generate_mind(out_dir: Path, n_topics: int = 4, items_per_topic: int = 50, n
                 clicked[shown.index(on[0])] = True
             ts += IMPRESSION_GAP_S - 60 + rng.randrange(120)
             tokens = " ".join(f"{n}-{int(c)}" for n, c in zip(shown, clicked))
-            behavior_lines.append("\t".join([str(len(behavior_lines) + 1), f"U{u + 1}",
-                                             format_mind_time(ts), " ".join(histories[u]), tokens]))
+            behavior_rows.append("\t".join([f"U{u + 1}", format_mind_time(ts), " ".join(histories[u]), tokens]))
 
-    _write(out_dir / "news.tsv", news_lines)
-    _write(out_dir / "behaviors.tsv", behavior_lines)
+    if not dev_rounds:
+        _write_split(out_dir, news_lines, behavior_rows)
+        return out_dir
+    cut = len(behavior_rows) - dev_rounds * n_users
+    _write_split(out_dir / "train", news_lines, behavior_rows[:cut])
+    _write_split(out_dir / "dev", news_lines, behavior_rows[cut:])
     return out_dir
 
 
@@ -127,6 +137,13 @@ def _sample_unseen(rng: random.Random, pool: list[str], k: int, seen: set[str]) 
     generate_mind leave at least k unseen in every pool)."""
     drawn = rng.sample(pool, min(len(pool), k + len(seen)))
     return [n for n in drawn if n not in seen][:k]
+
+
+def _write_split(folder: Path, news_lines: list[str], behavior_rows: list[str]) -> None:
+    """One MIND split folder; impression ids count from 1 in each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder / "news.tsv", news_lines)
+    _write(folder / "behaviors.tsv", [f"{j}\t{row}" for j, row in enumerate(behavior_rows, start=1)])
 
 
 def _write(file: Path, lines: list[str]) -> None:
@@ -138,10 +155,15 @@ def _write(file: Path, lines: list[str]) -> None:
 
 
 def load_synthetic(path: Path) -> Dataset:
-    """Generate the default synthetic dataset into `path` unless both files exist, then load it."""
+    """Load `path` as MIND (one folder, or train/ + dev/ as generate_mind(dev_rounds=...) writes);
+    when neither layout is complete there, generate the default single-folder dataset first."""
     path = Path(path)
-    if not ((path / "news.tsv").exists() and (path / "behaviors.tsv").exists()):
+    if not (_complete(path) or _complete(path / "train", path / "dev")):
         generate_mind(path)
     dataset = load_mind(path)
     dataset.name = "synthetic"
     return dataset
+
+
+def _complete(*folders: Path) -> bool:
+    return all((folder / name).exists() for folder in folders for name in ("news.tsv", "behaviors.tsv"))

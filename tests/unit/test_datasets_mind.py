@@ -1,4 +1,5 @@
-"""MIND loader: fields, click/history conventions, layouts and every bad-input path."""
+"""MIND loader: fields, click/history conventions, layouts, every bad-input path, and MIND's own
+train/dev split as offline.split hands it to the build (falling back to the per-user time split)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from offline.datasets.base import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID
 from offline.datasets.mind import format_mind_time, load_mind, mind_splits, parse_mind_time
+from offline.split import dataset_split, split_by_time, split_impressions
 
 NEWS = [
     "N1\tsports\tfootball\tBig match tonight\tThe home team plays the final.\thttp://x/1\t[]\t[]",
@@ -169,3 +172,91 @@ def test_registered_kind_loads_through_load_spec(tmp_path):
     import offline.datasets as datasets
     folder = write(tmp_path / "d", NEWS, ["1\tU1\t11/15/2019 8:55:22 AM\t\tN1-1"])
     assert len(datasets.load(f"mind:{folder}")) == 1
+
+
+# MIND's own split: the train folder spans 6 days (11/10 8 AM .. 11/16 8 AM), so its last day
+# (from 11/15 8 AM) validates and the dev folder tests.
+OWN_TRAIN = [
+    "1\tU1\t11/10/2019 8:00:00 AM\tN3\tN1-1 N2-0",          # t_min
+    "2\tU2\t11/12/2019 8:00:00 AM\t\tN2-1 N4-0",
+    "3\tU2\t11/15/2019 7:59:59 AM\t\tN3-1",                # one second before the last sixth
+    "4\tU2\t11/15/2019 8:00:00 AM\t\tN1-1",                # first second of the last sixth
+    "5\tU1\t11/16/2019 8:00:00 AM\tN3\tN2-1 N4-0",          # t_max
+]
+OWN_DEV = [
+    "1\tU1\t11/17/2019 9:00:00 AM\tN3\tN1-1 N4-1",          # N1 was clicked in train already
+    "2\tU3\t11/17/2019 10:00:00 AM\tN2\tN4-1",              # a user only in dev, with a history
+]
+
+
+def own_split_folder(root: Path) -> Path:
+    write(root / "MINDsmall_train", NEWS, OWN_TRAIN)
+    write(root / "MINDsmall_dev", NEWS, OWN_DEV)
+    return root
+
+
+def labels(ds) -> dict[tuple[str, str], int]:
+    return {(u, i): int(s) for u, i, s in zip(ds.users, ds.item_ids, ds.split_labels)}
+
+
+def test_train_and_dev_folders_give_minds_own_split(tmp_path):
+    ds = load_mind(own_split_folder(tmp_path))
+    assert not ds.report.malformed and ds.split_labels.dtype == np.int8 and len(ds.split_labels) == len(ds)
+    assert labels(ds) == {
+        ("U1", "N3"): SPLIT_TRAIN,    # history
+        ("U1", "N1"): SPLIT_TRAIN,    # early train click; its dev click is a duplicate, earliest kept
+        ("U1", "N2"): SPLIT_VALID,    # train click at t_max
+        ("U1", "N4"): SPLIT_TEST,     # dev click
+        ("U2", "N2"): SPLIT_TRAIN,
+        ("U2", "N3"): SPLIT_TRAIN,    # just before the last sixth
+        ("U2", "N1"): SPLIT_VALID,    # exactly at its start
+        ("U3", "N2"): SPLIT_TRAIN,    # a history first seen in a dev row is still history
+        ("U3", "N4"): SPLIT_TEST,
+    }
+    assert pairs(ds)[("U1", "N1")] == parse_mind_time("11/10/2019 8:00:00 AM")
+    assert [imp.split for imp in ds.impressions] == ["train"] * 5 + ["dev"] * 2
+
+
+def test_one_folder_or_one_split_has_no_own_split(tmp_path):
+    own_split_folder(tmp_path)
+    for folder in (tmp_path / "MINDsmall_train", tmp_path / "MINDsmall_dev"):
+        ds = load_mind(folder)
+        assert ds.split_labels is None and {imp.split for imp in ds.impressions} == {""}
+    write(tmp_path / "only" / "train", NEWS, OWN_TRAIN)
+    ds = load_mind(tmp_path / "only")
+    assert ds.split_labels is None and {imp.split for imp in ds.impressions} == {"train"}
+
+
+def test_own_split_masks_and_impressions(tmp_path):
+    ds = load_mind(own_split_folder(tmp_path))
+    split = dataset_split(ds)
+    assert split.rule == "mind train/dev"
+    for mask, label in ((split.train, SPLIT_TRAIN), (split.valid, SPLIT_VALID), (split.test, SPLIT_TEST)):
+        assert np.array_equal(mask, ds.split_labels == label)
+    assert (split.train.sum(), split.valid.sum(), split.test.sum()) == (5, 2, 2)
+    train, held_out = split_impressions(ds)
+    assert [imp.split for imp in train] == ["train"] * 5 and [imp.split for imp in held_out] == ["dev"] * 2
+    assert [imp.timestamp for imp in train + held_out] == sorted(imp.timestamp for imp in ds.impressions)
+
+
+def test_without_own_split_the_time_split_applies(tmp_path):
+    ds = load_mind(write(tmp_path / "d", NEWS, OWN_TRAIN + OWN_DEV))
+    assert ds.split_labels is None
+    split, by_time = dataset_split(ds), split_by_time(ds.users, ds.timestamps)
+    assert split.rule == by_time.rule == "per-user time 80/10/10"
+    for a, b in ((split.train, by_time.train), (split.valid, by_time.valid), (split.test, by_time.test)):
+        assert np.array_equal(a, b)
+    train, held_out = split_impressions(ds)                   # the newest 20% held out
+    assert len(held_out) == 2
+    assert [imp.timestamp for imp in train + held_out] == sorted(imp.timestamp for imp in ds.impressions)
+
+
+def test_subset_keeps_labels_aligned(tmp_path):
+    from offline.build import subset_dataset
+    ds = load_mind(own_split_folder(tmp_path))
+    label_of = labels(ds)
+    small = subset_dataset(ds, max_items=2, max_users=2)
+    assert 0 < len(small) < len(ds) and len(small.split_labels) == len(small)
+    assert labels(small) == {key: label_of[key] for key in zip(small.users, small.item_ids)}
+    assert len(set(labels(small).values())) > 1
+    assert subset_dataset(load_mind(tmp_path / "MINDsmall_train"), 2, 2).split_labels is None

@@ -81,3 +81,33 @@ def test_load_synthetic_generates_once(tmp_path):
     assert ds.name == "synthetic" and len(ds.impressions) == 1000
     (folder / "news.tsv").write_text((folder / "news.tsv").read_text().splitlines()[0] + "\n")
     assert len(load_synthetic(folder).items) == 1                  # existing files are not regenerated
+
+
+def test_dev_rounds_write_minds_two_folders(tmp_path, synthetic):
+    single, _ = synthetic
+    folder = generate_mind(tmp_path / "split", dev_rounds=1)
+    assert sorted(p.name for p in folder.iterdir()) == ["dev", "train"]
+    assert _bytes(generate_mind(tmp_path / "again", dev_rounds=1) / "dev") == _bytes(folder / "dev")
+    assert _bytes(generate_mind(tmp_path / "again", dev_rounds=1) / "train") == _bytes(folder / "train")
+    rows = lambda file: [line.split("\t", 1) for line in file.read_text().splitlines()]  # (id, rest)
+    train, dev, whole = rows(folder / "train" / "behaviors.tsv"), rows(folder / "dev" / "behaviors.tsv"), \
+        rows(single / "behaviors.tsv")
+    # Same rows as the single folder: dev is exactly its last round (one impression per user),
+    # impression ids restart at 1 in each file as in MIND; news.tsv is in both.
+    assert [r for _, r in dev] == [r for _, r in whole[-200:]]
+    assert [r for _, r in train] == [r for _, r in whole[:-200]]
+    assert [i for i, _ in dev] == [str(j) for j in range(1, 201)] and train[0][0] == "1"
+    assert [r.split("\t")[0] for _, r in dev] == [f"U{u}" for u in range(1, 201)]
+    for split in ("train", "dev"):
+        assert (folder / split / "news.tsv").read_bytes() == (single / "news.tsv").read_bytes()
+    with pytest.raises(ValueError):
+        generate_mind(tmp_path / "x", impressions_per_user=2, dev_rounds=2)
+
+
+def test_load_synthetic_reads_the_train_dev_layout(tmp_path):
+    folder = generate_mind(tmp_path / "syn", dev_rounds=1)
+    ds = load_synthetic(folder)
+    assert not (folder / "news.tsv").exists()                     # loaded, not regenerated
+    assert ds.name == "synthetic" and ds.split_labels is not None and not ds.report.malformed
+    assert [imp.split for imp in ds.impressions] == ["train"] * 800 + ["dev"] * 200
+    assert set(np.unique(ds.split_labels)) == {0, 1, 2}

@@ -66,11 +66,16 @@ def test_services_and_commands() -> None:
     assert _flags(services["ranking"]["command"])["--triton-url"] == "triton:8001"
 
 
-def test_gpu_overlay_reserves_a_gpu_for_triton_only() -> None:
+def test_gpu_overlay_puts_triton_and_faiss_on_a_gpu() -> None:
     overlay = _compose("compose.gpu.yaml")["services"]
-    assert set(overlay) == {"triton"}
-    (device,) = overlay["triton"]["deploy"]["resources"]["reservations"]["devices"]
-    assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+    assert set(overlay) == {"triton", "retrieval"}
+    for name in overlay:
+        (device,) = overlay[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+    retrieval = overlay["retrieval"]
+    assert retrieval["build"]["args"]["FAISS_PACKAGE"].startswith("faiss-gpu")
+    assert retrieval["environment"]["FUSIONREC_FAISS_GPU"] == "on"   # no silent CPU fallback
+    assert "ARG FAISS_PACKAGE" in (DEPLOY / "Dockerfile").read_text()
 
 
 def test_prometheus_scrapes_the_metrics_ports_the_services_open() -> None:

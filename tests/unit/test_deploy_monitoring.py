@@ -33,7 +33,7 @@ LABEL_VALUES = {
 }
 TRITON_METRICS = {"nv_inference_request_success", "nv_inference_request_failure",
                   "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
-                  "nv_inference_count"}
+                  "nv_inference_count", "nv_inference_exec_count"}
 TRITON_LABELS = {"model", "version"}
 TARGET_LABELS = {"job", "instance"}
 # Grafana macros are not PromQL: replaced by a plain duration before promtool parses an expr.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from common.artifacts import open_artifacts
 from retrieval.retriever import Retriever
@@ -27,8 +28,22 @@ def test_fused_ranker_beats_popularity_on_held_out_impressions(synthetic_built):
 def test_manifest_records_build_figures(synthetic_built):
     m = open_artifacts(synthetic_built).manifest
     assert m["dataset"] == "synthetic" and m["counts"]["items"] == 200
+    assert m["split"] == "mind train/dev"          # the fixture's data has train/ and dev/ folders
     assert [s["stage"] for s in m["stages"]][:3] == ["load", "split", "text"]
     assert len(m["data_fingerprint"]) == 16 and m["models"]["text_encoder"]
+
+
+def test_evaluation_holds_out_what_the_build_held_out(synthetic_built, tmp_path):
+    """The evaluation recomputes MIND's own split: dev impressions (the last round, one per user) are
+    held out; the same rows in one folder would split by time, and are refused."""
+    from offline.datasets.synthetic import generate_mind
+    from offline.eval_testset import DataMismatch, load_eval_set
+    artifacts = open_artifacts(synthetic_built)
+    evalset = load_eval_set(artifacts, f"synthetic:{synthetic_built.parent / 'data'}")
+    assert [case.user_id for case in evalset.impressions] == [f"U{u}" for u in range(1, 201)]
+    assert len(evalset.users) > 150 and all(len(u.positives) for u in evalset.users)
+    with pytest.raises(DataMismatch, match="mind train/dev"):
+        load_eval_set(artifacts, f"synthetic:{generate_mind(tmp_path / 'single')}")
 
 
 def test_content_only_path_scores_online_items_by_topic(synthetic_built):
