@@ -256,6 +256,7 @@ def build(opts: BuildOptions) -> Path:
         # Impressions (MIND) are real negatives; the held-out ones never train (offline.split).
         train_lists += _impression_lists(retriever, impressions_train, index_of)
         impression_test = _impression_lists(retriever, impressions_held_out, index_of)
+        torch.manual_seed(opts.seed)   # the initial weights: same seed, same model
         model = FusedRanker(item_text, cf.item_factors, cf.gram, cf.alpha, cf.regularization, popularity,
                             age, item_category, len(categories), train_lists[0].features.shape[1])
         losses = train_ranker(model, train_lists, epochs=opts.epochs, seed=opts.seed, progress=opts.progress)

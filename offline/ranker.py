@@ -187,7 +187,21 @@ class RankingList:
 
 def train_ranker(model: FusedRanker, lists: list[RankingList], epochs: int = 6, negatives: int = 24,
                  lr: float = 2e-3, seed: int = 0, progress: bool = True, cold_share: float = 0.1) -> list[float]:
-    """BCE on each list's positives against negatives sampled from its own candidates."""
+    """BCE on each list's positives against negatives sampled from its own candidates.
+
+    Reproducible: the same seed and lists give the same weights. With more than one thread some CPU
+    backward kernels accumulate in a racy order unless deterministic algorithms are requested.
+    """
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(model, lists, epochs, negatives, lr, seed, progress, cold_share)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(model: FusedRanker, lists: list[RankingList], epochs: int, negatives: int, lr: float, seed: int,
+           progress: bool, cold_share: float) -> list[float]:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
