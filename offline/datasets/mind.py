@@ -7,7 +7,7 @@ Folder layout accepted by `load_mind(path)`:
     `path/MINDsmall_dev`). Both are loaded, train first. Two candidates for the same split
     (MINDsmall_train next to MINDlarge_train) is an error: point `path` at one of them.
   A split folder is never paired with its sibling automatically: loading MINDsmall_train/ reads only
-  that folder. The unlabelled MIND test split (impression tokens without `-0`/`-1`) is not supported:
+  that folder (and logs a warning naming MINDsmall_dev/ when it sits next to it). The unlabelled MIND test split (impression tokens without `-0`/`-1`) is not supported:
   its rows are reported as bad impression tokens.
 
 Conventions:
@@ -51,12 +51,14 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from common.logs import get_logger
 from offline.datasets.base import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, Dataset, Impression, Item, LoadReport
 
 NEWS_FIELDS = 8
 BEHAVIOR_FIELDS = 5
 _EPOCH = datetime(1970, 1, 1)
 _SPLIT_ORDER = ("train", "dev")
+log = get_logger("offline.datasets.mind")
 VALID_SHARE_OF_TRAIN = 1 / 6   # MIND train spans 6 days: its last day validates (see module docstring)
 _HISTORY = "history"           # origin of an interaction first seen in a history, next to folder labels
 
@@ -87,6 +89,10 @@ def mind_splits(path: Path) -> list[tuple[str, Path]]:
     """[(label, folder)] to read: [("", path)] for one split, else [("train", ...), ("dev", ...)]."""
     path = Path(path)
     if (path / "news.tsv").exists() or (path / "behaviors.tsv").exists():
+        sibling = _sibling_split(path)
+        if sibling is not None:
+            log.warning("MIND split folder loaded alone: the time split applies; point DATA at the parent "
+                        "folder to use MIND's own train/dev split", extra={"folder": path.name, "sibling": sibling.name})
         return [("", path)]
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such MIND folder")
@@ -103,6 +109,15 @@ def mind_splits(path: Path) -> list[tuple[str, Path]]:
     if not splits:
         raise FileNotFoundError(f"{path}: neither news.tsv/behaviors.tsv nor train/dev subfolders found")
     return splits
+
+
+def _sibling_split(folder: Path) -> Path | None:
+    """The other split next to a train or dev folder (MINDsmall_train <-> MINDsmall_dev), if present."""
+    for split, other in (("train", "dev"), ("dev", "train")):
+        if folder.name == split or folder.name.endswith("_" + split):
+            candidate = folder.with_name(folder.name[:len(folder.name) - len(split)] + other)
+            return candidate if (candidate / "behaviors.tsv").exists() else None
+    return None
 
 
 def _lines(file: Path, desc: str) -> Iterator[tuple[int, str]]:

@@ -149,6 +149,20 @@ def test_train_and_dev_subfolders(tmp_path):
     assert pairs(ds) == {("U1", "N3"): T0 - 1, ("U1", "N1"): T0, ("U1", "N4"): T0 + 86400}
 
 
+def test_a_split_folder_alone_is_loaded_alone_with_a_hint(tmp_path, caplog):
+    write(tmp_path / "MINDsmall_train", NEWS, ["1\tU1\t11/15/2019 8:55:22 AM\t\tN1-1"])
+    write(tmp_path / "MINDsmall_dev", NEWS, ["1\tU2\t11/16/2019 8:55:22 AM\t\tN2-1"])
+    with caplog.at_level("WARNING"):
+        ds = load_mind(tmp_path / "MINDsmall_train")
+    assert len(ds.impressions) == 1 and ds.split_labels is None
+    (hint,) = [r for r in caplog.records if "loaded alone" in r.getMessage()]
+    assert hint.sibling == "MINDsmall_dev"
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_mind(tmp_path)   # the parent: both splits, no hint
+    assert not [r for r in caplog.records if "loaded alone" in r.getMessage()]
+
+
 def test_plain_train_dev_names_and_layout_errors(tmp_path):
     write(tmp_path / "a" / "train", NEWS, ["1\tU1\t11/15/2019 8:55:22 AM\t\tN1-1"])
     write(tmp_path / "a" / "dev", NEWS, ["1\tU2\t11/15/2019 8:55:22 AM\t\tN2-1"])
