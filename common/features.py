@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-FEATURE_SPEC_VERSION = "2"
+FEATURE_SPEC_VERSION = "3"
 
 CHANNELS: tuple[str, ...] = ("bert", "cf", "popular")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +33,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+# Children get PR_SET_PDEATHSIG from util-linux's setpriv rather than a preexec_fn: a preexec_fn
+# forces fork(), and gRPC's fork handlers can block fork() forever while its threads are busy
+# (seen in the test suite); without one, subprocess uses vfork and no fork handler runs.
+SETPRIV = shutil.which("setpriv")
 
 
 def _die_with_parent() -> None:
@@ -108,9 +115,10 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], ports: dict[str, int]) -> None:
         log_path = self.run_dir / f"{name}.log"
+        command, preexec = ([SETPRIV, "--pdeathsig", "TERM", *argv], None) if SETPRIV else (argv, _die_with_parent)
         with open(log_path, "ab") as out:
-            popen = subprocess.Popen(argv, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            popen = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, preexec_fn=preexec)
         self.processes[name] = Process(name, popen, log_path, ports)
         log.info("started", extra={"component": name, "pid": popen.pid, "ports": ports})
 

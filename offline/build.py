@@ -30,16 +30,19 @@ from offline import datasets
 from offline.cf import train_als
 from offline.index import RECALL_K, build_index, recall_at_k
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
+from offline.quotas import quota_key, tune_quotas
 from offline.ranker import MAX_HISTORY, FusedRanker, RankingList, export_torchscript, score_lists, train_ranker
 from offline.reranker import rerank_training_groups, train_reranker
 from offline.split import dataset_split, split_impressions
 from offline.text_encoder import TextEncoder
 from ranking.reranker import DiversityReranker
+from retrieval.merge import DEFAULT_QUOTAS
 from retrieval.retriever import Retriever
 
 log = get_logger("offline.build")
 MODEL_SOURCES = Path(__file__).resolve().parent.parent / "model_repository"   # model.py of each Triton model
 HISTORY_KEEP = 100   # recent history per user kept for serving
+QUOTA_USERS = 2000    # validation users the channel quotas are tuned on (bounds the stage's time)
 INDEX_QUERIES = 100   # sample queries per FAISS index, for tuning and again for measuring recall
 
 
@@ -242,13 +245,24 @@ def build(opts: BuildOptions) -> Path:
         }
         write_manifest(staging, manifest)
 
-    with stages.stage("ranker", figures := {}):
+    with stages.stage("quotas", figures := {}):
         retriever = Retriever(open_artifacts(staging))
         train_seq = user_sequences(ds.users[split.train], inter_items[split.train], ds.timestamps[split.train])
         hist_seq = user_sequences(ds.users[split.train | split.valid], inter_items[split.train | split.valid],
                                    ds.timestamps[split.train | split.valid])
         valid_t = user_sequences(ds.users[split.valid], inter_items[split.valid], ds.timestamps[split.valid])
         test_t = user_sequences(ds.users[split.test], inter_items[split.test], ds.timestamps[split.test])
+        sample = sorted(valid_t, key=lambda u: zlib.crc32(u.encode()))[:QUOTA_USERS]   # seeded, spread
+        quotas, recall_by_quotas = tune_quotas(retriever, train_seq, valid_t, sample, progress=opts.progress)
+        retriever.quotas = quotas
+        manifest["retrieval"] = {"quotas": quotas, "recall@300_valid": recall_by_quotas}
+        quality["merged_recall@300_valid"] = recall_by_quotas[quota_key(quotas)]
+        quality["default_quotas_recall@300_valid"] = recall_by_quotas[quota_key(DEFAULT_QUOTAS)]
+        write_manifest(staging, manifest)
+        figures.update(quotas="/".join(f"{c}={n}" for c, n in quotas.items()),
+                       recall=f"{quality['default_quotas_recall@300_valid']:.3f}->{quality['merged_recall@300_valid']:.3f}")
+
+    with stages.stage("ranker", figures := {}):
         # Users are split too: the re-ranker learns from fused scores the ranker did not train on.
         ranker_users = [u for u in sorted(valid_t) if zlib.crc32(u.encode()) % 10 < 7]
         rerank_users = [u for u in sorted(valid_t) if zlib.crc32(u.encode()) % 10 >= 7]
@@ -280,9 +294,16 @@ def build(opts: BuildOptions) -> Path:
 
     with stages.stage("reranker", figures := {}):
         rr_lists = _lists(retriever, train_seq, valid_t, rerank_users)
-        x, y, groups = rerank_training_groups(rr_lists, score_lists(scripted, rr_lists), item_text,
-                                              item_category, item_side, progress=opts.progress)
-        booster = train_reranker(x, y, groups, seed=opts.seed)
+        rr_scores = score_lists(scripted, rr_lists)
+
+        def groups_of(rows: list[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+            return rerank_training_groups([rr_lists[j] for j in rows], [rr_scores[j] for j in rows], item_text,
+                                          item_category, item_side, progress=opts.progress)
+
+        # Every fifth list is held out to choose the number of boosting rounds.
+        held = [j for j in range(len(rr_lists)) if j % 5 == 0 and rr_lists[j].labels.any()]
+        x, y, groups = groups_of([j for j in range(len(rr_lists)) if j % 5 or not held])
+        booster = train_reranker(x, y, groups, seed=opts.seed, valid=groups_of(held) if held else None)
         booster.save_model(str(staging / "reranker.txt"))
         reranker = DiversityReranker(booster, item_text, item_category, item_side)
         fused_ndcg, rerank_ndcg, fused_ild, rerank_ild = [], [], [], []
@@ -296,7 +317,7 @@ def build(opts: BuildOptions) -> Path:
             rerank_ild.append(intra_list_diversity(item_text[slate]))
         quality.update({"fused_ndcg@10": float(np.mean(fused_ndcg)), "reranked_ndcg@10": float(np.mean(rerank_ndcg)),
                         "fused_ild@10": float(np.mean(fused_ild)), "reranked_ild@10": float(np.mean(rerank_ild))})
-        figures.update(rows=str(len(y)), groups=str(len(groups)),
+        figures.update(rows=str(len(y)), groups=str(len(groups)), rounds=str(booster.best_iteration or booster.current_iteration()),
                        ndcg=f"{quality['fused_ndcg@10']:.3f}->{quality['reranked_ndcg@10']:.3f}",
                        ild=f"{quality['fused_ild@10']:.3f}->{quality['reranked_ild@10']:.3f}")
 

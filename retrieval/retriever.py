@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from common.artifacts import ArtifactSet, check_shape
+from common.artifacts import ArtifactError, ArtifactSet, check_shape
 from common.faiss_index import GPU_MAX_K, load_index
 from common.metrics import CANDIDATES, stage_timer
 from common.online_items import OnlineItems
@@ -58,6 +58,8 @@ class Retriever:
         self.popular = PopularChannel(artifacts.npy("popular.npy"), artifacts.npy("item_counts.npy"))
         self.merger = CandidateMerger()
         self.index_sizes = {"text": text_index.ntotal, "cf": cf_index.ntotal}
+        # Per-channel quotas tuned by the build on validation users (offline/quotas.py).
+        self.quotas = checked_quotas(m.get("retrieval", {}).get("quotas") or DEFAULT_QUOTAS)
 
     def update_items(self, update: pb.ItemUpdate) -> int:
         """Apply online additions/removals (artifact items may get a new text vector); returns the
@@ -83,18 +85,11 @@ class Retriever:
     def retrieve(self, user_id: str, history: np.ndarray, exclude: np.ndarray,
                  total: int = DEFAULT_CANDIDATES, quotas: dict[str, int] | None = None) -> Retrieval:
         """history [L] int64 oldest first; exclude [E] int64. Seen and excluded items never return."""
-        quotas = dict(DEFAULT_QUOTAS if not quotas else quotas)
+        quotas = dict(self.quotas if not quotas else quotas)
         # Ask each channel for enough to fill the whole list alone if the others come up short.
         want = max(total, max(quotas.values(), default=0))
-        excluded = set(map(int, history)) | set(map(int, exclude)) | self.online.removed
         out = Retrieval(candidates=None)  # type: ignore[arg-type]
-        results: dict[str, ChannelResult] = {}
-        with stage_timer(SERVICE, "channel_bert", out.stage_ms):
-            results["bert"] = self.bert.retrieve(history, want, excluded)
-        with stage_timer(SERVICE, "channel_cf", out.stage_ms):
-            results["cf"] = self.cf.retrieve(user_id, history, want, excluded)
-        with stage_timer(SERVICE, "channel_popular", out.stage_ms):
-            results["popular"] = self.popular.retrieve(want, excluded)
+        results = self.channel_results(user_id, history, exclude, want, out.stage_ms)
         out.skipped = [c for c, r in results.items() if len(r.items) == 0]
         with stage_timer(SERVICE, "merge", out.stage_ms):
             out.candidates = self.merger.merge(results, quotas, total)
@@ -102,3 +97,26 @@ class Retriever:
             CANDIDATES.labels(channel).observe(count)
         CANDIDATES.labels("merged").observe(len(out.candidates.items))
         return out
+
+    def channel_results(self, user_id: str, history: np.ndarray, exclude: np.ndarray, want: int,
+                        stage_ms: dict[str, float] | None = None) -> dict[str, ChannelResult]:
+        """Each channel's top `want`, before merging; seen, excluded and deleted items left out."""
+        stage_ms = {} if stage_ms is None else stage_ms
+        excluded = set(map(int, history)) | set(map(int, exclude)) | self.online.removed
+        results: dict[str, ChannelResult] = {}
+        with stage_timer(SERVICE, "channel_bert", stage_ms):
+            results["bert"] = self.bert.retrieve(history, want, excluded)
+        with stage_timer(SERVICE, "channel_cf", stage_ms):
+            results["cf"] = self.cf.retrieve(user_id, history, want, excluded)
+        with stage_timer(SERVICE, "channel_popular", stage_ms):
+            results["popular"] = self.popular.retrieve(want, excluded)
+        return results
+
+
+def checked_quotas(quotas: dict) -> dict[str, int]:
+    """Quotas from a manifest: known channels, non-negative integers, else the set is refused."""
+    unknown = set(quotas) - set(DEFAULT_QUOTAS)
+    if unknown or not all(isinstance(v, int) and v >= 0 for v in quotas.values()):
+        raise ArtifactError(f"manifest retrieval.quotas: channels must be {sorted(DEFAULT_QUOTAS)} with "
+                         f"integer quotas >= 0, got {quotas}")
+    return dict(quotas)

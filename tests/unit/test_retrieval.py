@@ -62,3 +62,40 @@ def test_hnsw_index_meets_recall_target():
     assert recall_at_k(index, vectors, vectors[:100], 100) >= 0.95
     exact = build_index(vectors)
     assert recall_at_k(exact, vectors, vectors[:100], 100) == 1.0
+
+
+def test_build_tunes_quotas_on_validation_users_and_retrieval_serves_them(artifacts, retriever):
+    """The manifest's quotas are the grid point with the best validation recall (never worse than
+    the default split), and the retriever merges with them when a request names none."""
+    from offline.quotas import quota_grid, quota_key
+    from retrieval.merge import DEFAULT_QUOTAS
+    tuned = artifacts.manifest["retrieval"]
+    table = tuned["recall@300_valid"]
+    assert set(table) == {quota_key(q) for q in quota_grid()} | {quota_key(DEFAULT_QUOTAS)}
+    assert table[quota_key(tuned["quotas"])] == max(table.values()) >= table[quota_key(DEFAULT_QUOTAS)]
+    assert artifacts.manifest["quality"]["merged_recall@300_valid"] == max(table.values())
+    assert retriever.quotas == tuned["quotas"] and sum(retriever.quotas.values()) == 300
+
+
+def test_tune_quotas_prefers_the_channel_that_recalls_the_targets(retriever):
+    """Targets drawn from the popular list: the tuner must give popular its largest grid share."""
+    from offline.quotas import POPULAR_SHARES, tune_quotas
+    popular = retriever.popular.retrieve(300, set()).items
+    users = [f"u{j}" for j in range(20)]
+    targets = {u: popular[10 * j:10 * j + 5] for j, u in enumerate(users)}
+    histories = {u: np.array([int(popular[-1 - j])], np.int64) for j, u in enumerate(users)}
+    quotas, table = tune_quotas(retriever, histories, targets, users, progress=False)
+    assert quotas["popular"] == round(max(POPULAR_SHARES) * 300)
+    assert max(table.values()) > min(table.values())
+
+
+def test_bad_quotas_in_a_manifest_are_refused(artifacts, tmp_path):
+    import shutil
+
+    from common.artifacts import ArtifactError, open_artifacts, write_manifest
+    copy = tmp_path / "set"
+    shutil.copytree(artifacts.folder, copy)
+    manifest = dict(artifacts.manifest, retrieval={"quotas": {"bert": 100, "sparse": 200}})
+    write_manifest(copy, manifest)
+    with pytest.raises(ArtifactError, match="retrieval.quotas"):
+        Retriever(open_artifacts(copy))
