@@ -255,10 +255,9 @@ def build(opts: BuildOptions) -> Path:
         sample = sorted(valid_t, key=lambda u: zlib.crc32(u.encode()))[:QUOTA_USERS]   # seeded, spread
         quotas, recall_by_quotas = tune_quotas(retriever, train_seq, valid_t, sample, progress=opts.progress)
         retriever.quotas = quotas
-        manifest["retrieval"] = {"quotas": quotas, "recall@300_valid": recall_by_quotas}
+        manifest["retrieval"] = {"quotas": quotas, "recall@300_valid": recall_by_quotas}   # written at publish
         quality["merged_recall@300_valid"] = recall_by_quotas[quota_key(quotas)]
         quality["default_quotas_recall@300_valid"] = recall_by_quotas[quota_key(DEFAULT_QUOTAS)]
-        write_manifest(staging, manifest)
         figures.update(quotas="/".join(f"{c}={n}" for c, n in quotas.items()),
                        recall=f"{quality['default_quotas_recall@300_valid']:.3f}->{quality['merged_recall@300_valid']:.3f}")
 
@@ -317,7 +316,8 @@ def build(opts: BuildOptions) -> Path:
             rerank_ild.append(intra_list_diversity(item_text[slate]))
         quality.update({"fused_ndcg@10": float(np.mean(fused_ndcg)), "reranked_ndcg@10": float(np.mean(rerank_ndcg)),
                         "fused_ild@10": float(np.mean(fused_ild)), "reranked_ild@10": float(np.mean(rerank_ild))})
-        figures.update(rows=str(len(y)), groups=str(len(groups)), rounds=str(booster.best_iteration or booster.current_iteration()),
+        figures.update(rows=str(len(y)), groups=str(len(groups)),
+                       rounds=str(booster.best_iteration or booster.current_iteration()),
                        ndcg=f"{quality['fused_ndcg@10']:.3f}->{quality['reranked_ndcg@10']:.3f}",
                        ild=f"{quality['fused_ild@10']:.3f}->{quality['reranked_ild@10']:.3f}")
 

@@ -124,7 +124,7 @@ class FusedRanker(nn.Module):
             return torch.zeros(b, dc)
         earlier = torch.tril(torch.ones(width, width, dtype=torch.bool), diagonal=-1)   # j < i
         repeated = ((history.unsqueeze(2) == history.unsqueeze(1)) & mask.unsqueeze(1) & earlier).any(2)
-        counted = mask & ~repeated & (history < self.item_cf.shape[0])   # ALS saw each item once
+        counted = mask & ~repeated   # ALS saw each item once; known_rows zeroes online items
         y = self.known_rows(self.item_cf, history) * counted.unsqueeze(-1).to(torch.float32)   # [B, L, Dc]
         a = self.cf_gram + self.cf_alpha * (y.transpose(1, 2) @ y) + self.cf_reg * torch.eye(dc)
         rhs = (1.0 + self.cf_alpha) * y.sum(1)

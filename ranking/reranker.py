@@ -4,8 +4,9 @@ At each position it scores the remaining pool with features measured against the
 far (max BERT similarity to placed items, count of the same category placed), subtracts
 `diversity_weight` x max similarity, and places the best. The LightGBM model is boosted from the
 fused score (its training init_score): a pool item's score is its fused logit plus the trees'
-correction, so a model that learned nothing keeps the fused order instead of scrambling it. Only the top `pool_size` candidates by
-fused score enter the pool: k LightGBM calls on 300 rows each would cost ~10 ms, on 30 rows ~3 ms.
+correction, so a model that learned nothing keeps the fused order instead of scrambling it. Only
+the top `pool_size` candidates by fused score enter the pool: k LightGBM calls on 300 rows each
+would cost ~10 ms, on 30 rows ~3 ms.
 """
 from __future__ import annotations
 

@@ -118,5 +118,5 @@ def checked_quotas(quotas: dict) -> dict[str, int]:
     unknown = set(quotas) - set(DEFAULT_QUOTAS)
     if unknown or not all(isinstance(v, int) and v >= 0 for v in quotas.values()):
         raise ArtifactError(f"manifest retrieval.quotas: channels must be {sorted(DEFAULT_QUOTAS)} with "
-                         f"integer quotas >= 0, got {quotas}")
+                            f"integer quotas >= 0, got {quotas}")
     return dict(quotas)

@@ -7,8 +7,9 @@ Folder layout accepted by `load_mind(path)`:
     `path/MINDsmall_dev`). Both are loaded, train first. Two candidates for the same split
     (MINDsmall_train next to MINDlarge_train) is an error: point `path` at one of them.
   A split folder is never paired with its sibling automatically: loading MINDsmall_train/ reads only
-  that folder (and logs a warning naming MINDsmall_dev/ when it sits next to it). The unlabelled MIND test split (impression tokens without `-0`/`-1`) is not supported:
-  its rows are reported as bad impression tokens.
+  that folder (and logs a warning naming MINDsmall_dev/ when it sits next to it). The unlabelled
+  MIND test split (impression tokens without `-0`/`-1`) is not supported: its rows are reported as
+  bad impression tokens.
 
 Conventions:
   * Times (`11/15/2019 8:55:22 AM`) are read as UTC.
@@ -92,7 +93,8 @@ def mind_splits(path: Path) -> list[tuple[str, Path]]:
         sibling = _sibling_split(path)
         if sibling is not None:
             log.warning("MIND split folder loaded alone: the time split applies; point DATA at the parent "
-                        "folder to use MIND's own train/dev split", extra={"folder": path.name, "sibling": sibling.name})
+                        "folder to use MIND's own train/dev split",
+                        extra={"folder": path.name, "sibling": sibling.name})
         return [("", path)]
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such MIND folder")
