@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from common.features import FEATURE_SPEC_VERSION
+from core.features import FEATURE_SPEC_VERSION
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"

@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.artifacts import latest_dir
-from common.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
+from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
 from common.logs import get_logger
 from common.triton import REPO, triton_command
 

@@ -15,6 +15,7 @@ import grpc
 
 from common.artifacts import LATEST, ArtifactError, ArtifactSet, open_artifacts
 from common.logs import get_logger
+from common.wire import item_change_from_proto
 
 T = TypeVar("T")
 log = get_logger("versions")
@@ -57,7 +58,7 @@ async def apply_item_update(versions: "VersionSet[T]", request, context: grpc.ai
     fails with FAILED_PRECONDITION (version) / INVALID_ARGUMENT (malformed update, nothing applied)."""
     target = await version_or_abort(versions, request.artifact_version, context)
     try:
-        return target, target.update_items(request)
+        return target, target.update_items(item_change_from_proto(request, target.text_dim))
     except ValueError as e:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.online_items import ItemChange
 from protos import fusionrec_pb2 as pb
 
 
@@ -35,3 +36,21 @@ def check_indices(field: str, ids: np.ndarray, n_items: int, limit: int) -> str 
     if len(ids) and (ids.min() < 0 or ids.max() >= n_items):
         return f"{field}: item indices must be in [0, {n_items})"
     return None
+
+
+def item_change_from_proto(msg: pb.ItemUpdate, text_dim: int) -> ItemChange:
+    """Raises ValueError naming the field when the sizes disagree (nothing is applied then)."""
+    indices = np.array(msg.add_indices, np.int64)
+    if len(msg.add_vectors) != len(indices) * text_dim or len(msg.add_categories) != len(indices):
+        raise ValueError(f"add_vectors/add_categories: need {len(indices)} x {text_dim} floats and "
+                         f"{len(indices)} categories")
+    return ItemChange(indices, np.array(msg.add_vectors, np.float32).reshape(len(indices), text_dim),
+                      np.array(msg.add_categories, np.int64), np.array(msg.remove_indices, np.int64))
+
+
+def item_change_to_proto(change: ItemChange, artifact_version: str = "") -> pb.ItemUpdate:
+    return pb.ItemUpdate(add_indices=change.add_indices.tolist(),
+                         add_vectors=np.asarray(change.add_vectors, np.float32).ravel().tolist(),
+                         add_categories=change.add_categories.tolist(),
+                         remove_indices=np.asarray(change.remove_indices).tolist(),
+                         artifact_version=artifact_version)

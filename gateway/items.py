@@ -14,8 +14,10 @@ import numpy as np
 from tritonclient.grpc import InferInput
 from tritonclient.grpc.aio import InferenceServerClient
 
-from common.features import TEXT_ENCODER_NAME
-from common.online_items import item_update
+from core.features import TEXT_ENCODER_NAME
+from common.wire import item_change_to_proto
+from core.item_text import item_text as compose_item_text
+from core.online_items import ItemChange
 from common.versions import VersionSet
 from gateway.serving_state import ServingState
 from gateway.validation import InvalidArgument
@@ -47,8 +49,8 @@ def validate_upsert(request: pb.UpsertItemsRequest) -> None:
 
 
 def item_text(item: pb.NewItem) -> str:
-    """The same text the offline build encodes: title, then text, then category."""
-    return f"{item.title}. {item.text} {item.category}".strip()
+    """The same text the offline build encodes (core.item_text)."""
+    return compose_item_text(item.title, item.text, item.category)
 
 
 class ItemUpdater:
@@ -94,13 +96,12 @@ class ItemUpdater:
         online = [(j, k) for k, j in enumerate(indices) if j >= catalog.n_artifact_items]
         categories = [catalog.category_index.get(i.category, 0) for i in items]
         if online:   # ranking first: anything retrievable must already be rankable
-            update = item_update([j for j, _ in online], vectors[[k for _, k in online]],
-                                 [categories[k] for _, k in online])
-            update.artifact_version = state.version
-            await self.ranking.UpdateItems(update, timeout=timeout_s)
-        update = item_update(indices, vectors, categories)
-        update.artifact_version = state.version
-        await self.retrieval.UpdateItems(update, timeout=timeout_s)
+            rows = [k for _, k in online]
+            change = ItemChange(np.array([j for j, _ in online], np.int64), vectors[rows],
+                                np.array([categories[k] for k in rows], np.int64))
+            await self.ranking.UpdateItems(item_change_to_proto(change, state.version), timeout=timeout_s)
+        change = ItemChange(np.array(indices, np.int64), vectors, np.array(categories, np.int64))
+        await self.retrieval.UpdateItems(item_change_to_proto(change, state.version), timeout=timeout_s)
         added = sum(j >= len(catalog.item_ids) for j in indices)
         catalog.upsert(indices, ids, [i.title for i in items], [i.category for i in items])
         return added

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.artifacts import ArtifactSet
-from common.features import TEXT_ENCODER_NAME
+from core.features import TEXT_ENCODER_NAME
 from gateway.catalog import Catalog
 from gateway.user_state import ArtifactHistoryStore
 

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from common.artifacts import next_version, open_artifacts, publish, write_manifest
+from common.components import load_retriever
+from core.item_text import item_text
 from common.faiss_index import index_info
-from common.features import (FUSED_RANKER_NAME, TEXT_ENCODER_NAME, fused_ranker_config, retrieval_features,
+from core.features import (FUSED_RANKER_NAME, TEXT_ENCODER_NAME, fused_ranker_config, retrieval_features,
                              text_encoder_config)
 from common.logs import get_logger
 from offline import datasets
@@ -35,9 +37,9 @@ from offline.ranker import MAX_HISTORY, FusedRanker, RankingList, export_torchsc
 from offline.reranker import rerank_training_groups, train_reranker
 from offline.split import dataset_split, split_impressions
 from offline.text_encoder import TextEncoder
-from ranking.reranker import DiversityReranker
-from retrieval.merge import DEFAULT_QUOTAS
-from retrieval.retriever import Retriever
+from core.rerank import DiversityReranker
+from core.limits import DEFAULT_QUOTAS
+from core.retriever import Retriever
 
 log = get_logger("offline.build")
 MODEL_SOURCES = Path(__file__).resolve().parent.parent / "model_repository"   # model.py of each Triton model
@@ -169,7 +171,7 @@ def build(opts: BuildOptions) -> Path:
 
     with stages.stage("text", figures := {}):
         encoder = TextEncoder(opts.text_model_dir, cache_dir=opts.cache_dir / "embeddings")
-        texts = [f"{it.title}. {it.text} {it.category}".strip() for it in ds.items]
+        texts = [item_text(it.title, it.text, it.category) for it in ds.items]
         item_text = encoder.encode(texts, progress="bert" if opts.progress else None)
         figures.update(model=encoder.name, dim=str(encoder.dim))
 
@@ -246,7 +248,7 @@ def build(opts: BuildOptions) -> Path:
         write_manifest(staging, manifest)
 
     with stages.stage("quotas", figures := {}):
-        retriever = Retriever(open_artifacts(staging))
+        retriever = load_retriever(open_artifacts(staging))
         train_seq = user_sequences(ds.users[split.train], inter_items[split.train], ds.timestamps[split.train])
         hist_seq = user_sequences(ds.users[split.train | split.valid], inter_items[split.train | split.valid],
                                    ds.timestamps[split.train | split.valid])

@@ -1,7 +1,7 @@
 """Collaborative filtering: implicit-feedback ALS (the `implicit` library).
 
 The gram matrix is kept so that serving can fold in users that have history but no trained
-vector (retrieval.channels.CfChannel.user_vector; the fused ranker does the same in torch).
+vector (core.channels.CfChannel.user_vector; the fused ranker does the same in torch).
 """
 from __future__ import annotations
 

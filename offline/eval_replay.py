@@ -9,7 +9,7 @@ Per user, over gRPC to the real stack (common.stack.Stack):
 In process, on the same artifact set (same code and FAISS indexes the retrieval service runs):
   * each channel alone at depth 300 (BertChannel, CfChannel, PopularChannel): per-channel recall
     and the "bert_only", "cf_only", "popular" baselines;
-  * ranking.reranker.DiversityReranker over the fused scores at each diversity weight (the sweep),
+  * core.rerank.DiversityReranker over the fused scores at each diversity weight (the sweep),
     and at the served weight as a check that the replay reproduces the gateway's slate.
 """
 from __future__ import annotations
@@ -21,16 +21,17 @@ from threadpoolctl import threadpool_limits
 from tritonclient.grpc.aio import InferenceServerClient
 
 from common.artifacts import ArtifactSet
-from common.features import FUSED_RANKER_NAME, retrieval_features
+from common.components import load_retriever
+from core.features import FUSED_RANKER_NAME, retrieval_features
 from common.wire import candidates_from_proto
 from offline.eval_aggregate import SLATE_K, UserResult, first_k, top_k_by_score
 from offline.eval_testset import ImpressionCase, TestUser
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
-from ranking.reranker import DiversityReranker
+from core.rerank import DiversityReranker
 from ranking.triton_scorer import TritonScorer
-from retrieval.channels import BERT_HISTORY
-from retrieval.retriever import Retriever
+from core.limits import BERT_HISTORY
+from core.retriever import Retriever
 
 DEPTH = 300             # per-channel depth = the retrieval service's default candidate count
 MAX_HISTORY = 1_000     # the gateway's limit on history_item_ids; older items go to exclude
@@ -50,7 +51,7 @@ class StackReplayer:
         self.k = k
         self.item_ids: list[str] = artifacts.json("catalog.json")["item_ids"]
         self.index_of = {iid: j for j, iid in enumerate(self.item_ids)}
-        self.retriever = Retriever(artifacts)
+        self.retriever = load_retriever(artifacts)
         self.item_text = artifacts.npy("item_text.npy")
         booster = lgb.Booster(model_file=str(artifacts.path("reranker.txt")))
         threadpool_limits(1, "openmp")   # as the ranking service: one LightGBM thread
@@ -116,10 +117,9 @@ class StackReplayer:
 
     def _channels(self, user_id: str, history: np.ndarray, excluded: set[int]) -> dict[str, np.ndarray]:
         """Each channel's own list at DEPTH, seen items removed (what retrieval merges from)."""
-        r = self.retriever
-        return {"bert": r.bert.retrieve(history, DEPTH, excluded).items,
-                "cf": r.cf.retrieve(user_id, history, DEPTH, excluded).items,
-                "popular": r.popular.retrieve(DEPTH, excluded).items}
+        exclude = np.fromiter(excluded, np.int64, len(excluded))
+        results = self.retriever.channel_results(user_id, history, exclude, DEPTH)
+        return {name: result.items for name, result in results.items()}
 
     async def impression(self, case: ImpressionCase) -> dict[str, np.ndarray]:
         """Score what an impression showed: fused ranker (Triton, with the retrieval features the

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from retrieval.merge import DEFAULT_CANDIDATES, DEFAULT_QUOTAS, CandidateMerger
-from retrieval.retriever import Retriever
+from core.limits import DEFAULT_CANDIDATES, DEFAULT_QUOTAS
+from core.merge import CandidateMerger
+from core.retriever import Retriever
 
 POPULAR_SHARES = (0.0, 0.1, 0.2)
 BERT_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)

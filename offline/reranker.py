@@ -10,9 +10,9 @@ import lightgbm as lgb
 import numpy as np
 from tqdm import tqdm
 
-from common.features import RERANK_FEATURES
+from core.features import RERANK_FEATURES
 from offline.ranker import RankingList
-from ranking.reranker import FUSED_COLUMN, SlatePool
+from core.rerank import FUSED_COLUMN, SlatePool
 
 
 def rerank_training_groups(lists: list[RankingList], fused: list[np.ndarray], item_text: np.ndarray,

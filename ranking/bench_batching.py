@@ -18,7 +18,7 @@ import numpy as np
 from tritonclient.grpc.aio import InferenceServerClient
 
 from common.artifacts import open_artifacts
-from common.features import FUSED_RANKER_NAME, RETRIEVAL_FEATURES
+from core.features import FUSED_RANKER_NAME, RETRIEVAL_FEATURES
 from common.stack import Stack
 from ranking.triton_scorer import TritonScorer
 

@@ -12,13 +12,12 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from common.artifacts import ArtifactSet, check_shape
-from common.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME, retrieval_features
+from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME, retrieval_features
 from common.logs import get_logger
 from common.metrics import record_degraded, stage_timer
-from common.online_items import OnlineItems
-from protos import fusionrec_pb2 as pb
-from ranking.reranker import DiversityReranker
-from ranking.triton_scorer import ScorerUnavailable, TritonScorer
+from core.online_items import ItemChange, OnlineItems
+from core.rerank import DiversityReranker
+from core.scoring import Scorer, ScorerUnavailable
 
 SERVICE = "ranking"
 log = get_logger("ranking")
@@ -33,7 +32,7 @@ class Ranked:
 
 
 class Ranker:
-    def __init__(self, artifacts: ArtifactSet, scorer: TritonScorer, threads: int = 1,
+    def __init__(self, artifacts: ArtifactSet, scorer: Scorer, threads: int = 1,
                  diversity_weight: float = 0.1) -> None:
         m = artifacts.manifest
         n_items = m["counts"]["items"]
@@ -52,13 +51,14 @@ class Ranker:
         self.online = OnlineItems(n_items, item_text.shape[1])
         self.scorer = scorer
         self.n_items = n_items
+        self.text_dim = item_text.shape[1]
         self.version = artifacts.version
         self.model_version = str(m["models"][FUSED_RANKER_NAME])
         self.encoder_version = str(m["models"].get(TEXT_ENCODER_NAME, ""))
 
-    def update_items(self, update: pb.ItemUpdate) -> int:
+    def update_items(self, change: ItemChange) -> int:
         """Apply online additions/removals; the re-ranker's tables grow to cover new indices."""
-        self.online.apply(update)
+        self.online.apply(change)
         text, category, side = self.base_tables
         m = len(self.online.vectors)
         # New items: no popularity yet, age 0 (brand new).

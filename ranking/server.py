@@ -10,7 +10,7 @@ from tritonclient.grpc.aio import InferenceServerClient
 from common.artifacts import ArtifactSet, open_artifacts
 from common.config import RankingConfig, parse_config
 from common.metrics import ARTIFACT_INFO
-from common.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
+from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
 from common.server import observed, serve
 from common.versions import VersionSet, apply_item_update, version_or_abort, watch_versions
 from common.wire import candidates_from_proto, check_indices

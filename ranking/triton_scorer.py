@@ -8,18 +8,13 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
-from common.features import FUSED_RANKER_INPUTS, FUSED_RANKER_NAME, FUSED_RANKER_OUTPUTS
-
-
-class ScorerUnavailable(RuntimeError):
-    """Triton could not score in time (down, overloaded, model missing); the reason is a metric label."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
+from core.scoring import ScorerUnavailable
+from core.features import FUSED_RANKER_INPUTS, FUSED_RANKER_NAME, FUSED_RANKER_OUTPUTS
 
 
 class TritonScorer:
+    """core.scoring.Scorer on Triton: one user per request, Triton batches requests."""
+
     def __init__(self, client: InferenceServerClient, model_version: str, model_name: str = FUSED_RANKER_NAME) -> None:
         self.client = client   # shared by every loaded version
         self.model_name = model_name

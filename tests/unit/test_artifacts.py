@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from common.artifacts import ArtifactError, latest_dir, open_artifacts
-from retrieval.retriever import Retriever
+from common.components import load_retriever
+from core.types import RetrievalQuery
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def test_shape_mismatch_is_refused(copy):
     manifest["counts"]["items"] += 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="does not match the manifest"):
-        Retriever(open_artifacts(copy))
+        load_retriever(open_artifacts(copy))
 
 
 def test_no_artifacts_says_how_to_build(tmp_path):

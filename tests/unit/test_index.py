@@ -14,8 +14,9 @@ from common.config import RetrievalConfig, parse_config
 from common.faiss_index import SEARCH_PARAM, index_info, inner_index, resolve_faiss_gpu, set_search_params
 from offline import index_gpu_check
 from offline.index import build_index, choose_kind, ivf_nlist, recall_at_k, search_ladder, tune
-from retrieval.channels import _search
-from retrieval.retriever import Retriever
+from core.channels import _search
+from common.components import load_retriever
+from core.types import RetrievalQuery
 
 K = 100
 TARGET = 0.95
@@ -130,7 +131,7 @@ def test_tuned_params_survive_write_read_and_the_retrieval_load(tmp_path):
     artifacts = _artifact_set(tmp_path / "set", text_index, cf_index, text, cf_items, cf_q[:50])
     read_back = {name: index_info(faiss.read_index(str(artifacts.path(f"index_{name}.faiss")))) for name in built}
     assert read_back == built   # faiss stores efSearch / nprobe in the file
-    retriever = Retriever(artifacts, gpu=resolve_faiss_gpu("off"))
+    retriever = load_retriever(artifacts, gpu=resolve_faiss_gpu("off"))
     assert index_info(retriever.bert.index) == built["text"] and index_info(retriever.cf.index) == built["cf"]
     out = retriever.retrieve("u3", np.array([1, 2, 3], np.int64), np.zeros(0, np.int64), total=50)
     assert out.candidates.per_channel["bert"] > 0 and out.candidates.per_channel["cf"] > 0
@@ -138,7 +139,7 @@ def test_tuned_params_survive_write_read_and_the_retrieval_load(tmp_path):
     # The manifest is what retrieval applies, not just what the file happens to hold.
     manifest = dict(artifacts.manifest, indexes={"text": {"search": {"nprobe": 3}}, "cf": {"search": {"efSearch": 300}}})
     write_manifest(artifacts.folder, manifest)
-    retriever = Retriever(open_artifacts(artifacts.folder))
+    retriever = load_retriever(open_artifacts(artifacts.folder))
     assert inner_index(retriever.bert.index).nprobe == 3
     assert inner_index(retriever.cf.index).hnsw.efSearch == 300
 

@@ -1,7 +1,7 @@
 import numpy as np
 
-from retrieval.channels import ChannelResult
-from retrieval.merge import CandidateMerger
+from core.types import ChannelResult
+from core.merge import CandidateMerger
 
 
 def result(items):

@@ -5,16 +5,17 @@ import numpy as np
 import pytest
 
 from common.artifacts import open_artifacts
-from retrieval.retriever import Retriever
+from common.components import load_retriever
+from core.types import RetrievalQuery
 
 
 def test_bert_channel_follows_the_history_topic(synthetic_built):
     artifacts = open_artifacts(synthetic_built)
-    retriever = Retriever(artifacts)
+    retriever = load_retriever(artifacts)
     categories = np.array(artifacts.json("catalog.json")["categories"])
     for topic in sorted(set(categories)):
         history = np.flatnonzero(categories == topic)[:8].astype(np.int64)
-        found = retriever.bert.retrieve(history, 20, set(history.tolist()))
+        found = retriever.channel_results("", history, np.zeros(0, np.int64), 20, ["bert"])["bert"]
         share = float(np.mean(categories[found.items] == topic))
         assert share >= 0.7, f"{topic}: only {share:.0%} of BERT candidates share the history's topic"
 

@@ -2,8 +2,8 @@ import lightgbm as lgb
 import numpy as np
 import torch
 
-from common.features import RERANK_FEATURES, fused_ranker_config
-from ranking.reranker import DiversityReranker
+from core.features import RERANK_FEATURES, fused_ranker_config
+from core.rerank import DiversityReranker
 
 
 def test_exported_torchscript_equals_eager(built, artifacts):

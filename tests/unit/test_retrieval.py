@@ -3,18 +3,19 @@ import numpy as np
 import pytest
 
 from offline.index import build_index, recall_at_k
-from retrieval.retriever import Retriever
+from common.components import load_retriever
+from core.types import RetrievalQuery
 
 
 @pytest.fixture(scope="module")
 def retriever(artifacts):
-    return Retriever(artifacts)
+    return load_retriever(artifacts)
 
 
 def test_bert_channel_equals_exact_search(retriever, artifacts):
     vectors = artifacts.npy("item_text.npy")
     history = np.array([3, 17, 42], np.int64)
-    got = retriever.bert.retrieve(history, 50, set())
+    got = retriever.bert.retrieve(RetrievalQuery("", history), 50)
     weights = np.linspace(1.0, 2.0, 3, dtype=np.float32)
     query = weights @ vectors[history]
     exact = np.argsort(-(vectors @ (query / np.linalg.norm(query))), kind="stable")[:50]
@@ -40,7 +41,7 @@ def test_unknown_user_without_history_gets_popular_only(retriever):
 def test_cf_fold_in_matches_trained_vector():
     """A user folded in from their training history gets (almost) the vector ALS trained for them."""
     from offline.cf import train_als
-    from retrieval.channels import CfChannel
+    from core.channels import CfChannel
     rng = np.random.default_rng(0)
     users = rng.integers(0, 300, 8000)
     items = (users * 7 + rng.integers(0, 60, 8000)) % 500
@@ -68,7 +69,7 @@ def test_build_tunes_quotas_on_validation_users_and_retrieval_serves_them(artifa
     """The manifest's quotas are the grid point with the best validation recall (never worse than
     the default split), and the retriever merges with them when a request names none."""
     from offline.quotas import quota_grid, quota_key
-    from retrieval.merge import DEFAULT_QUOTAS
+    from core.limits import DEFAULT_QUOTAS
     tuned = artifacts.manifest["retrieval"]
     table = tuned["recall@300_valid"]
     assert set(table) == {quota_key(q) for q in quota_grid()} | {quota_key(DEFAULT_QUOTAS)}
@@ -80,7 +81,7 @@ def test_build_tunes_quotas_on_validation_users_and_retrieval_serves_them(artifa
 def test_tune_quotas_prefers_the_channel_that_recalls_the_targets(retriever):
     """Targets drawn from the popular list: the tuner must give popular its largest grid share."""
     from offline.quotas import POPULAR_SHARES, tune_quotas
-    popular = retriever.popular.retrieve(300, set()).items
+    popular = retriever.popular.retrieve(RetrievalQuery(""), 300).items
     users = [f"u{j}" for j in range(20)]
     targets = {u: popular[10 * j:10 * j + 5] for j, u in enumerate(users)}
     histories = {u: np.array([int(popular[-1 - j])], np.int64) for j, u in enumerate(users)}
@@ -98,4 +99,4 @@ def test_bad_quotas_in_a_manifest_are_refused(artifacts, tmp_path):
     manifest = dict(artifacts.manifest, retrieval={"quotas": {"bert": 100, "sparse": 200}})
     write_manifest(copy, manifest)
     with pytest.raises(ArtifactError, match="retrieval.quotas"):
-        Retriever(open_artifacts(copy))
+        load_retriever(open_artifacts(copy))

@@ -7,10 +7,30 @@ stage can drop them. A new artifact version that contains the items supersedes t
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from protos import fusionrec_pb2 as pb
+
+@dataclass(frozen=True)
+class ItemChange:
+    """One online change to the item set, as the services apply it (proto-free: see common.wire)."""
+    add_indices: np.ndarray                      # [n] int64
+    add_vectors: np.ndarray                      # [n, Dt] float32 text vectors, row per add_indices entry
+    add_categories: np.ndarray                   # [n] int64 category indices (0 = unknown)
+    remove_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # [r] int64
+
+    def __post_init__(self) -> None:
+        n = len(self.add_indices)
+        if self.add_vectors.ndim != 2 or self.add_vectors.shape[0] != n:
+            raise ValueError(f"add_vectors: need {n} rows, one per add_indices entry")
+        if len(self.add_categories) != n:
+            raise ValueError("add_categories: one per add_indices entry")
+
+    def subset(self, rows: np.ndarray) -> "ItemChange":
+        """The additions at `rows` (a mask or positions), with the same removals."""
+        return ItemChange(self.add_indices[rows], self.add_vectors[rows], self.add_categories[rows],
+                          self.remove_indices)
 
 
 class OnlineItems:
@@ -27,15 +47,11 @@ class OnlineItems:
         """Item indices in use: artifact items plus online items."""
         return self.n_items + len(self.vectors)
 
-    def apply(self, update: pb.ItemUpdate) -> None:
+    def apply(self, change: ItemChange) -> None:
         """Add or replace online items and remove items; raises ValueError naming the field."""
-        indices = np.array(update.add_indices, np.int64)
-        vectors = np.array(update.add_vectors, np.float32)
-        if vectors.size != len(indices) * self.text_dim:
-            raise ValueError(f"add_vectors: need {len(indices)} x {self.text_dim} floats, got {vectors.size}")
-        if len(update.add_categories) != len(indices):
-            raise ValueError("add_categories: one per add_indices entry")
-        vectors = vectors.reshape(len(indices), self.text_dim)
+        indices = np.asarray(change.add_indices, np.int64)
+        if change.add_vectors.shape[1:] != (self.text_dim,) and len(indices):
+            raise ValueError(f"add_vectors: need {len(indices)} x {self.text_dim} floats")
         with self._lock:
             rows = indices - self.n_items
             if len(rows) and (rows.min() < 0 or rows.max() > len(self.vectors) + len(rows)):
@@ -45,14 +61,8 @@ class OnlineItems:
             grown[:len(self.vectors)] = self.vectors
             cats = np.zeros(size, np.int64)
             cats[:len(self.categories)] = self.categories
-            grown[rows] = vectors
-            cats[rows] = np.array(update.add_categories, np.int64)
+            grown[rows] = change.add_vectors
+            cats[rows] = np.asarray(change.add_categories, np.int64)
             # Swap whole arrays: readers on other threads see the old or the new state, never half.
             self.vectors, self.categories = grown, cats
-            self.removed = (self.removed - set(indices.tolist())) | set(update.remove_indices)
-
-
-def item_update(add_indices: list[int], vectors: np.ndarray, categories: list[int],
-                remove_indices: list[int] | None = None) -> pb.ItemUpdate:
-    return pb.ItemUpdate(add_indices=add_indices, add_vectors=vectors.astype(np.float32).ravel().tolist(),
-                         add_categories=categories, remove_indices=remove_indices or [])
+            self.removed = (self.removed - set(indices.tolist())) | set(np.asarray(change.remove_indices).tolist())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.features import RERANK_FEATURES, rerank_features
+from core.features import RERANK_FEATURES, rerank_features
 
 POOL_SIZE = 30
 FUSED_COLUMN = RERANK_FEATURES.index("fused_score")

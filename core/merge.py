@@ -10,10 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.channels import ChannelResult
+from core.types import ChannelResult
 
-DEFAULT_QUOTAS = {"bert": 120, "cf": 120, "popular": 60}
-DEFAULT_CANDIDATES = 300
 
 
 @dataclass(frozen=True)

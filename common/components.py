@@ -1,0 +1,59 @@
+"""Core components loaded from a verified artifact set: what retrieval serves and what the
+offline build and evaluation measure come from this one loader.
+
+Shapes are checked against the manifest's counts and dims; a mismatch refuses the set.
+"""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from common.artifacts import ArtifactError, ArtifactSet, check_shape
+from common.faiss_index import GPU_MAX_K, load_index
+from core.channels import BertChannel, CfChannel, ItemVectors, PopularChannel
+from core.limits import DEFAULT_QUOTAS
+from core.online_items import OnlineItems
+from core.retriever import Retriever
+
+
+def _load_index(artifacts: ArtifactSet, name: str, gpu: bool) -> tuple[faiss.Index, int | None]:
+    """index_<name>.faiss with the manifest's search parameters (a set built before the manifest
+    recorded them keeps the ones stored in the file), on the GPU if asked; returns (index, the
+    largest k one search may ask for, None = no limit)."""
+    search = artifacts.manifest.get("indexes", {}).get(name, {}).get("search", {})
+    index, on_gpu = load_index(artifacts.path(f"index_{name}.faiss"), search, gpu)
+    return index, GPU_MAX_K if on_gpu else None
+
+
+def load_retriever(artifacts: ArtifactSet, gpu: bool = False) -> Retriever:
+    """gpu: search flat and IVF indexes on the GPU (see common.faiss_index.resolve_faiss_gpu)."""
+    m = artifacts.manifest
+    n_items, text_dim, cf_dim = m["counts"]["items"], m["dims"]["text"], m["dims"]["cf"]
+    item_text = artifacts.npy("item_text.npy")
+    item_cf = artifacts.npy("item_cf.npy")
+    user_cf = artifacts.npy("user_cf.npy")
+    check_shape("item_text.npy", item_text, n_items, text_dim)
+    check_shape("item_cf.npy", item_cf, n_items, cf_dim)
+    check_shape("user_cf.npy", user_cf, m["counts"]["cf_users"], cf_dim)
+    text_index, text_max_k = _load_index(artifacts, "text", gpu)
+    cf_index, cf_max_k = _load_index(artifacts, "cf", gpu)
+    check_shape("index_text.faiss", np.empty((text_index.ntotal, 0)), n_items)
+    check_shape("index_cf.faiss", np.empty((cf_index.ntotal, 0)), n_items)
+    cf = m["cf"]
+    online = OnlineItems(n_items, text_dim)
+    bert = BertChannel(text_index, ItemVectors(item_text, online), text_max_k)
+    cf_channel = CfChannel(cf_index, artifacts.json("cf_users.json"), user_cf, item_cf,
+                           artifacts.npy("cf_gram.npy"), cf["alpha"], cf["regularization"], cf_max_k)
+    popular = PopularChannel(artifacts.npy("popular.npy"), artifacts.npy("item_counts.npy"))
+    # Per-channel quotas tuned by the build on validation users (offline/quotas.py).
+    quotas = checked_quotas(m.get("retrieval", {}).get("quotas") or DEFAULT_QUOTAS)
+    return Retriever(artifacts.version, bert, cf_channel, popular, online, quotas)
+
+
+def checked_quotas(quotas: dict) -> dict[str, int]:
+    """Quotas from a manifest: known channels, non-negative integers, else the set is refused."""
+    unknown = set(quotas) - set(DEFAULT_QUOTAS)
+    if unknown or not all(isinstance(v, int) and v >= 0 for v in quotas.values()):
+        raise ArtifactError(f"manifest retrieval.quotas: channels must be {sorted(DEFAULT_QUOTAS)} with "
+                            f"integer quotas >= 0, got {quotas}")
+    return dict(quotas)

@@ -1,0 +1,127 @@
+"""Retrieval channels: each turns a query into a ranked list of item indices.
+
+A channel is one class with a `name` and `retrieve(query, fetch) -> ChannelResult`: its best
+`fetch` items, before filtering. The candidate generator asks for enough to survive the filters
+(seen, excluded, deleted) and still fill the channel's quota. Adding a channel is one class here,
+its build stage in offline/, and a line in common/components.py.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import faiss
+import numpy as np
+
+from core.foldin import fold_in
+from core.limits import BERT_HISTORY
+from core.online_items import OnlineItems
+from core.types import EMPTY, ChannelResult, RetrievalQuery
+
+
+class Channel(Protocol):
+    name: str
+
+    def retrieve(self, query: RetrievalQuery, fetch: int) -> ChannelResult: ...
+
+
+def search(index: faiss.Index, query: np.ndarray, fetch: int, max_k: int | None = None) -> ChannelResult:
+    """query [d] -> the index's top `fetch`; max_k: the most one search may ask for (a GPU index
+    refuses more than GPU_MAX_K)."""
+    fetch = min(index.ntotal, fetch, max_k or index.ntotal)
+    if fetch <= 0:
+        return EMPTY
+    scores, ids = index.search(query.reshape(1, -1).astype(np.float32, copy=False), fetch)
+    found = ids[0] >= 0
+    return ChannelResult(ids[0, found].astype(np.int64), scores[0, found].astype(np.float32))
+
+
+class ItemVectors:
+    """BERT vectors of artifact items and of items added online (indices >= n_items)."""
+
+    def __init__(self, table: np.ndarray, online: OnlineItems | None = None) -> None:
+        self.table = table       # [n_items, d] unit rows
+        self.online = online
+
+    def __call__(self, items: np.ndarray) -> np.ndarray:
+        """items [m] -> [m, d]."""
+        n = len(self.table)
+        if self.online is None or len(items) == 0 or items.max() < n:
+            return self.table[items]
+        known = items < n
+        out = np.empty((len(items), self.table.shape[1]), np.float32)
+        out[known] = self.table[items[known]]
+        out[~known] = self.online.vectors[items[~known] - n]
+        return out
+
+
+class BertChannel:
+    """Content channel: recency-weighted mean BERT vector of the recent history, searched in the text index."""
+    name = "bert"
+
+    def __init__(self, index: faiss.Index, vectors: ItemVectors, max_k: int | None = None) -> None:
+        self.index = index
+        self.max_k = max_k
+        self.vectors = vectors
+
+    def add(self, indices: np.ndarray, vectors: np.ndarray) -> None:
+        """Make items retrievable now (replacing any vector they had)."""
+        try:
+            self.index.remove_ids(indices)
+        except RuntimeError:   # HNSW and GPU indexes cannot remove: the merge dedupes the stale twin
+            pass
+        self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), indices)
+
+    def query_vector(self, history: np.ndarray) -> np.ndarray | None:
+        if len(history) == 0:
+            return None
+        recent = history[-BERT_HISTORY:]
+        # Recency weights: the latest item counts twice as much as the oldest one kept.
+        weights = np.linspace(1.0, 2.0, len(recent), dtype=np.float32)
+        query = weights @ self.vectors(recent)
+        norm = np.linalg.norm(query)
+        return None if norm == 0 else query / norm
+
+    def retrieve(self, query: RetrievalQuery, fetch: int) -> ChannelResult:
+        vector = self.query_vector(query.history)
+        return EMPTY if vector is None else search(self.index, vector, fetch, self.max_k)
+
+
+class CfChannel:
+    """Collaborative channel: the user's trained ALS vector, or one folded in from their history."""
+    name = "cf"
+
+    def __init__(self, index: faiss.Index, user_ids: list[str], user_factors: np.ndarray,
+                 item_factors: np.ndarray, gram: np.ndarray, alpha: float, regularization: float,
+                 max_k: int | None = None) -> None:
+        self.index = index
+        self.max_k = max_k
+        self.user_row = {u: i for i, u in enumerate(user_ids)}
+        self.user_factors = user_factors
+        self.item_factors = item_factors
+        self.gram = gram
+        self.alpha = alpha
+        self.regularization = regularization
+
+    def user_vector(self, user_id: str, history: np.ndarray) -> np.ndarray | None:
+        row = self.user_row.get(user_id)
+        if row is not None:
+            return self.user_factors[row]
+        return fold_in(self.item_factors, self.gram, history, self.alpha, self.regularization)
+
+    def retrieve(self, query: RetrievalQuery, fetch: int) -> ChannelResult:
+        vector = self.user_vector(query.user_id, query.history)
+        return EMPTY if vector is None else search(self.index, vector, fetch, self.max_k)
+
+
+class PopularChannel:
+    """Most popular items (recent interactions): the cold-start and fallback channel."""
+    name = "popular"
+
+    def __init__(self, ranked_items: np.ndarray, counts: np.ndarray) -> None:
+        self.ranked_items = ranked_items.astype(np.int64)   # [n] best first
+        # Score = log popularity, scaled to [0, 1] so it sits beside cosine scores.
+        log_counts = np.log1p(counts[self.ranked_items].astype(np.float32))
+        self.scores = log_counts / max(float(log_counts.max(initial=0.0)), 1e-6)
+
+    def retrieve(self, query: RetrievalQuery, fetch: int) -> ChannelResult:
+        return ChannelResult(self.ranked_items[:fetch], self.scores[:fetch])

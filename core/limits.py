@@ -1,0 +1,32 @@
+"""Every size limit and default in one place: the public API's (checked by the gateway, named in
+INVALID_ARGUMENT messages and in protos/fusionrec.proto), the internal services', and the
+retrieval defaults the build tunes from."""
+from __future__ import annotations
+
+# -- public API (gateway)
+MAX_K = 100                 # items per Recommend
+MAX_USER_ID = 256           # characters
+MAX_ITEM_ID = 256           # characters
+MAX_EXCLUDE = 10_000        # exclude_item_ids
+MAX_HISTORY = 1_000         # history_item_ids
+MAX_SURFACE = 64            # characters
+MAX_REQUEST_ID = 128        # characters
+MAX_EVENT_BATCH = 1_000     # events per batch
+MAX_UPSERT = 256            # items per UpsertItems
+MAX_DELETE = 10_000         # ids per DeleteItems
+MAX_TITLE = 1_000           # characters
+MAX_TEXT = 10_000           # characters
+MAX_CATEGORY = 256          # characters
+
+# -- internal services
+# A Retrieve's exclude list is the caller's exclusions plus the deleted items the gateway knows.
+MAX_RETRIEVE_EXCLUDE = 2 * MAX_EXCLUDE
+MAX_RETRIEVE_HISTORY = 1_000
+MAX_RETRIEVE_CANDIDATES = 2_000
+MAX_RANK_HISTORY = 1_000
+MAX_RANK_CANDIDATES = 1_000
+
+# -- retrieval defaults (the build tunes quotas on validation users and records them in the manifest)
+DEFAULT_CANDIDATES = 300
+DEFAULT_QUOTAS = {"bert": 120, "cf": 120, "popular": 60}
+BERT_HISTORY = 50           # only the most recent part of a history shapes the content vector

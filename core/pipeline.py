@@ -1,0 +1,67 @@
+"""Declared pipelines: a request runs a fixed list of named steps, top to bottom.
+
+Each step has a policy. A fail-open step that raises is recorded (its degraded reason) and the
+pipeline goes on without its output; a fail-closed step's error propagates. Every step is timed
+into `stage_ms[name]`, so the list of steps is also the list of stages a response reports.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
+
+C = TypeVar("C")   # the request's context object, which the steps read and fill in
+
+
+class StepFailed(Exception):
+    """Raised by a step to fail with a specific degraded reason (else the step's own is used)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Step(Generic[C]):
+    name: str                        # stage name: metric label and stage_ms key
+    run: Callable[[C], Any]          # may be a coroutine function
+    fail_open: bool                  # True: a failure degrades the answer; False: it fails the call
+    reason: str = ""                 # degraded reason when it fails open (default: "<name>_error")
+
+    def failure_reason(self, error: BaseException) -> str:
+        return error.reason if isinstance(error, StepFailed) else (self.reason or f"{self.name}_error")
+
+
+def run_steps(steps: list[Step[C]], ctx: C, stage_ms: dict[str, float],
+              degraded: list[str]) -> C:
+    """Synchronous steps (retrieval, offline): degraded collects the reasons of fail-open failures."""
+    for step in steps:
+        start = time.perf_counter()
+        try:
+            step.run(ctx)
+        except Exception as e:   # noqa: BLE001 - the policy decides
+            if not step.fail_open:
+                raise
+            degraded.append(step.failure_reason(e))
+        finally:
+            stage_ms[step.name] = (time.perf_counter() - start) * 1000.0
+    return ctx
+
+
+async def run_steps_async(steps: list[Step[C]], ctx: C, stage_ms: dict[str, float],
+                          degraded: list[str]) -> C:
+    """As run_steps; a step may be a coroutine function (gateway hops)."""
+    for step in steps:
+        start = time.perf_counter()
+        try:
+            result = step.run(ctx)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as e:   # noqa: BLE001 - the policy decides
+            if not step.fail_open:
+                raise
+            degraded.append(step.failure_reason(e))
+        finally:
+            stage_ms[step.name] = (time.perf_counter() - start) * 1000.0
+    return ctx
