@@ -4,13 +4,15 @@ PYTHON ?= python3
 VENV := .venv
 TRITON_VENV := .venv-triton
 PY := $(VENV)/bin/python
+# The one CLI (tools/cli.py); `$(PY) -m tools.cli` works before the console script is (re)installed.
+FUSIONREC := $(PY) -m tools.cli
 DATA ?= movielens:data/ml-latest-small
 ARTIFACTS ?= artifacts
 MODEL_REPO ?= model_repository
 TRITON_SITE = $(TRITON_VENV)/lib/python3.11/site-packages
 TRITON_HOME = $(TRITON_SITE)/pytriton/tritonserver
 
-.PHONY: help setup venv triton protos artifacts run test test-unit bench bench-batching loadtest eval clean
+.PHONY: help setup venv triton protos system-packages artifacts run test test-unit bench bench-batching loadtest eval clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -39,34 +41,54 @@ protos: protos/fusionrec_pb2.py
 protos/fusionrec_pb2.py: protos/fusionrec.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/fusionrec.proto
 
+# Commands the tests run for real, from the Debian packages in deploy/apt-packages.txt: prometheus
+# (+ promtool), redis-server, and setpriv (util-linux), which starts the supervisor's children.
+# Nothing to do when all are on PATH; as root with apt-get the packages are installed; otherwise
+# stop at once naming the one command to run. `make run` needs none of them (see tools/stack.py).
+SYSTEM_COMMANDS := prometheus promtool redis-server setpriv
+APT_PACKAGES = $(shell grep -v '^\#' deploy/apt-packages.txt)
+system-packages:  ## install Debian's prometheus + redis-server (deploy/apt-packages.txt) when missing
+	@missing="$$(for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || echo $$c; done | xargs)"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "missing: $$missing (needed by make test). Run once, then make test again:" >&2; \
+	  if command -v apt-get >/dev/null; then echo "  sudo apt-get install -y --no-install-recommends $(APT_PACKAGES)" >&2; \
+	  else echo "  install $(APT_PACKAGES) with your system's package manager" >&2; fi; \
+	  exit 1; \
+	fi; \
+	echo "installing $(APT_PACKAGES) (missing: $$missing) ..."; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || { echo "still missing after apt-get: $$c" >&2; exit 1; }; done
+
 artifacts: setup  ## build a new artifact version: make artifacts DATA=movielens:data/ml-latest-small
-	$(PY) -m offline build --data $(DATA) --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO)
+	$(FUSIONREC) build --data $(DATA) --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO)
 
 $(ARTIFACTS)/LATEST:
 	$(MAKE) artifacts
 
 run: setup $(ARTIFACTS)/LATEST  ## start Triton + retrieval + ranking + gateway on loopback, print samples, serve until Ctrl-C
-	$(PY) -m common.cli run --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO)
+	$(FUSIONREC) run --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO)
 
-test: setup  ## all tests, integration tests included (real Triton, FAISS, LightGBM)
+test: system-packages setup  ## all tests, integration tests included (real Triton, FAISS, LightGBM)
 	$(PY) -m pytest -q
 
-test-unit: setup
+test-unit: system-packages setup
 	$(PY) -m pytest -q tests/unit
 
 bench: setup $(ARTIFACTS)/LATEST  ## open-loop benchmark of the gateway; writes reports/bench/serving.json
-	$(PY) -m common.cli bench --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) --rate 50 --duration 20
+	$(FUSIONREC) bench --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) --rate 50 --duration 20
 
 bench-batching: setup $(ARTIFACTS)/LATEST  ## fused ranker on Triton, dynamic batching on vs off; writes reports/bench/triton_batching.json
-	$(PY) -m ranking.bench_batching --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO)
+	$(FUSIONREC) bench-batching --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO)
 
 eval: setup $(ARTIFACTS)/LATEST  ## offline quality report on the held-out test split -> reports/<dataset>/
-	$(PY) -m offline.evaluate --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) $(if $(EVAL_USERS),--max-users $(EVAL_USERS))
+	$(FUSIONREC) eval --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) $(if $(EVAL_USERS),--max-users $(EVAL_USERS))
 
 LOADTEST_ARGS ?= --ramp --rate 25 --ramp-step 25 --ramp-max 300 --duration 10 --warmup 3
 
 loadtest: setup $(ARTIFACTS)/LATEST  ## open-loop ramp against a fresh stack; reports/loadtest/<time>.json + .png (LOADTEST_ARGS=...)
-	$(PY) -m common.cli loadtest --stack --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) $(LOADTEST_ARGS)
+	$(FUSIONREC) loadtest --stack --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(ARTIFACTS) $(MODEL_REPO)/*/[0-9]* $(MODEL_REPO)/*/config.pbtxt reports .cache

@@ -1,4 +1,7 @@
-"""Offline CLI: `python -m offline build --data movielens:data/ml-latest-small`."""
+"""Build a new versioned artifact set from a dataset (`fusionrec build`; also `python -m offline build`).
+
+  fusionrec build --data movielens:data/ml-latest-small --artifacts artifacts --model-repo model_repository
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,10 +9,7 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m offline", description="FusionRec offline build")
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build a new versioned artifact set from a dataset")
+def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--data", default="movielens:data/ml-latest-small",
                    help="<kind>:<path>, kind in movielens, mind, generic, synthetic (default: %(default)s)")
     b.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifact root (default: %(default)s)")
@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--epochs", type=int, default=6, help="fused ranker epochs (default: %(default)s)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     from offline.build import BuildOptions, build
     final = build(BuildOptions(
         data=args.data, artifacts=args.artifacts, model_repo=args.model_repo, cache_dir=args.cache_dir,
@@ -31,6 +33,15 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs, seed=args.seed, progress=not args.no_progress))
     print(f"artifact set written: {final}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m offline build ...`: the same arguments and function as `fusionrec build`."""
+    parser = argparse.ArgumentParser(prog="python -m offline", description="FusionRec offline build")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_arguments(sub.add_parser("build", help="build a new versioned artifact set from a dataset"))
+    args = parser.parse_args(argv)
+    return run(args)
 
 
 if __name__ == "__main__":

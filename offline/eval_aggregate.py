@@ -1,6 +1,6 @@
 """Pure parts of the offline evaluation: baseline slates, per-user metrics, aggregation, verdicts.
 
-Nothing here talks to a server: `offline.eval_replay` collects one `UserResult` per test user by
+Nothing here talks to a server: `tools.eval_replay` collects one `UserResult` per test user by
 replaying them through the serving stack, and these functions turn those into the numbers of
 `quality.json`. Item ids are internal indices (ints) throughout.
 """

@@ -1,6 +1,6 @@
 """Quality report output: quality.json, quality.md (tables and verdicts) and PNG plots.
 
-Input is the report dict offline.evaluate assembles (the same object goes to quality.json), so the
+Input is the report dict tools.evaluate assembles (the same object goes to quality.json), so the
 markdown can be re-rendered from a saved quality.json.
 """
 from __future__ import annotations

@@ -32,6 +32,15 @@ def artifacts(built):
 
 
 @pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny synthetic artifact set (tests/tiny_artifacts.py: 60 items, 20 users, seeded noise, no
+    Triton model), written in about a second, opened and verified: for in-process unit tests."""
+    from common.artifacts import open_artifacts
+    from tests.tiny_artifacts import write_tiny_artifacts
+    return open_artifacts(write_tiny_artifacts(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="session")
 def synthetic_built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Artifact root of a build on the planted-topic synthetic MIND data (impressions included), in
     MIND's train/dev layout (dev = the last round of impressions), so the build uses MIND's own split."""
@@ -53,7 +62,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
     import subprocess
     import time
     binary = shutil.which("redis-server")
-    assert binary, "redis-server is required (deploy/apt-packages.txt; .ci/run installs it)"
+    assert binary, "redis-server is required (deploy/apt-packages.txt; make test installs it)"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from common.stack import Stack
+from tools.stack import Stack
 from protos import fusionrec_pb2_grpc as pb_grpc
 
 

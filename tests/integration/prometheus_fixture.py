@@ -23,7 +23,7 @@ from typing import Iterator
 import pytest
 import yaml
 
-from common.stack import Stack, free_port
+from tools.stack import Stack, free_port
 
 DEPLOY_PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 JOBS = ("gateway", "retrieval", "ranking", "triton")
@@ -50,7 +50,7 @@ def live_config(stack: Stack, folder: Path) -> Path:
 def running_prometheus(stack: Stack, folder: Path, timeout_s: float = 20.0) -> Iterator[str]:
     """Start Prometheus on a free loopback port; yield its base URL; stop it."""
     binary = shutil.which("prometheus")
-    assert binary, "Debian's prometheus package is required (deploy/apt-packages.txt; .ci/run installs it)"
+    assert binary, "Debian's prometheus package is required (deploy/apt-packages.txt; make test installs it)"
     config = live_config(stack, folder)
     port = free_port()
     log_path = folder / "prometheus.log"

@@ -14,7 +14,7 @@ UNIT_INTERVAL = ("hr@10", "ndcg@10", "mrr@10", "recall@10", "category_coverage@1
 
 @pytest.fixture(scope="module")
 def report_dir(synthetic_built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from offline.evaluate import EvalOptions, evaluate
+    from tools.evaluate import EvalOptions, evaluate
     root = synthetic_built.parent   # the fixture builds root/{data,artifacts,model_repository}
     out = tmp_path_factory.mktemp("eval") / "reports" / "synthetic"
     # Few users keep this quick on 2 cores; the manifest's data_spec points at root/data.

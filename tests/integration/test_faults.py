@@ -10,7 +10,7 @@ from collections import Counter
 import grpc
 import pytest
 
-from common.stack import Stack
+from tools.stack import Stack
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 

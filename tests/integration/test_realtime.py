@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from common.stack import Stack
+from tools.stack import Stack
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 

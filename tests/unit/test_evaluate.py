@@ -9,8 +9,9 @@ import pytest
 
 from offline import eval_aggregate as agg
 from offline.eval_testset import sample, resolve_data_spec
-from offline.evaluate import parse_args
 from offline.report import _json_safe, fmt, pct, render_markdown, table
+from tools.cli import parse
+from tools.evaluate import options_from
 
 
 # ---------------------------------------------------------------- fixtures: 6 items, 2 users
@@ -240,8 +241,9 @@ def test_resolve_data_spec_finds_repo_relative_paths(tmp_path, monkeypatch) -> N
 
 
 def test_cli_parses_and_rejects_negative_limits(capsys) -> None:
-    opts = parse_args(["--artifacts", "a", "--max-users", "30", "--max-impressions", "0"])
+    opts = options_from(parse(["eval", "--artifacts", "a", "--max-users", "30", "--max-impressions", "0"]))
     assert opts.max_users == 30 and opts.max_impressions is None and opts.diversity_weight == 0.1
-    with pytest.raises(SystemExit):
-        parse_args(["--max-users", "-1"])
-    assert "--max-users must be >= 0" in capsys.readouterr().err
+    for flag in ("--max-users", "--max-impressions", "--build-max-items", "--build-max-users"):
+        with pytest.raises(SystemExit):
+            parse(["eval", flag, "-1"])
+        assert f"argument {flag}: must be >= 0" in capsys.readouterr().err

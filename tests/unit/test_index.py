@@ -12,9 +12,10 @@ import common.faiss_index as fi
 from common.artifacts import open_artifacts, write_manifest
 from common.config import RetrievalConfig, parse_config
 from common.faiss_index import SEARCH_PARAM, index_info, inner_index, resolve_faiss_gpu, set_search_params
-from offline import index_gpu_check
+from tools import gpu_check
+from tools.cli import main as fusionrec
 from offline.index import build_index, choose_kind, ivf_nlist, recall_at_k, search_ladder, tune
-from core.channels import _search
+from core.channels import search
 from common.components import load_retriever
 from core.types import RetrievalQuery
 
@@ -152,10 +153,8 @@ def test_tuned_params_survive_write_read_and_the_retrieval_load(tmp_path):
 def test_search_never_asks_for_more_than_max_k():
     vectors, _, _ = clustered(200, 16, seed=4)
     index = build_index(vectors)
-    _, nearest = index.search(vectors[:1], 30)
-    exclude = set(nearest[0].tolist())
-    assert len(_search(index, vectors[0], 5, exclude).items) == 5
-    assert len(_search(index, vectors[0], 5, exclude, max_k=20).items) == 0   # top 20 all excluded
+    assert len(search(index, vectors[0], 50).items) == 50
+    assert len(search(index, vectors[0], 50, max_k=20).items) == 20   # a GPU index refuses more than max_k
 
 
 def test_faiss_gpu_modes(monkeypatch):
@@ -190,13 +189,13 @@ def test_retrieval_with_faiss_gpu_on_fails_at_start_without_a_gpu(monkeypatch, t
 
 
 def test_gpu_check_script(monkeypatch, capsys):
-    monkeypatch.setattr(index_gpu_check, "gpu_count", lambda: 0)
-    assert index_gpu_check.main([]) == index_gpu_check.NO_GPU == 2
+    monkeypatch.setattr(gpu_check, "gpu_count", lambda: 0)
+    assert fusionrec(["gpu-check"]) == gpu_check.NO_GPU == 2
     assert "no GPU visible to faiss" in capsys.readouterr().err
     # Its CPU half runs here: rows for both kinds, and the checks pass / fail as they should.
     vectors, tune_q, eval_q = clustered(3000, 32, seed=5)
-    rows = [index_gpu_check.run_one(kind, False, vectors, tune_q, eval_q, K, TARGET, 0) for kind in ("flat", "ivf")]
+    rows = [gpu_check.run_one(kind, False, vectors, tune_q, eval_q, K, TARGET, 0) for kind in ("flat", "ivf")]
     assert [(r["kind"], r["device"]) for r in rows] == [("flat", "cpu"), ("ivf", "cpu")]
     assert rows[0]["recall"] == 1.0 and "nprobe" in rows[1]["search"]
-    assert index_gpu_check.failures(rows, TARGET) == []
-    assert index_gpu_check.failures([dict(rows[1], recall=0.5)], TARGET) == ["ivf on cpu: recall 0.5000 < 0.9300"]
+    assert gpu_check.failures(rows, TARGET) == []
+    assert gpu_check.failures([dict(rows[1], recall=0.5)], TARGET) == ["ivf on cpu: recall 0.5000 < 0.9300"]

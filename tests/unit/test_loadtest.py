@@ -1,4 +1,4 @@
-"""gateway.loadtest against trivial grpc.aio Recommender servers on free loopback ports.
+"""tools.loadtest (`fusionrec loadtest`) against trivial grpc.aio Recommender servers on free loopback ports.
 
 Behaviour only: counts, codes, shares, files. No latency figure is asserted.
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from gateway import loadtest_report
-from gateway.loadtest import (LoadResult, Sample, load_users, main, request_factory,
-                              run_open_loop)
 from protos import fusionrec_pb2, fusionrec_pb2_grpc
+from tools import loadtest_report
+from tools.cli import main
+from tools.loadtest import LoadResult, Sample, load_users, request_factory, run_open_loop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -164,7 +164,7 @@ def test_users_file_and_request_factory(tmp_path: Path) -> None:
 
 def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
-        main(["--help"])
+        main(["loadtest", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--target", "--rate", "--duration", "--warmup", "--deadline-ms", "--users-file",
@@ -175,7 +175,7 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.fixture
 def trivial_server() -> str:
     """The selfcheck's trivial Recommender in its own process; it prints its port."""
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.loadtest_selfcheck"], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "tools.loadtest_selfcheck"], cwd=REPO,
                             stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline())
@@ -187,7 +187,7 @@ def trivial_server() -> str:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gateway.loadtest", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "tools.cli", "loadtest", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -224,7 +224,7 @@ def test_cli_ramp_reports_steps(trivial_server: str, tmp_path: Path) -> None:
 def test_selfcheck_runs_against_a_subprocess_server() -> None:
     """Prints the figures; PASS/FAIL depends on the machine's load, so it is not asserted."""
     proc = subprocess.run([sys.executable, "-c",
-                           "from gateway.loadtest_selfcheck import selfcheck;"
+                           "from tools.loadtest_selfcheck import selfcheck;"
                            "raise SystemExit(selfcheck(rate=100, duration=1, warmup=0.2))"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode in (0, 1), proc.stderr

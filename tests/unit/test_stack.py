@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 SUPERVISOR = """
 import os, sys, time
-from common.stack import Stack
+from tools.stack import Stack
 stack = Stack(sys.argv[1], sys.argv[1], sys.argv[1])
 stack._spawn("sleeper", ["sleep", "120"], dict(os.environ), {})
 print(stack.processes["sleeper"].popen.pid, flush=True)
@@ -40,6 +40,6 @@ def test_children_die_with_a_killed_supervisor(tmp_path):
 
 
 def test_children_start_without_a_preexec_fn():
-    """A preexec_fn forces fork(), which gRPC's fork handlers can block forever (see common/stack.py)."""
-    from common.stack import SETPRIV
+    """A preexec_fn forces fork(), which gRPC's fork handlers can block forever (see tools/stack.py)."""
+    from tools.stack import SETPRIV
     assert SETPRIV, "setpriv (util-linux) is required to start children"

@@ -1,7 +1,7 @@
-"""Command-line client for the public Recommender API.
+"""Call a running gateway's Recommend and print the slate (`fusionrec recommend`).
 
-  python -m gateway.client --target 127.0.0.1:50050 --user 1 --k 10
-  python -m gateway.client --target 127.0.0.1:50050 --history 1 260 1196 --k 5 --json
+  fusionrec recommend --target 127.0.0.1:50050 --user 1 --k 10
+  fusionrec recommend --target 127.0.0.1:50050 --history 1 260 1196 --k 5 --json
 """
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ def format_response(response: pb.RecommendResponse) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.client", description="Call FusionRec's Recommend")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="gateway address host:port")
     parser.add_argument("--user", default="", help="user id (optional when --history is given)")
     parser.add_argument("--k", type=int, default=10, help="items to return, 1..100 (default: %(default)s)")
@@ -39,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--surface", default="", help="scenario name, e.g. home")
     parser.add_argument("--deadline-ms", type=float, default=1000.0, help="call deadline (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     request = pb.RecommendRequest(user_id=args.user, k=args.k, history_item_ids=args.history,
                                   exclude_item_ids=args.exclude, surface=args.surface)
     try:
@@ -53,7 +54,3 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(format_response(response))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`make bench-batching`: what Triton's dynamic batching buys the fused ranker (it asserts nothing).
+"""`make bench-batching` (`fusionrec bench-batching`): what Triton's dynamic batching buys the fused ranker (it asserts nothing).
 
 Starts Triton alone on the latest artifact set, then for batching on and off (the same model
 reloaded without `dynamic_batching`) and each concurrency, keeps that many one-user requests in
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -19,8 +18,9 @@ from tritonclient.grpc.aio import InferenceServerClient
 
 from common.artifacts import open_artifacts
 from core.features import FUSED_RANKER_NAME, RETRIEVAL_FEATURES
-from common.stack import Stack
 from ranking.triton_scorer import TritonScorer
+from tools.stack import Stack
+from tools.stack_args import add_stack_arguments
 
 
 async def _executions(client: InferenceServerClient, version: str) -> tuple[int, int]:
@@ -96,7 +96,7 @@ def _format_row(row: dict) -> str:
             f"{row['requests_per_execution']:>5.2f} requests/execution")
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def measure_batching(args: argparse.Namespace) -> list[dict]:
     stack = Stack(args.artifacts, args.model_repo, args.run_dir)
     stack.run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -111,21 +111,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ranking.bench_batching", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifact root (default: %(default)s)")
-    p.add_argument("--model-repo", type=Path, default=Path("model_repository"),
-                   help="Triton model repository (default: %(default)s)")
-    p.add_argument("--run-dir", type=Path, default=Path("run/bench-batching"), help="Triton's log (default: %(default)s)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_stack_arguments(p, Path("run/bench-batching"), "Triton's log")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16],
                    help="requests in flight, one run each (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=8.0, help="measured seconds per run (default: %(default)s)")
     p.add_argument("--candidates", type=int, default=300, help="candidates per request (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("reports/bench/triton_batching.json"))
-    run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    measure_batching(args)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`make bench`: start the whole stack, drive the gateway open-loop at a fixed rate with users
+"""`make bench` (`fusionrec bench`): start the whole stack, drive the gateway open-loop at a fixed rate with users
 drawn from the data, and print + write the figures (it asserts nothing).
 
 Reports achieved rate, latency percentiles, errors by code, degraded share, the per-stage
@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 from common.artifacts import open_artifacts
-from common.stack import Stack
-from gateway import loadtest_report as report
-from gateway.loadtest import run_open_loop
 from gateway.user_state import ArtifactHistoryStore
 from protos import fusionrec_pb2 as pb
+from tools import loadtest_report as report
+from tools.loadtest import run_open_loop
+from tools.stack import Stack
+from tools.stack_args import add_stack_arguments
 
 
 def process_tree(pid: int) -> list[int]:
@@ -45,6 +46,21 @@ def cpu_seconds(pid: int) -> float:
 
 def tree_total(measure, pid: int) -> float:
     return sum(measure(p) for p in process_tree(pid))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_stack_arguments(p, Path("run"), "process logs")
+    p.add_argument("--rate", type=float, default=50.0, help="requests per second (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds first (default: %(default)s)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--deadline-ms", type=float, default=250.0)
+    p.add_argument("--out", type=Path, default=Path("reports/bench/serving.json"))
+
+
+def run(args: argparse.Namespace) -> int:
+    run_bench(args)
+    return 0
 
 
 def run_bench(args: argparse.Namespace) -> dict:

@@ -5,12 +5,12 @@ as latency and errors instead of quietly lowering the offered rate (no coordinat
 The tool measures its own scheduling lag (send time minus scheduled time) so that a result from
 an overloaded client can be recognised and discarded.
 
-    python -m gateway.loadtest --target 127.0.0.1:50051 --rate 100 --duration 20 --warmup 3
-    python -m gateway.loadtest --target ... --ramp --rate 50 --ramp-step 25 --ramp-max 300
-    python -m gateway.loadtest --selfcheck      # can this process offer 500 rps on this machine?
-    python -m gateway.loadtest --stack --ramp   # start Triton + services on loopback first (make loadtest)
+    fusionrec loadtest --target 127.0.0.1:50051 --rate 100 --duration 20 --warmup 3
+    fusionrec loadtest --target ... --ramp --rate 50 --ramp-step 25 --ramp-max 300
+    fusionrec loadtest --selfcheck      # can this process offer 500 rps on this machine?
+    fusionrec loadtest --stack --ramp   # start Triton + services on loopback first (make loadtest)
 
-With --stack the tool starts the whole system itself (common.stack.Stack on the --artifacts and
+With --stack the tool starts the whole system itself (tools.stack.Stack on the --artifacts and
 --model-repo given, ports chosen at run time), draws users from the artifact's user histories
 unless --users-file is given, drives it, and stops it.
 """
@@ -27,8 +27,9 @@ from typing import Callable, Sequence, TextIO
 
 import grpc
 
-from gateway import loadtest_report as report
 from protos import fusionrec_pb2, fusionrec_pb2_grpc
+from tools import loadtest_report as report
+from tools.stack_args import add_stack_arguments
 
 RecommendRequest = fusionrec_pb2.RecommendRequest
 RECOMMEND_METHOD = "/fusionrec.v1.Recommender/Recommend"
@@ -183,9 +184,7 @@ def request_factory(users: Sequence[str], k: int, surface: str,
 
 # ---------------------------------------------------------------- CLI
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gateway.loadtest",
-                                description="Open-loop gRPC load test of Recommender/Recommend.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="127.0.0.1:50051", help="gateway host:port")
     p.add_argument("--rate", type=float, default=100.0, help="requests/s (ramp: start rate)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds (per ramp step)")
@@ -213,26 +212,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stack", action="store_true",
                    help="start Triton, retrieval, ranking and gateway on loopback first (--target is "
                         "ignored); users come from the artifact's histories unless --users-file")
-    p.add_argument("--artifacts", type=Path, default=Path("artifacts"),
-                   help="with --stack: artifact root (default: %(default)s)")
-    p.add_argument("--model-repo", type=Path, default=Path("model_repository"),
-                   help="with --stack: Triton model repository (default: %(default)s)")
-    p.add_argument("--run-dir", type=Path, default=Path("run/loadtest"),
-                   help="with --stack: process logs and user state (default: %(default)s)")
-    return p
+    add_stack_arguments(p, Path("run/loadtest"), "process logs and user state", note="with --stack: ")
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
-        return _main(_parser().parse_args(argv))
+        return _run_mode(args)
     except ConnectionError as e:
         print(f"loadtest: {e}", file=sys.stderr)
         return 2
 
 
-def _main(args: argparse.Namespace) -> int:
+def _run_mode(args: argparse.Namespace) -> int:
     if args.selfcheck:
-        from gateway.loadtest_selfcheck import selfcheck
+        from tools.loadtest_selfcheck import selfcheck
         return selfcheck()
     if args.stack:
         return _on_fresh_stack(args)
@@ -242,8 +235,8 @@ def _main(args: argparse.Namespace) -> int:
 def _on_fresh_stack(args: argparse.Namespace) -> int:
     """Start the whole system, load-test its gateway, stop it (also on Ctrl-C or an error)."""
     from common.artifacts import open_artifacts
-    from common.stack import Stack
     from gateway.user_state import ArtifactHistoryStore
+    from tools.stack import Stack
 
     users = (load_users(args.users_file) if args.users_file
              else ArtifactHistoryStore(open_artifacts(args.artifacts)).users())
@@ -306,7 +299,3 @@ async def _ramp(args: argparse.Namespace, make: Callable[[int], RecommendRequest
             break
         rate += args.ramp_step
     return steps
-
-
-if __name__ == "__main__":
-    sys.exit(main())

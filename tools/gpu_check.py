@@ -4,7 +4,7 @@ against exact search and the timings side by side.
 
 Meant for a machine with faiss-gpu (e.g. `pip install faiss-gpu-cu12` in place of faiss-cpu):
 
-    python -m offline.index_gpu_check --n 200000 --dim 768
+    fusionrec gpu-check --n 200000 --dim 768
 
 Exit status: 0 = checks passed (flat recall >= 0.99, IVF held-out recall >= target - 0.02, on
 both devices); 1 = a check failed; 2 = no GPU visible to faiss, so nothing was checked (kept
@@ -58,8 +58,7 @@ def failures(rows: list[dict[str, object]], target: float) -> list[str]:
             for r in rows if r["recall"] < floor[r["kind"]]]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=200_000, help="vectors in the index")
     parser.add_argument("--dim", type=int, default=128, help="vector dimension")
     parser.add_argument("--clusters", type=int, default=1000, help="cluster centers of the data")
@@ -67,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=100, help="recall@k and search depth")
     parser.add_argument("--target", type=float, default=RECALL_TARGET, help="recall target of the tuning")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     if gpu_count() == 0:
         print("no GPU visible to faiss (a faiss-cpu build, or no CUDA device): nothing checked", file=sys.stderr)
         return NO_GPU
@@ -86,7 +87,3 @@ def main(argv: list[str] | None = None) -> int:
     for line in failed:
         print(f"FAIL {line}", file=sys.stderr)
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

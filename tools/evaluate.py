@@ -1,9 +1,9 @@
 """Offline evaluation of a built artifact set on its held-out test split, through the serving stack.
 
-  python -m offline.evaluate --artifacts artifacts --model-repo model_repository --max-users 300
+  fusionrec eval --artifacts artifacts --model-repo model_repository --max-users 300
 
-Starts the real system (Triton + retrieval + ranking + gateway, common.stack.Stack), replays test
-users through it (offline.eval_replay), compares six systems side by side, sweeps the re-ranker's
+Starts the real system (Triton + retrieval + ranking + gateway, tools.stack.Stack), replays test
+users through it (tools.eval_replay), compares six systems side by side, sweeps the re-ranker's
 diversity weight, repeats the replay for simulated cold users, scores held-out MIND impressions
 when the data has them, and writes reports/<dataset>/quality.{md,json} + PNG plots.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -26,11 +25,11 @@ from tqdm import tqdm
 from common.artifacts import open_artifacts
 from common.config import RankingConfig
 from common.logs import get_logger
-from common.stack import Stack
 from offline import eval_aggregate as agg
-from offline.eval_replay import DEPTH, StackReplayer
 from offline.eval_testset import EvalSet, ImpressionCase, load_eval_set, sample
 from offline.report import write_report
+from tools.eval_replay import DEPTH, StackReplayer
+from tools.stack import Stack
 
 log = get_logger("offline.evaluate")
 SWEEP_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -170,31 +169,36 @@ def _spread(values: list, limit: int | None) -> list:
     return [values[int(j)] for j in np.linspace(0, len(values) - 1, limit)]
 
 
-def parse_args(argv: list[str] | None = None) -> EvalOptions:
-    p = argparse.ArgumentParser(prog="python -m offline.evaluate", description=(
-        "Evaluate a built artifact set on its held-out test split by replaying test users through the "
-        "real serving stack; writes quality.md, quality.json and PNG plots."))
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="<kind>:<path> the build read (default: the manifest's data_spec)")
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="artifact root (default: %(default)s)")
     p.add_argument("--model-repo", type=Path, default=Path("model_repository"),
                    help="Triton model repository (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: reports/<dataset>/)")
-    p.add_argument("--max-users", type=int, default=None, help="replay at most N test users (default: all)")
-    p.add_argument("--max-impressions", type=int, default=2000,
+    p.add_argument("--max-users", type=_non_negative, default=None,
+                   help="replay at most N test users (default: all)")
+    p.add_argument("--max-impressions", type=_non_negative, default=2000,
                    help="held-out MIND impressions to score (default: %(default)s; 0 = all)")
-    p.add_argument("--build-max-items", type=int, default=None,
+    p.add_argument("--build-max-items", type=_non_negative, default=None,
                    help="the build's --max-items, if it used one (default: from the manifest when recorded)")
-    p.add_argument("--build-max-users", type=int, default=None, help="the build's --max-users, likewise")
+    p.add_argument("--build-max-users", type=_non_negative, default=None,
+                   help="the build's --max-users, likewise")
     p.add_argument("--cold-history", type=int, default=SHORT_HISTORY,
                    help="simulated cold users keep this many recent items (default: %(default)s; 0 = skip)")
     p.add_argument("--diversity-weight", type=float, default=RankingConfig.diversity_weight,
                    help="the ranking service's served diversity weight (default: %(default)s)")
     p.add_argument("--run-dir", type=Path, default=None, help="process logs (default: a temporary folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
-    for name in ("max_users", "max_impressions", "build_max_items", "build_max_users"):
-        if getattr(a, name) is not None and getattr(a, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
+
+
+def options_from(a: argparse.Namespace) -> EvalOptions:
     return EvalOptions(artifacts=a.artifacts, model_repo=a.model_repo, out=a.out, data=a.data,
                        build_max_items=a.build_max_items, build_max_users=a.build_max_users,
                        max_users=a.max_users or None, max_impressions=a.max_impressions or None,
@@ -202,11 +206,7 @@ def parse_args(argv: list[str] | None = None) -> EvalOptions:
                        run_dir=a.run_dir, progress=not a.no_progress)
 
 
-def main(argv: list[str] | None = None) -> int:
-    out = evaluate(parse_args(argv))
+def run(args: argparse.Namespace) -> int:
+    out = evaluate(options_from(args))
     print(f"report written: {out / 'quality.md'}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

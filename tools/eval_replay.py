@@ -1,6 +1,6 @@
 """Replay test users through the running system, so what is measured is what is served.
 
-Per user, over gRPC to the real stack (common.stack.Stack):
+Per user, over gRPC to the real stack (tools.stack.Stack):
   * gateway Recommend(user_id, k, history_item_ids=<train+valid, oldest first>) -> the served slate
     ("full_pipeline"); with the user id, the CF channel uses the user's trained ALS vector, as
     serving does for a known user;
@@ -31,7 +31,6 @@ from protos import fusionrec_pb2_grpc as pb_grpc
 from core.rerank import DiversityReranker
 from ranking.triton_scorer import TritonScorer
 from core.limits import BERT_HISTORY
-from core.retriever import Retriever
 
 DEPTH = 300             # per-channel depth = the retrieval service's default candidate count
 MAX_HISTORY = 1_000     # the gateway's limit on history_item_ids; older items go to exclude

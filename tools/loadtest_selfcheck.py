@@ -1,4 +1,4 @@
-"""`python -m gateway.loadtest --selfcheck`: can one client process offer 500 rps here?
+"""`fusionrec loadtest --selfcheck`: can one client process offer 500 rps here?
 
 Starts a trivial Recommender in a separate process (so server work does not steal the client's
 event loop), drives it open-loop and prints achieved rate and the client's scheduling lag.
@@ -38,9 +38,9 @@ async def serve_trivial() -> None:
 
 
 def selfcheck(rate: float = SELFCHECK_RATE, duration: float = 5.0, warmup: float = 1.0) -> int:
-    from gateway.loadtest import load_users, request_factory, run_open_loop
+    from tools.loadtest import load_users, request_factory, run_open_loop
 
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.loadtest_selfcheck"],
+    proc = subprocess.Popen([sys.executable, "-m", "tools.loadtest_selfcheck"],
                             stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -1,4 +1,4 @@
-"""Summaries, JSON and PNG for gateway.loadtest results (kept apart so the sender stays small)."""
+"""Summaries, JSON and PNG for tools.loadtest results (kept apart so the sender stays small)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from gateway.loadtest import LoadResult
+    from tools.loadtest import LoadResult
 
 PERCENTILES = {"p50": 50, "p90": 90, "p99": 99, "p99.9": 99.9}
 # A client whose sends run this late is measuring itself, not the server: the summary says so.

@@ -1,0 +1,181 @@
+"""A tiny synthetic artifact set, written in well under a second, and the fakes that serve it in
+process (a Scorer in place of Triton, a grpc.aio servicer context), for unit tests.
+
+It has the files and manifest keys offline/build.py writes (tests/unit/test_tiny_artifacts.py
+checks both against it), so open_artifacts, common.components.load_retriever,
+ranking.ranker.Ranker and gateway.serving_state.ServingState load it as they load a real one.
+The data is seeded noise: unit-row embeddings, flat FAISS indexes, a LightGBM booster trained
+for a few rounds on random rows. There is no Triton model: tests score with FakeScorer (a
+core.scoring.Scorer).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import faiss
+import grpc
+import lightgbm as lgb
+import numpy as np
+
+from common.artifacts import next_version, publish, write_manifest
+from common.faiss_index import index_info
+from core.features import FUSED_RANKER_NAME, RERANK_FEATURES, TEXT_ENCODER_NAME
+from core.rerank import FUSED_COLUMN
+from core.scoring import ScorerUnavailable
+
+N_CATEGORIES = 4
+HISTORY = (3, 10)           # history length range per user (inclusive)
+CF_USER_SHARE = 0.75        # the rest of the users have no trained CF vector: the cf channel folds them in
+CF_ALPHA, CF_REGULARIZATION = 10.0, 0.05
+RERANK_GROUPS, RERANK_ROWS, RERANK_ROUNDS = 20, 30, 3
+
+
+def item_id(j: int) -> str:
+    return f"item{j:04d}"
+
+
+def user_id(j: int) -> str:
+    return f"user{j:04d}"
+
+
+def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_dim: int = 16,
+                         cf_dim: int = 8, seed: int = 0, quotas: dict[str, int] | None = None) -> Path:
+    """Publish a new version under `root` (root/<v>/ and root/LATEST) and return its folder.
+
+    Item j has id item_id(j), user j id user_id(j); users user_id(0..) up to CF_USER_SHARE have
+    a trained CF vector. quotas default to a split that fits n_items (the build tunes them)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    version = next_version(root)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+
+    item_text = _unit_rows(rng, n_items, text_dim)
+    item_cf = _unit_rows(rng, n_items, cf_dim)
+    users = [user_id(j) for j in range(n_users)]
+    cf_users = users[:max(1, int(n_users * CF_USER_SHARE))]
+    user_cf = _unit_rows(rng, len(cf_users), cf_dim)
+    histories = [rng.choice(n_items, size=rng.integers(HISTORY[0], HISTORY[1] + 1), replace=False)
+                 for _ in users]
+    counts = np.bincount(np.concatenate(histories), minlength=n_items).astype(np.int64)
+    popularity = (np.log1p(counts) / max(np.log1p(counts).max(), 1e-6)).astype(np.float32)
+    categories = [f"category{c}" for c in range(N_CATEGORIES)]
+    item_category = rng.integers(0, N_CATEGORIES + 1, size=n_items).astype(np.int64)   # 0 = unknown
+
+    indexes = {}
+    for name, vectors in (("text", item_text), ("cf", item_cf)):
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))   # the build's kind below 50k items
+        index.add_with_ids(vectors, np.arange(n_items, dtype=np.int64))
+        faiss.write_index(index, str(staging / f"index_{name}.faiss"))
+        indexes[name] = {**asdict(index_info(index)), "recall@100": 1.0}
+
+    np.save(staging / "item_text.npy", item_text)
+    np.save(staging / "item_cf.npy", item_cf)
+    np.save(staging / "user_cf.npy", user_cf)
+    np.save(staging / "cf_gram.npy", (item_cf.T @ item_cf).astype(np.float32))
+    np.save(staging / "item_counts.npy", counts)
+    np.save(staging / "popular.npy", np.argsort(-counts, kind="stable").astype(np.int64))
+    np.save(staging / "item_category.npy", item_category)
+    np.save(staging / "item_side.npy", np.column_stack(
+        [popularity, rng.random(n_items, dtype=np.float32)]).astype(np.float32))
+    (staging / "cf_users.json").write_text(json.dumps(cf_users))
+    (staging / "catalog.json").write_text(json.dumps({
+        "item_ids": [item_id(j) for j in range(n_items)],
+        "titles": [f"Tiny item {j}" for j in range(n_items)],
+        "categories": [categories[c - 1] if c else "" for c in item_category.tolist()],
+        "category_names": ["", *categories]}))
+    np.savez(staging / "user_history.npz", users=np.array(users, dtype=str),
+             offsets=np.r_[0, np.cumsum([len(h) for h in histories])].astype(np.int64),
+             items=np.concatenate(histories).astype(np.int64))
+    _train_booster(rng, seed).save_model(str(staging / "reranker.txt"))
+
+    quotas = quotas or _default_quotas(n_items)
+    write_manifest(staging, {
+        "version": version, "dataset": "tiny", "data_spec": f"tiny:seed={seed}",
+        "data_fingerprint": hashlib.sha256(f"tiny {n_items} {n_users} {seed}".encode()).hexdigest()[:16],
+        "split": "none (synthetic)", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_options": {"max_items": n_items, "max_users": n_users, "epochs": 0, "seed": seed},
+        "counts": {"items": n_items, "cf_users": len(cf_users), "users": n_users,
+                   "interactions": int(counts.sum()), "categories": N_CATEGORIES},
+        "dims": {"text": text_dim, "cf": cf_dim},
+        "text_encoder": "tiny_random",
+        "cf": {"alpha": CF_ALPHA, "regularization": CF_REGULARIZATION, "factors": cf_dim},
+        "models": {FUSED_RANKER_NAME: str(version), "reranker": str(version), TEXT_ENCODER_NAME: "1"},
+        "indexes": indexes,
+        "quality": {},
+        "retrieval": {"quotas": quotas, "recall@300_valid": {}},
+        "stages": [],
+        "model_checksum": "",   # no Triton model is written
+    })
+    return publish(root, staging, version)
+
+
+def _unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _default_quotas(n_items: int) -> dict[str, int]:
+    third = max(1, n_items // 3)
+    return {"bert": third, "cf": third, "popular": max(1, third // 2)}
+
+
+def _train_booster(rng: np.random.Generator, seed: int) -> lgb.Booster:
+    """A LambdaRank booster over the RERANK_FEATURES columns, boosted from the fused score like the
+    real one (offline/reranker.py), trained for a few rounds on random rows."""
+    rows = RERANK_GROUPS * RERANK_ROWS
+    x = rng.random((rows, len(RERANK_FEATURES))).astype(np.float32)
+    y = (rng.random(rows) < 0.2).astype(np.float32)
+    data = lgb.Dataset(x, y, group=[RERANK_ROWS] * RERANK_GROUPS, init_score=x[:, FUSED_COLUMN],
+                       feature_name=list(RERANK_FEATURES))
+    params = {"objective": "lambdarank", "num_leaves": 4, "min_data_in_leaf": 5, "num_threads": 1,
+              "seed": seed, "deterministic": True, "verbose": -1}
+    return lgb.train(params, data, num_boost_round=RERANK_ROUNDS)
+
+
+class FakeScorer:
+    """core.scoring.Scorer without Triton: item j scores -j / 1000 (lower indices first), or every
+    call raises `fail` (e.g. ScorerUnavailable) when set. Records the calls it got."""
+
+    def __init__(self, model_version: str = "1", fail: Exception | None = None) -> None:
+        self.model_version = model_version
+        self.fail = fail
+        self.calls: list[dict[str, np.ndarray | None]] = []
+
+    async def score(self, history: np.ndarray, candidates: np.ndarray, features: np.ndarray,
+                    timeout_s: float, extra_text: np.ndarray | None = None,
+                    extra_category: np.ndarray | None = None) -> np.ndarray:
+        self.calls.append({"history": history, "candidates": candidates, "features": features,
+                           "extra_text": extra_text, "extra_category": extra_category})
+        if self.fail is not None:
+            raise self.fail
+        return (-np.asarray(candidates, np.float32) / 1000.0).astype(np.float32)
+
+
+def unavailable(reason: str = "triton_unavailable") -> ScorerUnavailable:
+    return ScorerUnavailable(reason, "fake scorer: down")
+
+
+class FakeServicerContext:
+    """The part of grpc.aio.ServicerContext the servicers use: abort records the status and raises
+    grpc.aio.AbortError, as the real one does."""
+
+    def __init__(self, time_remaining_s: float | None = None) -> None:
+        self._code: grpc.StatusCode | None = None
+        self.details = ""
+        self._time_remaining = time_remaining_s
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
+        self._code, self.details = code, details
+        raise grpc.aio.AbortError(f"{code.name}: {details}")
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def time_remaining(self) -> float | None:
+        return self._time_remaining

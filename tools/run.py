@@ -1,0 +1,55 @@
+"""Start Triton, retrieval, ranking and gateway on 127.0.0.1 (ports chosen at run time), print
+recommendations for a few sample users, then serve until Ctrl-C (`make run`)."""
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from pathlib import Path
+
+from tools.stack_args import add_stack_arguments
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_stack_arguments(p, Path("run"), "process logs")
+    p.add_argument("--samples", type=int, default=3, help="sample users to print (default: %(default)s)")
+    p.add_argument("--k", type=int, default=5, help="items per sample (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.artifacts import open_artifacts
+    from gateway.user_state import ArtifactHistoryStore
+    from protos import fusionrec_pb2 as pb
+    from tools.client import format_response, recommend
+    from tools.stack import Stack
+
+    stack = Stack(args.artifacts, args.model_repo, args.run_dir)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    print("starting Triton, retrieval, ranking and gateway on 127.0.0.1 ...", flush=True)
+    started = time.monotonic()
+    stack.start()
+    try:
+        print(f"all SERVING after {time.monotonic() - started:.1f}s; logs in {args.run_dir}/")
+        for name, proc in stack.processes.items():
+            print(f"  {name:<10} pid {proc.popen.pid:<7} ports {proc.ports}")
+        gateway = stack.addr("gateway")
+        users = ArtifactHistoryStore(open_artifacts(args.artifacts)).users()[:args.samples]
+        for user in users:
+            print(f"\nRecommend(user_id={user!r}, k={args.k}):")
+            print(format_response(recommend(gateway, pb.RecommendRequest(user_id=user, k=args.k))))
+        print(f"\nGateway: {gateway}   try: .venv/bin/fusionrec recommend --target {gateway} --user 1")
+        print("Serving until Ctrl-C ...", flush=True)
+        while not stop["now"]:
+            for name, proc in stack.processes.items():
+                if proc.popen.poll() is not None:
+                    print(f"{name} exited ({proc.popen.returncode}); stopping. Last lines:\n{proc.tail()}")
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nstopping ...", flush=True)
+        stack.stop()
+        print("stopped.")
+    return 0
