@@ -1,5 +1,6 @@
-"""The feature spec: one declaration that drives ranker training, export, config.pbtxt and the
-Triton client (fused ranker), and the LightGBM re-ranker's training and serving.
+"""The feature spec: one declaration that drives ranker training, export, config.pbtxt (written by
+offline/serving/triton_config.py) and the Triton client (fused ranker), and the LightGBM
+re-ranker's training and serving.
 
 Bump FEATURE_SPEC_VERSION whenever a feature's meaning, order or count changes: the manifest
 records it and services refuse artifacts built against another version.
@@ -16,12 +17,14 @@ CHANNELS: tuple[str, ...] = ("bert", "cf", "popular")
 RETRIEVAL_FEATURES: tuple[str, ...] = tuple(
     f"{channel}_{kind}" for channel in CHANNELS for kind in ("score", "rank_inv"))
 
+TensorSpec = tuple[str, str, tuple[int, ...]]   # (name, Triton datatype, dims without the batch dim)
+
 # Triton model fused_ranker: (name, datatype, dims), dims without the batch dim: the model is
 # dynamically batched with ragged inputs, a request is one user and sends [1, *dims] tensors.
 # Indices >= the artifact set's item count are online items: their BERT vectors and categories
 # come in the optional extra_* inputs (row = index - item count), scored by the content-only path.
 FUSED_RANKER_NAME = "fused_ranker"
-FUSED_RANKER_INPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
+FUSED_RANKER_INPUTS: tuple[TensorSpec, ...] = (
     ("history", "INT64", (-1,)),                           # [L] item indices, oldest first
     ("candidates", "INT64", (-1,)),                        # [N] item indices
     ("features", "FP32", (-1, len(RETRIEVAL_FEATURES))),   # [N, F] retrieval features
@@ -29,7 +32,18 @@ FUSED_RANKER_INPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (
     ("extra_category", "INT64", (-1,)),                    # [M] optional: their category indices
 )
 OPTIONAL_INPUTS = frozenset({"extra_text", "extra_category"})
-FUSED_RANKER_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (("scores", "FP32", (-1,)),)
+FUSED_RANKER_OUTPUTS: tuple[TensorSpec, ...] = (("scores", "FP32", (-1,)),)
+FUSED_RANKER_MAX_BATCH = 16           # users per model execution
+FUSED_RANKER_QUEUE_DELAY_US = 0       # no waiting: batches form from requests queued while busy
+FUSED_RANKER_MAX_CANDIDATES = 1000    # per request; the served model refuses more
+
+# Triton model text_encoder: raw item texts in, unit-norm BERT vectors out (new items online).
+TEXT_ENCODER_NAME = "text_encoder"
+TEXT_ENCODER_INPUTS: tuple[TensorSpec, ...] = (("text", "BYTES", (-1,)),)
+TEXT_ENCODER_OUTPUTS: tuple[TensorSpec, ...] = (("embedding", "FP32", (-1, -1)),)
+
+# Versions Triton holds per model: the one serving and the one being swapped in (hot swap).
+MODEL_VERSIONS_KEPT = 2
 
 # The re-ranker sees the fused score, the retrieval features, item side features, and the
 # diversity features measured against the slate built so far.
@@ -67,57 +81,3 @@ def rerank_features(
         fused, fused_rank_inv, retrieval, popularity, age, max_sim, same_category,
         np.full(m, position, dtype=np.float32)]).astype(np.float32, copy=False)
 
-
-FUSED_RANKER_MAX_BATCH = 16           # users per model execution
-FUSED_RANKER_QUEUE_DELAY_US = 0       # no waiting: batches form from requests queued while busy
-
-
-def fused_ranker_config(max_candidates: int = 1000, threads: int = 1, max_batch: int = FUSED_RANKER_MAX_BATCH,
-                        queue_delay_us: int = FUSED_RANKER_QUEUE_DELAY_US) -> str:
-    """config.pbtxt for the fused ranker, generated from the spec above."""
-    return "\n".join([
-        f'name: "{FUSED_RANKER_NAME}"',
-        'backend: "python"',
-        f"max_batch_size: {max_batch}",
-        # Ragged: requests with different history / candidate counts still share a batch.
-        _tensors("input", FUSED_RANKER_INPUTS, ragged=True),
-        _tensors("output", FUSED_RANKER_OUTPUTS),
-        f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}",
-        "instance_group [ { kind: KIND_CPU count: 1 } ]",
-        # Two versions: the one serving and the one being swapped in (hot swap without failures).
-        "version_policy: { latest: { num_versions: 2 } }",
-        f'parameters: {{ key: "torch_threads" value: {{ string_value: "{threads}" }} }}',
-        f'parameters: {{ key: "feature_spec_version" value: {{ string_value: "{FEATURE_SPEC_VERSION}" }} }}',
-        f'parameters: {{ key: "max_candidates" value: {{ string_value: "{max_candidates}" }} }}',
-        ""])
-
-
-# Triton model text_encoder: raw item texts in, unit-norm BERT vectors out (new items online).
-TEXT_ENCODER_NAME = "text_encoder"
-TEXT_ENCODER_INPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (("text", "BYTES", (-1,)),)
-TEXT_ENCODER_OUTPUTS: tuple[tuple[str, str, tuple[int, ...]], ...] = (("embedding", "FP32", (-1, -1)),)
-
-
-def _tensors(kind: str, spec: tuple[tuple[str, str, tuple[int, ...]], ...], ragged: bool = False) -> str:
-    # Triton spells BYTES tensors TYPE_STRING in config.pbtxt.
-    rows = [f'  {{ name: "{n}" data_type: TYPE_{"STRING" if t == "BYTES" else t} '
-            f'dims: [ {", ".join(map(str, d))} ]{" optional: true" if n in OPTIONAL_INPUTS else ""}'
-            f'{" allow_ragged_batch: true" if ragged else ""} }}'
-            for n, t, d in spec]
-    return f"{kind} [\n" + ",\n".join(rows) + "\n]"
-
-
-def text_encoder_config(max_length: int, threads: int = 1) -> str:
-    """config.pbtxt for the text encoder; max_length must match the offline encoder's."""
-    return "\n".join([
-        f'name: "{TEXT_ENCODER_NAME}"',
-        'backend: "python"',
-        "max_batch_size: 0",
-        _tensors("input", TEXT_ENCODER_INPUTS),
-        _tensors("output", TEXT_ENCODER_OUTPUTS),
-        "instance_group [ { kind: KIND_CPU count: 1 } ]",
-        # Two versions: the one serving and the one being swapped in (hot swap without failures).
-        "version_policy: { latest: { num_versions: 2 } }",
-        f'parameters: {{ key: "torch_threads" value: {{ string_value: "{threads}" }} }}',
-        f'parameters: {{ key: "max_length" value: {{ string_value: "{max_length}" }} }}',
-        ""])

@@ -23,18 +23,19 @@ import torch
 
 from common.artifacts import next_version, open_artifacts, publish, write_manifest
 from common.components import load_retriever
-from core.item_text import item_text
+from core.item_text import item_text as embedding_text
 from common.faiss_index import index_info
-from core.features import (FUSED_RANKER_NAME, TEXT_ENCODER_NAME, fused_ranker_config, retrieval_features,
-                             text_encoder_config)
+from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME, retrieval_features
 from common.logs import get_logger
 from offline import datasets
 from offline.cf import train_als
 from offline.index import RECALL_K, build_index, recall_at_k
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
-from offline.ranker import MAX_HISTORY, FusedRanker, RankingList, export_torchscript, score_lists, train_ranker
+from offline.ranker import MAX_HISTORY, RankingList, score_lists, train_ranker
 from offline.reranker import rerank_training_groups, train_reranker
+from offline.serving.export import RANKER_WEIGHTS, publish_fused_ranker, publish_text_encoder, script_ranker
+from offline.serving.fused_ranker import FusedRanker
 from offline.split import dataset_split, split_impressions
 from offline.text_encoder import TextEncoder
 from core.rerank import DiversityReranker
@@ -42,7 +43,6 @@ from core.limits import DEFAULT_QUOTAS
 from core.retriever import Retriever
 
 log = get_logger("offline.build")
-MODEL_SOURCES = Path(__file__).resolve().parent.parent / "model_repository"   # model.py of each Triton model
 HISTORY_KEEP = 100   # recent history per user kept for serving
 QUOTA_USERS = 2000    # validation users the channel quotas are tuned on (bounds the stage's time)
 INDEX_QUERIES = 100   # sample queries per FAISS index, for tuning and again for measuring recall
@@ -171,7 +171,7 @@ def build(opts: BuildOptions) -> Path:
 
     with stages.stage("text", figures := {}):
         encoder = TextEncoder(opts.text_model_dir, cache_dir=opts.cache_dir / "embeddings")
-        texts = [item_text(it.title, it.text, it.category) for it in ds.items]
+        texts = [embedding_text(it.title, it.text, it.category) for it in ds.items]
         item_text = encoder.encode(texts, progress="bert" if opts.progress else None)
         figures.update(model=encoder.name, dim=str(encoder.dim))
 
@@ -277,7 +277,7 @@ def build(opts: BuildOptions) -> Path:
         losses = train_ranker(model, train_lists, epochs=opts.epochs, seed=opts.seed, progress=opts.progress)
         model_dir = staging / "model"
         model_dir.mkdir()
-        scripted = export_torchscript(model, str(model_dir / "model.pt"))
+        scripted = script_ranker(model, model_dir / RANKER_WEIGHTS)
         test_lists = _lists(retriever, hist_seq, test_t, rerank_users)
         eager, script = score_lists(model, test_lists[:20]), score_lists(scripted, test_lists[:20])
         quality["torchscript_max_abs_diff"] = float(max((np.abs(a - b).max() for a, b in zip(eager, script)), default=0))
@@ -327,49 +327,15 @@ def build(opts: BuildOptions) -> Path:
         model_src = staging / "model"
         manifest["quality"] = quality
         manifest["stages"] = [{"stage": n, "seconds": round(s, 2), "peak_mib": round(m)} for n, s, m, _ in stages.rows]
-        model_version_dir = _publish_model(opts.model_repo, model_src, version)
-        manifest["models"][TEXT_ENCODER_NAME] = _publish_text_encoder(opts.model_repo, encoder)
+        model_version_dir = publish_fused_ranker(opts.model_repo, model_src / RANKER_WEIGHTS, version)
+        manifest["models"][TEXT_ENCODER_NAME] = publish_text_encoder(opts.model_repo, encoder)
         shutil.rmtree(model_src)
-        manifest["model_checksum"] = hashlib.sha256((model_version_dir / "model.pt").read_bytes()).hexdigest()
+        manifest["model_checksum"] = hashlib.sha256((model_version_dir / RANKER_WEIGHTS).read_bytes()).hexdigest()
         write_manifest(staging, manifest)
         final = publish(opts.artifacts, staging, version)
         figures.update(version=str(version), path=str(final))
     print(stages.table())
     return final
-
-
-def _publish_model(repo: Path, src: Path, version: int) -> Path:
-    model_root = _ensure(repo / FUSED_RANKER_NAME)
-    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_root))
-    shutil.copy2(src / "model.pt", tmp / "model.pt")
-    shutil.copy2(MODEL_SOURCES / FUSED_RANKER_NAME / "model.py", tmp / "model.py")
-    final = model_root / str(version)
-    tmp.rename(final)
-    config = model_root / "config.pbtxt"
-    config.with_suffix(".tmp").write_text(fused_ranker_config())
-    config.with_suffix(".tmp").replace(config)
-    return final
-
-
-def _publish_text_encoder(repo: Path, encoder: TextEncoder) -> str:
-    """Export the BERT encoder as Triton model text_encoder; a new version only when it changed."""
-    model_root = _ensure(repo / TEXT_ENCODER_NAME)
-    source = {"model": encoder.fingerprint(), "max_length": encoder.max_length,
-              "code": hashlib.sha256((MODEL_SOURCES / TEXT_ENCODER_NAME / "model.py").read_bytes()).hexdigest()}
-    versions = sorted((int(p.name) for p in model_root.glob("[0-9]*") if p.name.isdigit()), reverse=True)
-    if versions and (model_root / str(versions[0]) / "source.json").exists() and \
-            json.loads((model_root / str(versions[0]) / "source.json").read_text()) == source:
-        return str(versions[0])
-    version = (versions[0] if versions else 0) + 1
-    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_root))
-    shutil.copytree(encoder.model_dir, tmp / "model", ignore=shutil.ignore_patterns("*.md", ".git*"))
-    shutil.copy2(MODEL_SOURCES / TEXT_ENCODER_NAME / "model.py", tmp / "model.py")
-    (tmp / "source.json").write_text(json.dumps(source))
-    tmp.rename(model_root / str(version))
-    config = model_root / "config.pbtxt"
-    config.with_suffix(".tmp").write_text(text_encoder_config(encoder.max_length))
-    config.with_suffix(".tmp").replace(config)
-    return str(version)
 
 
 def _ensure(path: Path) -> Path:

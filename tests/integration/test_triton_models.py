@@ -7,6 +7,8 @@ import torch
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from offline.serving.export import load_ranker
+
 pytestmark = pytest.mark.integration
 
 
@@ -47,7 +49,7 @@ def _local(model, history, candidates, features, extra_text=None, extra_category
 
 def test_fused_ranker_scores_equal_in_process(client, built, artifacts):
     version = artifacts.manifest["models"]["fused_ranker"]
-    local = torch.jit.load(str(built[1] / "fused_ranker" / version / "model.pt")).eval()
+    local = load_ranker(built[1], version)
     rng = np.random.default_rng(1)
     n = artifacts.manifest["counts"]["items"]
     for history_len in (0, 7, 80):
@@ -60,7 +62,7 @@ def test_fused_ranker_scores_equal_in_process(client, built, artifacts):
 
 def test_fused_ranker_scores_online_items_like_in_process(client, built, artifacts):
     version = artifacts.manifest["models"]["fused_ranker"]
-    local = torch.jit.load(str(built[1] / "fused_ranker" / version / "model.pt")).eval()
+    local = load_ranker(built[1], version)
     n = artifacts.manifest["counts"]["items"]
     rng = np.random.default_rng(2)
     extra_text = rng.normal(size=(3, 384)).astype(np.float32)
@@ -92,7 +94,7 @@ def test_fused_ranker_batches_concurrent_users_and_scores_each_like_in_process(c
     executions; every good request gets its own scores, the bad one alone gets an error."""
     from concurrent.futures import ThreadPoolExecutor
     version = artifacts.manifest["models"]["fused_ranker"]
-    local = torch.jit.load(str(built[1] / "fused_ranker" / version / "model.pt")).eval()
+    local = load_ranker(built[1], version)
     n = artifacts.manifest["counts"]["items"]
     rng = np.random.default_rng(3)
     users = []

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from offline.serving.export import SERVED_MODELS
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REPO = DEPLOY.parent
 SERVICES = {"gateway", "retrieval", "ranking", "triton", "redis", "prometheus", "grafana"}
@@ -118,7 +120,16 @@ def test_triton_image_and_models() -> None:
     assert "requirements-triton.txt" in triton  # same pins as the embedded Triton
     cmd = _compose()["services"]["triton"]["command"]
     loaded = {c.split("=", 1)[1] for c in cmd if c.startswith("--load-model=")}
-    assert loaded == {p.name for p in (REPO / "model_repository").iterdir() if p.is_dir()}
+    assert loaded == set(SERVED_MODELS)
+
+
+def test_service_image_copies_every_package() -> None:
+    """The image installs the project with `pip install -e .`: every package pyproject lists must be in it."""
+    import tomllib
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = {line.split()[-1].rstrip("/") for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY ")}   # destinations: protos/ gets the .proto, stubs are built there
+    assert set(packages) <= copied, f"deploy/Dockerfile does not copy {sorted(set(packages) - copied)}"
 
 
 def _free_port() -> int:

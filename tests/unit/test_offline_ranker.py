@@ -2,7 +2,8 @@
 import numpy as np
 import torch
 
-from offline.ranker import FusedRanker, RankingList, train_ranker
+from offline.ranker import RankingList, train_ranker
+from offline.serving.fused_ranker import FusedRanker
 
 
 def _trained_weights(seed: int) -> torch.Tensor:

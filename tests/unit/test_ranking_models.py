@@ -2,15 +2,18 @@ import lightgbm as lgb
 import numpy as np
 import torch
 
-from core.features import RERANK_FEATURES, fused_ranker_config
+from tritonclient.grpc import model_config_pb2 as mc
+
+from core.features import RERANK_FEATURES
 from core.rerank import DiversityReranker
+from offline.serving.export import load_ranker
+from offline.serving.triton_config import fused_ranker_config
 
 
 def test_exported_torchscript_equals_eager(built, artifacts):
-    from offline.ranker import FusedRanker
     m = artifacts.manifest
     assert m["quality"]["torchscript_max_abs_diff"] < 1e-5
-    scripted = torch.jit.load(str(built[1] / "fused_ranker" / str(m["version"]) / "model.pt"))
+    scripted = load_ranker(built[1], m["version"])
     history = torch.tensor([1, 2, 3])
     candidates = torch.arange(100, 160)
     features = torch.rand(60, 6)
@@ -28,18 +31,21 @@ def test_exported_torchscript_equals_eager(built, artifacts):
 
 
 def test_config_pbtxt_comes_from_the_feature_spec():
-    text = fused_ranker_config()
+    config = fused_ranker_config()
+    tensors = {t.name: t for t in [*config.input, *config.output]}
     for name in ("history", "candidates", "features", "scores"):
-        assert f'name: "{name}"' in text
-    assert "dims: [ -1, 6 ] allow_ragged_batch: true" in text
-    assert "max_batch_size: 16" in text and "dynamic_batching {" in text
-    assert 'name: "extra_text" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true allow_ragged_batch: true' in text
+        assert name in tensors
+    assert list(tensors["features"].dims) == [-1, 6] and tensors["features"].allow_ragged_batch
+    assert config.max_batch_size == 16 and config.HasField("dynamic_batching")
+    extra = tensors["extra_text"]
+    assert (extra.data_type, list(extra.dims), extra.optional, extra.allow_ragged_batch) == (
+        mc.TYPE_FP32, [-1, -1], True, True)
 
 
 def test_forward_batch_equals_one_user_at_a_time(built, artifacts):
     """Triton hands the model several users at once: the batched path must score each user exactly
     as the one-user path does (padding, history truncation, ALS fold-in, online items)."""
-    scripted = torch.jit.load(str(built[1] / "fused_ranker" / str(artifacts.manifest["version"]) / "model.pt"))
+    scripted = load_ranker(built[1], artifacts.manifest["version"])
     n = int(scripted.item_text.shape[0])
     rng = np.random.default_rng(0)
     extra_text = torch.nn.functional.normalize(torch.rand(4, 384), dim=-1)

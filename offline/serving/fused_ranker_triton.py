@@ -1,10 +1,13 @@
 """Triton python-backend model: runs the exported TorchScript fused ranker (model.pt beside this file).
 
-Inputs and outputs follow common/features.py (FUSED_RANKER_INPUTS/OUTPUTS); config.pbtxt is
-generated from the same spec by the offline build. The model is dynamically batched with ragged
-inputs: each request is one user ([1, ...] tensors of its own sizes), and `execute` receives every
-request the batcher gathered. Valid requests are scored together in one `forward_batch` call; a
-request with bad input gets its own error and does not fail the others.
+Written to model_repository/fused_ranker/<version>/model.py by offline/serving/export.py, with a
+config.pbtxt generated from core/features.py (FUSED_RANKER_INPUTS/OUTPUTS). This file runs inside
+Triton's own environment: it imports only numpy, torch and triton_python_backend_utils.
+Input and output dtypes come from the model config; a config naming a feature spec version this
+file does not know fails the load. The model is dynamically batched with ragged inputs: each
+request is one user ([1, ...] tensors of its own sizes), and `execute` receives every request the
+batcher gathered. Valid requests are scored together in one `forward_batch` call; a request with
+bad input gets its own error and does not fail the others.
 
 The python backend stub embeds the system Python, so Triton's own venv site-packages (numpy<2,
 torch) are added to sys.path explicitly from FUSIONREC_TRITON_SITE, which the launcher sets.
@@ -22,11 +25,26 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
+# The feature spec versions (core/features.py) whose inputs this code scores; tests check that the
+# current one is listed, so bumping the spec means reviewing this file.
+KNOWN_FEATURE_SPEC_VERSIONS = ("3",)
+INPUTS = ("history", "candidates", "features", "extra_text", "extra_category")   # forward_batch order
+
 
 class TritonPythonModel:
     def initialize(self, args):
+        """Once per loaded version: check the config's spec version, read dtypes, load model.pt."""
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        spec = params.get("feature_spec_version")
+        if spec not in KNOWN_FEATURE_SPEC_VERSIONS:
+            raise ValueError(f"fused_ranker: config.pbtxt names feature_spec_version {spec!r}, this model.py "
+                             f"knows {list(KNOWN_FEATURE_SPEC_VERSIONS)}: re-export the model (make artifacts)")
+        self.dtypes = {name: pb_utils.triton_string_to_numpy(pb_utils.get_input_config_by_name(
+            config, name)["data_type"]) for name in INPUTS}
+        output = config["output"][0]
+        self.output_name = output["name"]
+        self.output_dtype = pb_utils.triton_string_to_numpy(output["data_type"])
         torch.set_num_threads(int(params.get("torch_threads", "1")))
         self.max_candidates = int(params.get("max_candidates", "1000"))
         folder = os.path.join(args["model_repository"], args["model_version"])
@@ -35,6 +53,7 @@ class TritonPythonModel:
         self.text_dim = int(self.model.item_text.shape[1])
 
     def execute(self, requests):
+        """One batcher-gathered list of requests -> one response each, in order."""
         parsed, errors = [], {}
         for j, request in enumerate(requests):
             try:
@@ -45,25 +64,25 @@ class TritonPythonModel:
         by_request = {j: s for (j, _), s in zip(parsed, scores)}
         return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(errors[j]))
                 if j in errors else
-                pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("scores", by_request[j][None, :])])
+                pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, by_request[j][None, :])])
                 for j in range(len(requests))]
 
     def _inputs(self, request):
         """One request's arrays without the batch dim, checked; raises ValueError naming the input."""
-        def get(name, dtype, empty_shape):
+        def get(name, empty_shape):
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
-                return np.zeros(empty_shape, dtype)
+                return np.zeros(empty_shape, self.dtypes[name])
             array = tensor.as_numpy()
             if array.shape[0] != 1:
                 raise ValueError(f"{name}: batch dimension must be 1 (one user per request), got {array.shape[0]}")
-            return array[0].astype(dtype, copy=False)
+            return array[0].astype(self.dtypes[name], copy=False)
 
-        history = get("history", np.int64, (0,))
-        candidates = get("candidates", np.int64, (0,))
-        features = get("features", np.float32, (0, 0))
-        extra_text = get("extra_text", np.float32, (0, self.text_dim))
-        extra_category = get("extra_category", np.int64, (0,))
+        history = get("history", (0,))
+        candidates = get("candidates", (0,))
+        features = get("features", (0, 0))
+        extra_text = get("extra_text", (0, self.text_dim))
+        extra_category = get("extra_category", (0,))
         if extra_text.ndim != 2 or extra_text.shape[1] != self.text_dim or len(extra_category) != len(extra_text):
             raise ValueError(f"extra_text: must be [M, {self.text_dim}] with M = len(extra_category)")
         if len(candidates) > self.max_candidates:
@@ -94,5 +113,5 @@ class TritonPythonModel:
                 torch.tensor(counts, dtype=torch.int64),
                 torch.from_numpy(np.concatenate([b[2] for b in batch])),
                 torch.from_numpy(np.concatenate([b[3] for b in batch])),
-                torch.from_numpy(np.concatenate([b[4] for b in batch]))).numpy().astype(np.float32)
+                torch.from_numpy(np.concatenate([b[4] for b in batch]))).numpy().astype(self.output_dtype)
         return np.split(scores, np.cumsum(counts)[:-1])
