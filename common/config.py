@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from core.limits import DEFAULT_CANDIDATES
+
 T = TypeVar("T")
 
 
@@ -30,7 +32,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class RetrievalConfig(ServerConfig):
-    candidates: int = _flag(300, "default number of candidates per request")
+    candidates: int = _flag(DEFAULT_CANDIDATES, "default number of candidates per request")
     faiss_threads: int = _flag(1, "FAISS OpenMP threads (1 is fastest for one query per call)")
     faiss_gpu: str = _flag("auto", "search flat/IVF indexes on the GPU: auto (if faiss sees one), "
                                    "on (required, else fail at start), off", choices=("auto", "on", "off"))
@@ -51,7 +53,7 @@ class GatewayConfig(ServerConfig):
     default_deadline_ms: float = _flag(250.0, "budget when the caller sets no deadline")
     retrieval_share: float = _flag(0.4, "share of the remaining budget given to retrieval")
     reserve_ms: float = _flag(3.0, "budget kept back for the gateway's own work and fallbacks")
-    candidates: int = _flag(300, "candidates asked of retrieval")
+    candidates: int = _flag(DEFAULT_CANDIDATES, "candidates asked of retrieval")
     triton_url: str = _flag("127.0.0.1:8001", "Triton gRPC address (text_encoder for UpsertItems)")
     state: str = _flag("sqlite:run/state.db", "user state store: sqlite:<path> or redis://host:port/db")
     event_log: Path = _flag(Path("run/events"), "folder of the durable event log")

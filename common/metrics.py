@@ -11,6 +11,8 @@ from typing import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from core.reasons import PRODUCED, DegradedReason
+
 # Latency buckets in seconds, dense around the 5-50 ms serving range.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04,
                    0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
@@ -38,10 +40,7 @@ EVENTS = Counter(
     "fusionrec_events_total", "Events ingested, by type and outcome", ["type", "outcome"])
 
 # Fixed vocabularies: anything else is mapped to "other" so a label can never explode.
-DEGRADED_REASONS = frozenset({
-    "ranking_unavailable", "ranking_timeout", "ranking_error",
-    "retrieval_unavailable", "retrieval_timeout", "retrieval_error",
-    "triton_unavailable", "reranker_error", "no_candidates", "user_state_unavailable", "other"})
+DEGRADED_REASONS = frozenset({*(r.value for r in PRODUCED), "other"})
 
 
 def start_metrics_server(port: int, host: str = "127.0.0.1") -> None:
@@ -49,8 +48,13 @@ def start_metrics_server(port: int, host: str = "127.0.0.1") -> None:
     start_http_server(port, addr=host)
 
 
-def record_degraded(service: str, reason: str) -> None:
-    DEGRADED.labels(service, reason if reason in DEGRADED_REASONS else "other").inc()
+def record_degraded(service: str, reason: DegradedReason | str) -> None:
+    label = str(reason)
+    DEGRADED.labels(service, label if label in DEGRADED_REASONS else "other").inc()
+
+
+def record_stage(service: str, stage: str, seconds: float) -> None:
+    STAGE_LATENCY.labels(service, stage).observe(seconds)
 
 
 @contextmanager
@@ -61,6 +65,6 @@ def stage_timer(service: str, stage: str, sink: dict[str, float] | None = None) 
         yield
     finally:
         elapsed = time.perf_counter() - start
-        STAGE_LATENCY.labels(service, stage).observe(elapsed)
+        record_stage(service, stage, elapsed)
         if sink is not None:
             sink[stage] = elapsed * 1000.0

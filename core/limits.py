@@ -17,6 +17,8 @@ MAX_DELETE = 10_000         # ids per DeleteItems
 MAX_TITLE = 1_000           # characters
 MAX_TEXT = 10_000           # characters
 MAX_CATEGORY = 256          # characters
+EVENT_OLDEST_S = 946_684_800.0   # 2000-01-01: an event timestamp before it is a unit mistake
+EVENT_FUTURE_SKEW_S = 60.0       # how far past the gateway's clock an event timestamp may be
 
 # -- internal services
 # A Retrieve's exclude list is the caller's exclusions plus the deleted items the gateway knows.
@@ -25,6 +27,7 @@ MAX_RETRIEVE_HISTORY = 1_000
 MAX_RETRIEVE_CANDIDATES = 2_000
 MAX_RANK_HISTORY = 1_000
 MAX_RANK_CANDIDATES = 1_000
+MAX_RANK_K = MAX_K               # Rank serves the public k unchanged
 
 # -- retrieval defaults (the build tunes quotas on validation users and records them in the manifest)
 DEFAULT_CANDIDATES = 300

@@ -30,15 +30,6 @@ class Catalog:
         j = self.index.get(item_id)
         return j is not None and j not in self.deleted
 
-    def popular_excluding(self, k: int, exclude: set[int]) -> np.ndarray:
-        out = []
-        for item in self.popular:
-            if int(item) not in exclude and int(item) not in self.deleted:
-                out.append(int(item))
-                if len(out) == k:
-                    break
-        return np.array(out, np.int64)
-
     def plan_upsert(self, item_ids: list[str]) -> list[int]:
         """Index for each id: its existing index, or the next free online index (not yet added)."""
         out, next_index = [], len(self.item_ids)

@@ -7,41 +7,47 @@ fsynced before the RPC returns OK, so an acknowledged event survives a crash.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 from common.metrics import EVENTS
-from gateway.catalog import Catalog
 from common.versions import VersionSet
+from core.events import EVENT_TYPES, HISTORY_TYPES
+from core.limits import EVENT_FUTURE_SKEW_S, EVENT_OLDEST_S, MAX_EVENT_BATCH, MAX_USER_ID
+from gateway.catalog import Catalog
 from gateway.event_log import Event, EventLog
 from gateway.serving_state import ServingState
 from gateway.state_store import UserStateStore
 from gateway.validation import InvalidArgument
-from protos import fusionrec_pb2 as pb
-
-MAX_BATCH = 1_000
-EVENT_TYPES = ("impression", "click", "purchase", "add_to_cart", "like")
-HISTORY_TYPES = frozenset({"click", "purchase", "add_to_cart", "like"})   # what a user chose
-OLDEST = 946_684_800.0        # 2000-01-01: anything earlier is a unit mistake
-FUTURE_SKEW_S = 60.0
 
 
-def validate_batch(events: Sequence[pb.Event], catalog: Catalog, now: float) -> list[Event]:
-    if len(events) > MAX_BATCH:
-        raise InvalidArgument(f"events: {len(events)} events exceeds the limit of {MAX_BATCH}")
+@dataclass(frozen=True)
+class IngestResult:
+    accepted: int            # events durably logged
+    history_updates: int     # events that changed a user's recent history
+
+
+def validate_batch(events: Sequence[Event], catalog: Catalog, now: float) -> list[Event]:
+    """The events as logged (a value of 0 means the default weight 1); raises InvalidArgument
+    naming the first offending event."""
+    if len(events) > MAX_EVENT_BATCH:
+        raise InvalidArgument(f"events: {len(events)} events exceeds the limit of {MAX_EVENT_BATCH}")
     out = []
     for i, e in enumerate(events):
-        if not 1 <= len(e.user_id) <= 256:
-            raise InvalidArgument(f"events[{i}].user_id: must be 1..256 characters")
+        if not 1 <= len(e.user_id) <= MAX_USER_ID:
+            raise InvalidArgument(f"events[{i}].user_id: must be 1..{MAX_USER_ID} characters")
         if any(c in e.user_id + e.item_id for c in "\r\n"):   # one log record per line
             raise InvalidArgument(f"events[{i}].user_id: must not contain line breaks")
         if not catalog.knows(e.item_id):
             raise InvalidArgument(f"events[{i}].item_id: unknown or deleted item")
         if e.type not in EVENT_TYPES:
             raise InvalidArgument(f"events[{i}].type: must be one of {', '.join(EVENT_TYPES)}")
-        if not OLDEST <= e.timestamp <= now + FUTURE_SKEW_S:
-            raise InvalidArgument(f"events[{i}].timestamp: must be unix seconds in [{OLDEST:.0f}, now + {FUTURE_SKEW_S:.0f}]")
-        out.append(Event(e.user_id, e.item_id, e.type, float(e.timestamp), float(e.value or 1.0)))
+        if not EVENT_OLDEST_S <= e.timestamp <= now + EVENT_FUTURE_SKEW_S:
+            raise InvalidArgument(f"events[{i}].timestamp: must be unix seconds in "
+                                  f"[{EVENT_OLDEST_S:.0f}, now + {EVENT_FUTURE_SKEW_S:.0f}]")
+        out.append(dataclasses.replace(e, value=float(e.value or 1.0)))
     return out
 
 
@@ -52,7 +58,7 @@ class EventIngester:
         self.store = store
         self._log_lock = asyncio.Lock()
 
-    async def ingest(self, batch: Sequence[pb.Event]) -> pb.ReportEventsResponse:
+    async def ingest(self, batch: Sequence[Event]) -> IngestResult:
         try:
             events = validate_batch(batch, self.states.get().catalog, time.time())
         except InvalidArgument:
@@ -65,4 +71,4 @@ class EventIngester:
             await self.store.add(chosen)
         for e in events:
             EVENTS.labels(e.type, "accepted").inc()
-        return pb.ReportEventsResponse(accepted=len(events), history_updates=len(chosen))
+        return IngestResult(accepted=len(events), history_updates=len(chosen))

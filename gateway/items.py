@@ -8,49 +8,41 @@ response with it), then retrieval is told to stop proposing them.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from typing import Sequence
 
 import grpc
 import numpy as np
 from tritonclient.grpc import InferInput
 from tritonclient.grpc.aio import InferenceServerClient
 
-from core.features import TEXT_ENCODER_NAME
+from common.versions import VersionSet
 from common.wire import item_change_to_proto
+from core.features import TEXT_ENCODER_NAME
 from core.item_text import item_text as compose_item_text
 from core.online_items import ItemChange
-from common.versions import VersionSet
 from gateway.serving_state import ServingState
-from gateway.validation import InvalidArgument
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 
-MAX_UPSERT = 256
-MAX_DELETE = 10_000
-MAX_TITLE = 1_000
-MAX_TEXT = 10_000
+
+@dataclass(frozen=True)
+class NewItem:
+    """An item to add or change, as UpsertItems gives it (checked by gateway.validation)."""
+    item_id: str
+    title: str
+    text: str = ""
+    category: str = ""
+
+    def embedding_text(self) -> str:
+        """The same text the offline build encodes (core.item_text)."""
+        return compose_item_text(self.title, self.text, self.category)
 
 
-def validate_upsert(request: pb.UpsertItemsRequest) -> None:
-    if not 1 <= len(request.items) <= MAX_UPSERT:
-        raise InvalidArgument(f"items: {len(request.items)} items; must be 1..{MAX_UPSERT}")
-    seen = set()
-    for i, item in enumerate(request.items):
-        if not 1 <= len(item.item_id) <= 256:
-            raise InvalidArgument(f"items[{i}].item_id: must be 1..256 characters")
-        if item.item_id in seen:
-            raise InvalidArgument(f"items[{i}].item_id: duplicate of an earlier item in this request")
-        seen.add(item.item_id)
-        if not 1 <= len(item.title) <= MAX_TITLE:
-            raise InvalidArgument(f"items[{i}].title: must be 1..{MAX_TITLE} characters")
-        if len(item.text) > MAX_TEXT:
-            raise InvalidArgument(f"items[{i}].text: {len(item.text)} characters exceeds the limit of {MAX_TEXT}")
-        if len(item.category) > 256:
-            raise InvalidArgument(f"items[{i}].category: exceeds the limit of 256 characters")
-
-
-def item_text(item: pb.NewItem) -> str:
-    """The same text the offline build encodes (core.item_text)."""
-    return compose_item_text(item.title, item.text, item.category)
+@dataclass(frozen=True)
+class UpsertResult:
+    added: int
+    updated: int
 
 
 class ItemUpdater:
@@ -63,7 +55,7 @@ class ItemUpdater:
         self.triton = triton
         self.retrieval = retrieval
         self.ranking = ranking
-        self.upserted: dict[str, tuple[pb.NewItem, np.ndarray]] = {}
+        self.upserted: dict[str, tuple[NewItem, np.ndarray]] = {}
         self.deleted: set[str] = set()
         self.lock = asyncio.Lock()   # one change at a time: indices are allocated in order
 
@@ -75,19 +67,18 @@ class ItemUpdater:
                                          client_timeout=timeout_s)
         return result.as_numpy("embedding")
 
-    async def upsert(self, request: pb.UpsertItemsRequest, timeout_s: float) -> pb.UpsertItemsResponse:
-        validate_upsert(request)
-        items = list(request.items)
+    async def upsert(self, items: Sequence[NewItem], timeout_s: float) -> UpsertResult:
+        items = list(items)
         async with self.lock:
             state = self.states.get()
-            vectors = await self.embed([item_text(i) for i in items], state.encoder_version, timeout_s)
+            vectors = await self.embed([i.embedding_text() for i in items], state.encoder_version, timeout_s)
             added = await self._apply(state, items, vectors, timeout_s)
             for item, vector in zip(items, vectors):
                 self.upserted[item.item_id] = (item, vector)
                 self.deleted.discard(item.item_id)
-        return pb.UpsertItemsResponse(added=added, updated=len(items) - added)
+        return UpsertResult(added=added, updated=len(items) - added)
 
-    async def _apply(self, state: ServingState, items: list[pb.NewItem], vectors: np.ndarray,
+    async def _apply(self, state: ServingState, items: list[NewItem], vectors: np.ndarray,
                      timeout_s: float) -> int:
         catalog = state.catalog
         ids = [i.item_id for i in items]
@@ -106,15 +97,14 @@ class ItemUpdater:
         catalog.upsert(indices, ids, [i.title for i in items], [i.category for i in items])
         return added
 
-    async def delete(self, request: pb.DeleteItemsRequest, timeout_s: float) -> pb.DeleteItemsResponse:
-        if len(request.item_ids) > MAX_DELETE:
-            raise InvalidArgument(f"item_ids: {len(request.item_ids)} ids exceeds the limit of {MAX_DELETE}")
+    async def delete(self, item_ids: Sequence[str], timeout_s: float) -> int:
+        """-> how many of the ids were known and are now gone."""
         async with self.lock:
             state = self.states.get()
-            gone = state.catalog.delete(request.item_ids)
-            self.deleted.update(request.item_ids)
+            gone = state.catalog.delete(item_ids)
+            self.deleted.update(item_ids)
             await self._remove(state, gone, timeout_s)
-        return pb.DeleteItemsResponse(deleted=len(gone))
+        return len(gone)
 
     async def _remove(self, state: ServingState, indices: list[int], timeout_s: float) -> None:
         if not indices:

@@ -1,4 +1,4 @@
-"""Gateway gRPC service (thin): validate, call the domain objects, proto out."""
+"""Gateway gRPC service (thin): proto -> domain objects (gateway.validation), call them, domain -> proto."""
 from __future__ import annotations
 
 import asyncio
@@ -12,23 +12,39 @@ from tritonclient.utils import InferenceServerException
 from common.artifacts import ArtifactSet, open_artifacts
 from common.config import GatewayConfig, parse_config
 from common.metrics import ARTIFACT_INFO
+from common.reason_wire import reasons_to_proto
 from common.server import observed, serve
 from common.versions import VersionSet, watch_versions
 from gateway.event_log import EventLog
-from gateway.events import EventIngester
+from gateway.events import EventIngester, IngestResult
 from gateway.items import ItemUpdater
-from gateway.orchestrator import SERVICE, Orchestrator
-from gateway.state_store import open_store
+from gateway.recommend import SERVICE, Recommendation, RecommendPipeline
 from gateway.serving_state import ServingState
-from gateway.validation import InvalidArgument, validate_recommend
+from gateway.state_store import open_store
+from gateway.validation import (InvalidArgument, events_from_proto, validate_delete, validate_recommend,
+                                validate_upsert)
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 
 
+def recommendation_to_proto(r: Recommendation) -> pb.RecommendResponse:
+    response = pb.RecommendResponse(request_id=r.request_id, degraded=bool(r.reasons),
+                                    degraded_reasons=[reason.value for reason in r.reasons],
+                                    reasons=reasons_to_proto(r.reasons), versions=r.versions, stage_ms=r.stage_ms)
+    for item in r.items:
+        response.items.add(item_id=item.item_id, score=item.score, rank=item.rank, channels=item.channels,
+                           title=item.title, category=item.category)
+    return response
+
+
+def ingested_to_proto(r: IngestResult) -> pb.ReportEventsResponse:
+    return pb.ReportEventsResponse(accepted=r.accepted, history_updates=r.history_updates)
+
+
 class RecommenderServicer(pb_grpc.RecommenderServicer):
-    def __init__(self, orchestrator: Orchestrator, events: EventIngester, items: ItemUpdater,
+    def __init__(self, recommender: RecommendPipeline, events: EventIngester, items: ItemUpdater,
                  default_deadline_s: float) -> None:
-        self.orchestrator = orchestrator
+        self.recommender = recommender
         self.events = events
         self.items = items
         self.default_deadline_s = default_deadline_s
@@ -44,12 +60,12 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             query = validate_recommend(request)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return await self.orchestrator.recommend(query, time.monotonic() + self.budget(context))
+        return recommendation_to_proto(await self.recommender.recommend(query, time.monotonic() + self.budget(context)))
 
     @observed(SERVICE, "ReportEventBatch")
     async def ReportEventBatch(self, request: pb.EventBatch, context: grpc.aio.ServicerContext) -> pb.ReportEventsResponse:
         try:
-            return await self.events.ingest(request.events)
+            return ingested_to_proto(await self.events.ingest(events_from_proto(request.events)))
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
@@ -62,7 +78,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         number = 0
         async for batch in request_iterator:
             try:
-                done = await self.events.ingest(batch.events)
+                done = await self.events.ingest(events_from_proto(batch.events))
             except InvalidArgument as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"batch {number}: {e} ({total.accepted} events of earlier batches accepted)")
@@ -74,7 +90,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     @observed(SERVICE, "UpsertItems")
     async def UpsertItems(self, request: pb.UpsertItemsRequest, context: grpc.aio.ServicerContext) -> pb.UpsertItemsResponse:
         try:
-            return await self.items.upsert(request, self.budget(context))
+            done = await self.items.upsert(validate_upsert(request), self.budget(context))
+            return pb.UpsertItemsResponse(added=done.added, updated=done.updated)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except (InferenceServerException, grpc.aio.AioRpcError) as e:
@@ -83,7 +100,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     @observed(SERVICE, "DeleteItems")
     async def DeleteItems(self, request: pb.DeleteItemsRequest, context: grpc.aio.ServicerContext) -> pb.DeleteItemsResponse:
         try:
-            return await self.items.delete(request, self.budget(context))
+            deleted = await self.items.delete(validate_delete(request), self.budget(context))
+            return pb.DeleteItemsResponse(deleted=deleted)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
@@ -124,9 +142,9 @@ async def run(config: GatewayConfig) -> None:
         ARTIFACT_INFO.labels(SERVICE, state.version).set(1)
 
     await load(open_artifacts(config.artifacts))
-    orchestrator = Orchestrator(states, store, retrieval, ranking, config)
+    recommender = RecommendPipeline(states, store, retrieval, ranking, config)
     events = EventIngester(states, EventLog(config.event_log), store)
-    servicer = RecommenderServicer(orchestrator, events, items, config.default_deadline_ms / 1000.0)
+    servicer = RecommenderServicer(recommender, events, items, config.default_deadline_ms / 1000.0)
     watcher = asyncio.create_task(watch_versions(config.artifacts, states.newest, load))
 
     async def close() -> None:

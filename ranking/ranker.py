@@ -12,10 +12,13 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from common.artifacts import ArtifactSet, check_shape
+from core.channel_names import ChannelName
 from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME, retrieval_features
+from core.limits import DEFAULT_CANDIDATES
 from common.logs import get_logger
 from common.metrics import record_degraded, stage_timer
 from core.online_items import ItemChange, OnlineItems
+from core.reasons import DegradedReason
 from core.rerank import DiversityReranker
 from core.scoring import Scorer, ScorerUnavailable
 
@@ -27,8 +30,16 @@ log = get_logger("ranking")
 class Ranked:
     items: np.ndarray
     scores: np.ndarray
-    degraded_reasons: list[str] = field(default_factory=list)
+    degraded_reasons: list[DegradedReason] = field(default_factory=list)
     stage_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _scorer_reason(error: ScorerUnavailable) -> DegradedReason:
+    """The scorer's reason as the enum; one outside the vocabulary counts as Triton unavailable."""
+    try:
+        return DegradedReason(error.reason)
+    except ValueError:
+        return DegradedReason.TRITON_UNAVAILABLE
 
 
 class Ranker:
@@ -70,9 +81,9 @@ class Ranker:
     async def warm_up(self, rounds: int = 5, timeout_s: float = 30.0) -> None:
         """Score a realistic request a few times before serving: the first TorchScript calls are slow."""
         rng = np.random.default_rng(0)
-        items = rng.choice(self.n_items, size=min(300, self.n_items), replace=False).astype(np.int64)
+        items = rng.choice(self.n_items, size=min(DEFAULT_CANDIDATES, self.n_items), replace=False).astype(np.int64)
         history = rng.choice(self.n_items, size=min(20, self.n_items), replace=False).astype(np.int64)
-        columns = {"bert": (np.ones(len(items), np.float32), np.arange(1, len(items) + 1, dtype=np.int32))}
+        columns = {ChannelName.BERT: (np.ones(len(items), np.float32), np.arange(1, len(items) + 1, dtype=np.int32))}
         for _ in range(rounds):
             ranked = await self.rank(history, items, columns, 10, timeout_s)
             if ranked.degraded_reasons:
@@ -93,9 +104,10 @@ class Ranker:
                     history, items, features, timeout_s,
                     online.vectors if needs_extra else None, online.categories if needs_extra else None)
         except ScorerUnavailable as e:
-            log.warning("fused ranker unavailable, serving retrieval order", extra={"reason": e.reason})
-            record_degraded(SERVICE, e.reason)
-            out.degraded_reasons.append(e.reason)
+            reason = _scorer_reason(e)
+            log.warning("fused ranker unavailable, serving retrieval order", extra={"reason": str(reason)})
+            record_degraded(SERVICE, reason)
+            out.degraded_reasons.append(reason)
             out.scores = -np.arange(len(out.items), dtype=np.float32)
             return out
         try:
@@ -103,8 +115,8 @@ class Ranker:
                 out.items, out.scores = self.reranker.rerank(items, fused, features, k)
         except Exception:  # a broken re-ranker must not cost the answer: serve the fused order
             log.exception("re-ranker failed, serving fused order")
-            record_degraded(SERVICE, "reranker_error")
-            out.degraded_reasons.append("reranker_error")
+            record_degraded(SERVICE, DegradedReason.RERANKER_ERROR)
+            out.degraded_reasons.append(DegradedReason.RERANKER_ERROR)
             top = np.argsort(-fused, kind="stable")[:k]
             out.items, out.scores = items[top], fused[top]
         return out

@@ -13,15 +13,14 @@ from common.metrics import ARTIFACT_INFO
 from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
 from common.server import observed, serve
 from common.versions import VersionSet, apply_item_update, version_or_abort, watch_versions
+from common.reason_wire import reasons_to_proto
 from common.wire import candidates_from_proto, check_indices
+from core.limits import MAX_RANK_CANDIDATES, MAX_RANK_HISTORY, MAX_RANK_K
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 from ranking.ranker import SERVICE, Ranker
 from ranking.triton_scorer import TritonScorer, ensure_loaded
 
-MAX_HISTORY = 1000
-MAX_CANDIDATES = 1000
-MAX_K = 100
 RERANK_RESERVE_S = 0.004   # kept back from the deadline for the re-ranker and the reply
 
 
@@ -39,10 +38,10 @@ class RankingServicer(pb_grpc.RankingServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         n = ranker.online.total
-        error = (check_indices("history", history, n, MAX_HISTORY)
-                 or check_indices("candidates.items", items, n, MAX_CANDIDATES))
-        if not error and not 1 <= request.k <= MAX_K:
-            error = f"k: must be in 1..{MAX_K}, got {request.k}"
+        error = (check_indices("history", history, n, MAX_RANK_HISTORY)
+                 or check_indices("candidates.items", items, n, MAX_RANK_CANDIDATES))
+        if not error and not 1 <= request.k <= MAX_RANK_K:
+            error = f"k: must be in 1..{MAX_RANK_K}, got {request.k}"
         if error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         remaining = context.time_remaining()   # huge when the caller set no deadline
@@ -51,7 +50,7 @@ class RankingServicer(pb_grpc.RankingServicer):
         return pb.RankResponse(items=ranked.items.tolist(), scores=ranked.scores.tolist(),
                                model_version=ranker.model_version,
                                degraded=bool(ranked.degraded_reasons),
-                               degraded_reasons=ranked.degraded_reasons, stage_ms=ranked.stage_ms)
+                               reasons=reasons_to_proto(ranked.degraded_reasons), stage_ms=ranked.stage_ms)
 
     @observed(SERVICE, "UpdateItems")
     async def UpdateItems(self, request: pb.ItemUpdate, context: grpc.aio.ServicerContext) -> pb.ItemUpdateResponse:

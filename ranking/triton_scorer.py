@@ -8,6 +8,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from core.reasons import DegradedReason
 from core.scoring import ScorerUnavailable
 from core.features import FUSED_RANKER_INPUTS, FUSED_RANKER_NAME, FUSED_RANKER_OUTPUTS
 
@@ -46,7 +47,7 @@ class TritonScorer:
                                              outputs=self._outputs, client_timeout=max(timeout_s, 0.001))
         except InferenceServerException as e:
             status = (e.status() or "").upper()
-            reason = "ranking_timeout" if "DEADLINE" in status else "triton_unavailable"
+            reason = DegradedReason.RANKING_TIMEOUT if "DEADLINE" in status else DegradedReason.TRITON_UNAVAILABLE
             raise ScorerUnavailable(reason, f"triton: {e.message()}") from e
         return result.as_numpy(FUSED_RANKER_OUTPUTS[0][0])[0].astype(np.float32)
 

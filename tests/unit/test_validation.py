@@ -1,6 +1,7 @@
 import pytest
 
-from gateway.validation import MAX_EXCLUDE, InvalidArgument, validate_recommend
+from core.limits import MAX_EXCLUDE
+from gateway.validation import InvalidArgument, validate_recommend
 from protos import fusionrec_pb2 as pb
 
 
