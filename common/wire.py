@@ -1,9 +1,12 @@
-"""Conversions between proto messages and numpy arrays, shared by retrieval and ranking."""
+"""Conversions between proto messages and core types (numpy arrays, item changes, degraded reasons)."""
 from __future__ import annotations
+
+from typing import Iterable
 
 import numpy as np
 
 from core.online_items import ItemChange
+from core.reasons import DegradedReason
 from protos import fusionrec_pb2 as pb
 
 
@@ -54,3 +57,26 @@ def item_change_to_proto(change: ItemChange, artifact_version: str = "") -> pb.I
                          add_categories=change.add_categories.tolist(),
                          remove_indices=np.asarray(change.remove_indices).tolist(),
                          artifact_version=artifact_version)
+
+
+# -- degraded reasons: core.reasons.DegradedReason <-> the proto enum (matched by name)
+PREFIX = "DEGRADED_REASON_"
+
+
+def reason_to_proto(reason: DegradedReason) -> int:
+    return pb.DegradedReason.Value(PREFIX + DegradedReason(reason).name)
+
+
+def reasons_to_proto(reasons: Iterable[DegradedReason]) -> list[int]:
+    return [reason_to_proto(r) for r in reasons]
+
+
+def reasons_from_proto(numbers: Iterable[int]) -> list[DegradedReason]:
+    """A number this build does not know (a newer peer) reads as UNSPECIFIED."""
+    out = []
+    for n in numbers:
+        try:
+            out.append(DegradedReason[pb.DegradedReason.Name(n).removeprefix(PREFIX)])
+        except (ValueError, KeyError):
+            out.append(DegradedReason.UNSPECIFIED)
+    return out

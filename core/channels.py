@@ -12,6 +12,7 @@ from typing import Protocol
 import faiss
 import numpy as np
 
+from core.channel_names import ChannelName
 from core.foldin import fold_in
 from core.limits import BERT_HISTORY
 from core.online_items import OnlineItems
@@ -56,7 +57,7 @@ class ItemVectors:
 
 class BertChannel:
     """Content channel: recency-weighted mean BERT vector of the recent history, searched in the text index."""
-    name = "bert"
+    name = ChannelName.BERT
 
     def __init__(self, index: faiss.Index, vectors: ItemVectors, max_k: int | None = None) -> None:
         self.index = index
@@ -88,7 +89,7 @@ class BertChannel:
 
 class CfChannel:
     """Collaborative channel: the user's trained ALS vector, or one folded in from their history."""
-    name = "cf"
+    name = ChannelName.CF
 
     def __init__(self, index: faiss.Index, user_ids: list[str], user_factors: np.ndarray,
                  item_factors: np.ndarray, gram: np.ndarray, alpha: float, regularization: float,
@@ -115,7 +116,7 @@ class CfChannel:
 
 class PopularChannel:
     """Most popular items (recent interactions): the cold-start and fallback channel."""
-    name = "popular"
+    name = ChannelName.POPULAR
 
     def __init__(self, ranked_items: np.ndarray, counts: np.ndarray) -> None:
         self.ranked_items = ranked_items.astype(np.int64)   # [n] best first

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.channel_names import CHANNEL_NAMES
+
 FEATURE_SPEC_VERSION = "3"
 
-CHANNELS: tuple[str, ...] = ("bert", "cf", "popular")
+CHANNELS: tuple[str, ...] = CHANNEL_NAMES   # retrieval features, in this order
 
 # Per-candidate features the ranking request carries to Triton, derived from retrieval output.
 RETRIEVAL_FEATURES: tuple[str, ...] = tuple(

@@ -3,6 +3,8 @@ INVALID_ARGUMENT messages and in protos/fusionrec.proto), the internal services'
 retrieval defaults the build tunes from."""
 from __future__ import annotations
 
+from core.channel_names import ChannelName
+
 # -- public API (gateway)
 MAX_K = 100                 # items per Recommend
 MAX_USER_ID = 256           # characters
@@ -31,5 +33,5 @@ MAX_RANK_K = MAX_K               # Rank serves the public k unchanged
 
 # -- retrieval defaults (the build tunes quotas on validation users and records them in the manifest)
 DEFAULT_CANDIDATES = 300
-DEFAULT_QUOTAS = {"bert": 120, "cf": 120, "popular": 60}
+DEFAULT_QUOTAS = {ChannelName.BERT: 120, ChannelName.CF: 120, ChannelName.POPULAR: 60}
 BERT_HISTORY = 50           # only the most recent part of a history shapes the content vector

@@ -22,7 +22,7 @@ import numpy as np
 
 from common.config import GatewayConfig
 from common.metrics import record_degraded, record_stage
-from common.reason_wire import reasons_from_proto
+from common.wire import reasons_from_proto
 from common.versions import VersionSet
 from core.channel_names import ChannelName
 from core.filters import DeletedItemsFilter, apply_filters, blocked_count, standard_filters

@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 from common.artifacts import ArtifactSet, open_artifacts
 from common.config import GatewayConfig, parse_config
 from common.metrics import ARTIFACT_INFO
-from common.reason_wire import reasons_to_proto
+from common.wire import reasons_to_proto
 from common.server import observed, serve
 from common.versions import VersionSet, watch_versions
 from gateway.event_log import EventLog

@@ -13,7 +13,7 @@ from common.metrics import ARTIFACT_INFO
 from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
 from common.server import observed, serve
 from common.versions import VersionSet, apply_item_update, version_or_abort, watch_versions
-from common.reason_wire import reasons_to_proto
+from common.wire import reasons_to_proto
 from common.wire import candidates_from_proto, check_indices
 from core.limits import MAX_RANK_CANDIDATES, MAX_RANK_HISTORY, MAX_RANK_K
 from protos import fusionrec_pb2 as pb

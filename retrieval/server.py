@@ -15,6 +15,7 @@ from common.metrics import ARTIFACT_INFO, CANDIDATES, INDEX_ITEMS, STAGE_LATENCY
 from common.server import observed, serve
 from common.versions import VersionSet, apply_item_update, version_or_abort, watch_versions
 from common.wire import candidates_to_proto, check_indices
+from core.channel_names import MERGED
 from core.limits import MAX_RETRIEVE_CANDIDATES, MAX_RETRIEVE_EXCLUDE, MAX_RETRIEVE_HISTORY
 from core.retriever import Retriever
 from protos import fusionrec_pb2 as pb
@@ -67,7 +68,7 @@ def observe(result) -> None:
         STAGE_LATENCY.labels(SERVICE, stage).observe(ms / 1000.0)
     for channel, count in result.candidates.per_channel.items():
         CANDIDATES.labels(channel).observe(count)
-    CANDIDATES.labels("merged").observe(len(result.candidates.items))
+    CANDIDATES.labels(MERGED).observe(len(result.candidates.items))
 
 
 async def run(config: RetrievalConfig) -> None:

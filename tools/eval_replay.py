@@ -30,11 +30,9 @@ from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 from core.rerank import DiversityReranker
 from ranking.triton_scorer import TritonScorer
-from core.limits import BERT_HISTORY
+from core.limits import BERT_HISTORY, DEFAULT_CANDIDATES, MAX_EXCLUDE, MAX_HISTORY   # the gateway's: older history goes to exclude
 
-DEPTH = 300             # per-channel depth = the retrieval service's default candidate count
-MAX_HISTORY = 1_000     # the gateway's limit on history_item_ids; older items go to exclude
-MAX_EXCLUDE = 10_000    # the gateway's limit on exclude_item_ids
+DEPTH = DEFAULT_CANDIDATES   # per-channel depth = the retrieval service's default candidate count
 CALL_TIMEOUT_S = 10.0   # generous: the replay measures quality, not latency
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.metrics import DEGRADED_REASONS, record_degraded
-from common.reason_wire import PREFIX, reason_to_proto, reasons_from_proto, reasons_to_proto
+from common.wire import PREFIX, reason_to_proto, reasons_from_proto, reasons_to_proto
 from core.channel_names import CHANNEL_NAMES
 from core.events import EVENT_TYPES, HISTORY_TYPES, EventType
 from core.features import CHANNELS
