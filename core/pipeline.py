@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 C = TypeVar("C")   # the request's context object, which the steps read and fill in
 
@@ -33,19 +34,26 @@ class Step(Generic[C]):
         return error.reason if isinstance(error, StepFailed) else (self.reason or f"{self.name}_error")
 
 
+@contextmanager
+def _policy(step: Step, stage_ms: dict[str, float], degraded: list[str]) -> Iterator[None]:
+    """Time one step; a fail-open step's error becomes its degraded reason, a fail-closed one propagates."""
+    start = time.perf_counter()
+    try:
+        yield
+    except Exception as e:   # noqa: BLE001 - the policy decides
+        if not step.fail_open:
+            raise
+        degraded.append(step.failure_reason(e))
+    finally:
+        stage_ms[step.name] = (time.perf_counter() - start) * 1000.0
+
+
 def run_steps(steps: list[Step[C]], ctx: C, stage_ms: dict[str, float],
               degraded: list[str]) -> C:
     """Synchronous steps (retrieval, offline): degraded collects the reasons of fail-open failures."""
     for step in steps:
-        start = time.perf_counter()
-        try:
+        with _policy(step, stage_ms, degraded):
             step.run(ctx)
-        except Exception as e:   # noqa: BLE001 - the policy decides
-            if not step.fail_open:
-                raise
-            degraded.append(step.failure_reason(e))
-        finally:
-            stage_ms[step.name] = (time.perf_counter() - start) * 1000.0
     return ctx
 
 
@@ -53,15 +61,8 @@ async def run_steps_async(steps: list[Step[C]], ctx: C, stage_ms: dict[str, floa
                           degraded: list[str]) -> C:
     """As run_steps; a step may be a coroutine function (gateway hops)."""
     for step in steps:
-        start = time.perf_counter()
-        try:
+        with _policy(step, stage_ms, degraded):
             result = step.run(ctx)
             if inspect.isawaitable(result):
                 await result
-        except Exception as e:   # noqa: BLE001 - the policy decides
-            if not step.fail_open:
-                raise
-            degraded.append(step.failure_reason(e))
-        finally:
-            stage_ms[step.name] = (time.perf_counter() - start) * 1000.0
     return ctx
