@@ -75,8 +75,10 @@ class DeletedItemsFilter(_BlockListFilter):
 
 
 def blocked_count(filters: list[Filter], query: RetrievalQuery) -> int:
-    """How many items the filters may take out: channels over-fetch by this much."""
-    return sum(len(f.blocked(query)) for f in filters)
+    """How many distinct items the filters may take out: channels over-fetch by this much (an item
+    both seen and excluded counts once, so a search asks for the same k whatever the overlap)."""
+    blocked = [_as_array(f.blocked(query)) for f in filters]
+    return len(np.unique(np.concatenate(blocked))) if blocked else 0
 
 
 def apply_filters(filters: list[Filter], result: ChannelResult, query: RetrievalQuery,

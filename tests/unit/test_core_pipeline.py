@@ -112,3 +112,9 @@ def test_a_failing_channel_is_skipped_not_fatal():
     out = generator.retrieve(RetrievalQuery("u", np.array([3])), total=40)
     assert out.failed == ["broken"] and "broken" in out.skipped
     assert len(out.candidates.items) == 40
+
+
+def test_overfetch_counts_an_item_blocked_twice_once():
+    from core.filters import blocked_count
+    query = RetrievalQuery("u", history=np.array([1, 2, 3]), exclude=np.array([3, 4]))
+    assert blocked_count(standard_filters(lambda: {4, 5}), query) == 5
