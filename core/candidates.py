@@ -22,6 +22,7 @@ class Retrieval:
     want: int
     total: int
     quotas: dict[str, int]
+    fetch: int | None = None                                  # what each channel is asked for
     results: dict[str, ChannelResult] = field(default_factory=dict)
     candidates: MergedCandidates | None = None
     removed: dict[str, int] = field(default_factory=dict)     # filter name -> items taken out
@@ -54,8 +55,9 @@ class CandidateGenerator:
     def _channel_step(self, channel: Channel):
         def run(r: Retrieval) -> None:
             r.results[channel.name] = EMPTY   # stays empty if the channel fails
-            fetch = r.want + blocked_count(self.filters, r.query)
-            raw = channel.retrieve(r.query, fetch)
+            if r.fetch is None:   # once per query: every channel over-fetches by the same amount
+                r.fetch = r.want + blocked_count(self.filters, r.query)
+            raw = channel.retrieve(r.query, r.fetch)
             r.results[channel.name] = apply_filters(self.filters, raw, r.query, r.removed).head(r.want)
         return run
 
