@@ -76,8 +76,12 @@ test: system-packages setup  ## all tests, integration tests included (real Trit
 test-unit: system-packages setup
 	$(PY) -m pytest -q tests/unit
 
-bench: setup $(ARTIFACTS)/LATEST  ## open-loop benchmark of the gateway; writes reports/bench/serving.json
-	$(FUSIONREC) bench --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) --rate 50 --duration 20
+# `make bench` measures 50 rps on an empty store, then seeds it through the public API (10,000
+# deleted + 1,000 online items) and measures again: both rows side by side. BENCH_ARGS= for one row.
+BENCH_ARGS ?= --deleted 10000 --online 1000
+
+bench: setup $(ARTIFACTS)/LATEST  ## open-loop benchmark of the gateway, empty vs seeded store; writes reports/bench/serving.json (BENCH_ARGS=...)
+	$(FUSIONREC) bench --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) --rate 50 --duration 20 $(BENCH_ARGS)
 
 bench-batching: setup $(ARTIFACTS)/LATEST  ## fused ranker on Triton, dynamic batching on vs off; writes reports/bench/triton_batching.json
 	$(FUSIONREC) bench-batching --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO)

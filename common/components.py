@@ -11,8 +11,8 @@ import numpy as np
 from common.artifacts import ArtifactError, ArtifactSet, check_shape
 from common.faiss_index import GPU_MAX_K, load_index
 from core.channels import BertChannel, CfChannel, ItemVectors, PopularChannel
+from core.item_overlay import ItemOverlay
 from core.limits import DEFAULT_QUOTAS
-from core.online_items import OnlineItems
 from core.retriever import Retriever
 
 
@@ -40,14 +40,26 @@ def load_retriever(artifacts: ArtifactSet, gpu: bool = False) -> Retriever:
     check_shape("index_text.faiss", np.empty((text_index.ntotal, 0)), n_items)
     check_shape("index_cf.faiss", np.empty((cf_index.ntotal, 0)), n_items)
     cf = m["cf"]
-    online = OnlineItems(n_items, text_dim)
-    bert = BertChannel(text_index, ItemVectors(item_text, online), text_max_k)
+    overlay = item_overlay(artifacts)
+    bert = BertChannel(text_index, ItemVectors(item_text, overlay), text_max_k)
     cf_channel = CfChannel(cf_index, artifacts.json("cf_users.json"), user_cf, item_cf,
                            artifacts.npy("cf_gram.npy"), cf["alpha"], cf["regularization"], cf_max_k)
     popular = PopularChannel(artifacts.npy("popular.npy"), artifacts.npy("item_counts.npy"))
     # Per-channel quotas tuned by the build on validation users (offline/quotas.py).
     quotas = checked_quotas(m.get("retrieval", {}).get("quotas") or DEFAULT_QUOTAS)
-    return Retriever(artifacts.version, bert, cf_channel, popular, online, quotas)
+    return Retriever(artifacts.version, bert, cf_channel, popular, overlay, quotas)
+
+
+def item_overlay(artifacts: ArtifactSet) -> ItemOverlay:
+    """An empty overlay for the set's items: the item log applies on top of it from the manifest's
+    `item_log_seq` (the log position the build folded in; 0 for a set built before the log)."""
+    m = artifacts.manifest
+    catalog = artifacts.json("catalog.json")
+    item_ids = catalog["item_ids"]
+    if len(item_ids) != m["counts"]["items"]:
+        raise ArtifactError(f"catalog.json: {len(item_ids)} item ids, the manifest counts {m['counts']['items']}")
+    categories = {name: j for j, name in enumerate(catalog.get("category_names", [""]))}
+    return ItemOverlay(item_ids, m["dims"]["text"], categories, folded_seq=int(m.get("item_log_seq", 0)))
 
 
 def checked_quotas(quotas: dict) -> dict[str, int]:

@@ -28,6 +28,8 @@ class ServerConfig:
     metrics_port: int = _flag(0, "Prometheus /metrics HTTP port (0 = no metrics server)")
     artifacts: Path = _flag(Path("artifacts"), "artifact root (with LATEST) or a version folder")
     grace_s: float = _flag(5.0, "seconds in-flight calls get to finish on SIGTERM")
+    item_log: str = _flag("sqlite:run/state.db", "item log shared by every replica of every service: "
+                                                 "sqlite:<path> (one machine) or redis://host:port/db")
 
 
 @dataclass(frozen=True)

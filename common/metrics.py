@@ -38,6 +38,15 @@ INDEX_ITEMS = Gauge(
     "fusionrec_index_items", "Items in a FAISS index", ["index"])
 EVENTS = Counter(
     "fusionrec_events_total", "Events ingested, by type and outcome", ["type", "outcome"])
+# -- item log and replicas (gateway)
+UNKNOWN_ITEMS = Counter(
+    "fusionrec_unknown_items_total", "Item indices dropped because this process has not applied them "
+    "from the item log yet (a replica ahead of it), by field", ["service", "field"])
+REPLICAS_LAGGING = Gauge(
+    "fusionrec_replicas_lagging", "Reachable replicas that do not serve the newest artifact version or "
+    "are behind on the item log, as seen by the gateway", ["service"])
+REPLICAS_REACHABLE = Gauge(
+    "fusionrec_replicas_reachable", "Replicas that answered the gateway's last Status probe", ["service"])
 
 # Fixed vocabularies: anything else is mapped to "other" so a label can never explode.
 DEGRADED_REASONS = frozenset({*(r.value for r in PRODUCED), "other"})

@@ -50,13 +50,20 @@ def observed(service: str, method: str) -> Callable:
 
 async def serve(config: ServerConfig, service_names: list[str],
                 add_servicers: Callable[[grpc.aio.Server], None],
-                on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Run until SIGTERM/SIGINT: health says NOT_SERVING first, then in-flight calls get grace_s."""
+                on_stop: Callable[[], Awaitable[None]] | None = None,
+                on_start: Callable[[], Awaitable[None]] | None = None,
+                health_servicer: health.aio.HealthServicer | None = None) -> None:
+    """Run until SIGTERM/SIGINT: health says NOT_SERVING first, then in-flight calls get grace_s.
+
+    on_start (e.g. the item-log replay) runs once the port is bound, while health says
+    NOT_SERVING; the service reports SERVING only after it returns. If it raises, the server
+    stops and the error propagates (the process fails at start). health_servicer: a service that
+    reports more health names of its own (the gateway's replicas) passes its servicer in."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.so_reuseport", 0)])
     add_servicers(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -66,20 +73,46 @@ async def serve(config: ServerConfig, service_names: list[str],
         raise RuntimeError(f"cannot bind {address}")
     if config.metrics_port:
         start_metrics_server(config.metrics_port, config.host)
+    names = ["", *service_names]
+    for name in names:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
-    for name in ["", *service_names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"address": address, "services": service_names,
-                               "metrics_port": config.metrics_port})
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("stopping", extra={"grace_s": config.grace_s})
-    for name in ["", *service_names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(config.grace_s)
-    if on_stop is not None:
-        await on_stop()
+    try:
+        if on_start is not None and not await _started(on_start, stop):
+            log.info("stopped before it was ready")
+        else:
+            for name in names:
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving", extra={"address": address, "services": service_names,
+                                       "metrics_port": config.metrics_port})
+            await stop.wait()
+            log.info("stopping", extra={"grace_s": config.grace_s})
+            for name in names:
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.stop(config.grace_s)
+        if on_stop is not None:
+            await on_stop()
+
+
+async def _started(on_start: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
+    """Run on_start unless a stop signal comes first; True when it finished."""
+    starting = asyncio.ensure_future(on_start())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        return False
+    starting.result()   # raises what on_start raised
+    return True

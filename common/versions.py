@@ -15,7 +15,6 @@ import grpc
 
 from common.artifacts import LATEST, ArtifactError, ArtifactSet, open_artifacts
 from common.logs import get_logger
-from common.wire import item_change_from_proto
 
 T = TypeVar("T")
 log = get_logger("versions")
@@ -38,11 +37,18 @@ class VersionSet(Generic[T]):
         except KeyError:
             raise UnknownVersion(f"artifact_version: {key!r} is not loaded here (have {sorted(self.loaded)})") from None
 
-    def add(self, version: str, value: T) -> None:
+    def add(self, version: str, value: T) -> list[str]:
+        """Offer `version` (it becomes the newest); returns the versions dropped to keep `keep`."""
         self.loaded[version] = value
         self.newest = version
-        for old in sorted(self.loaded, key=int)[:-self.keep]:
+        dropped = sorted(self.loaded, key=int)[:-self.keep]
+        for old in dropped:
             del self.loaded[old]
+        return dropped
+
+    def names(self) -> list[str]:
+        """Loaded versions, oldest first."""
+        return sorted(self.loaded, key=int)
 
 
 async def version_or_abort(versions: "VersionSet[T]", version: str, context: grpc.aio.ServicerContext) -> T:
@@ -51,16 +57,6 @@ async def version_or_abort(versions: "VersionSet[T]", version: str, context: grp
         return versions.get(version)
     except UnknownVersion as e:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-
-
-async def apply_item_update(versions: "VersionSet[T]", request, context: grpc.aio.ServicerContext) -> tuple[T, int]:
-    """UpdateItems for retrieval and ranking: the named version applies the update, or the call
-    fails with FAILED_PRECONDITION (version) / INVALID_ARGUMENT (malformed update, nothing applied)."""
-    target = await version_or_abort(versions, request.artifact_version, context)
-    try:
-        return target, target.update_items(item_change_from_proto(request, target.text_dim))
-    except ValueError as e:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
 
 def pointed_version(root: Path) -> str | None:

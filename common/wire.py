@@ -1,11 +1,10 @@
-"""Conversions between proto messages and core types (numpy arrays, item changes, degraded reasons)."""
+"""Conversions between proto messages and core types (numpy arrays, item indices, degraded reasons)."""
 from __future__ import annotations
 
 from typing import Iterable
 
 import numpy as np
 
-from core.online_items import ItemChange
 from core.reasons import DegradedReason
 from protos import fusionrec_pb2 as pb
 
@@ -32,31 +31,22 @@ def candidates_from_proto(msg: pb.Candidates) -> tuple[np.ndarray, dict[str, tup
     return items, columns
 
 
-def check_indices(field: str, ids: np.ndarray, n_items: int, limit: int) -> str | None:
-    """An error message naming the field and the limit, or None when ids are acceptable."""
+# An index this far past what a replica knows cannot come from a caller that is merely ahead of
+# it in the item log (online items are allocated one by one): it is a bad request.
+MAX_INDICES_AHEAD = 1 << 24
+
+
+def known_indices(field: str, ids: np.ndarray, known: int, limit: int) -> tuple[np.ndarray, str | None]:
+    """(the entries < known, in order; an error naming the field and the limit, or None).
+
+    Indices in [known, known + MAX_INDICES_AHEAD) are online items this replica has not applied
+    yet (the caller is ahead of it in the item log): dropped, not an error. Negative ones, absurd
+    ones and too many entries are."""
     if len(ids) > limit:
-        return f"{field}: {len(ids)} entries exceeds the limit of {limit}"
-    if len(ids) and (ids.min() < 0 or ids.max() >= n_items):
-        return f"{field}: item indices must be in [0, {n_items})"
-    return None
-
-
-def item_change_from_proto(msg: pb.ItemUpdate, text_dim: int) -> ItemChange:
-    """Raises ValueError naming the field when the sizes disagree (nothing is applied then)."""
-    indices = np.array(msg.add_indices, np.int64)
-    if len(msg.add_vectors) != len(indices) * text_dim or len(msg.add_categories) != len(indices):
-        raise ValueError(f"add_vectors/add_categories: need {len(indices)} x {text_dim} floats and "
-                         f"{len(indices)} categories")
-    return ItemChange(indices, np.array(msg.add_vectors, np.float32).reshape(len(indices), text_dim),
-                      np.array(msg.add_categories, np.int64), np.array(msg.remove_indices, np.int64))
-
-
-def item_change_to_proto(change: ItemChange, artifact_version: str = "") -> pb.ItemUpdate:
-    return pb.ItemUpdate(add_indices=change.add_indices.tolist(),
-                         add_vectors=np.asarray(change.add_vectors, np.float32).ravel().tolist(),
-                         add_categories=change.add_categories.tolist(),
-                         remove_indices=np.asarray(change.remove_indices).tolist(),
-                         artifact_version=artifact_version)
+        return ids, f"{field}: {len(ids)} entries exceeds the limit of {limit}"
+    if len(ids) and (ids.min() < 0 or ids.max() >= known + MAX_INDICES_AHEAD):
+        return ids, f"{field}: item indices must be in [0, {known + MAX_INDICES_AHEAD})"
+    return (ids if not len(ids) or ids.max() < known else ids[ids < known]), None
 
 
 # -- degraded reasons: core.reasons.DegradedReason <-> the proto enum (matched by name)

@@ -2,8 +2,10 @@
 
 A channel is one class with a `name` and `retrieve(query, fetch) -> ChannelResult`: its best
 `fetch` items, before filtering. The candidate generator asks for enough to survive the filters
-(seen, excluded, deleted) and still fill the channel's quota. Adding a channel is one class here,
-its build stage in offline/, and a line in common/components.py.
+(seen, excluded) and still fill the channel's quota. Deleted items are each channel's own
+`blocked` set (core/blocked_items.py, set by the Retriever when the item log changes): the FAISS
+channels skip them inside the search and popular masks them, so they cost no over-fetch. Adding a
+channel is one class here, its build stage in offline/, and a line in common/components.py.
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ from typing import Protocol
 import faiss
 import numpy as np
 
+from core.blocked_items import NOTHING_BLOCKED, BlockedItems
 from core.channel_names import ChannelName
 from core.foldin import fold_in
+from core.item_overlay import ItemOverlay
 from core.limits import BERT_HISTORY
-from core.online_items import OnlineItems
 from core.types import EMPTY, ChannelResult, RetrievalQuery
 
 
@@ -25,23 +28,70 @@ class Channel(Protocol):
     def retrieve(self, query: RetrievalQuery, fetch: int) -> ChannelResult: ...
 
 
-def search(index: faiss.Index, query: np.ndarray, fetch: int, max_k: int | None = None) -> ChannelResult:
-    """query [d] -> the index's top `fetch`; max_k: the most one search may ask for (a GPU index
-    refuses more than GPU_MAX_K)."""
+def selector_params(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """Search parameters that filter by `selector` and keep the index's own efSearch / nprobe
+    (a bare SearchParametersIVF would search with nprobe 1; IndexIVF refuses plain SearchParameters)."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexIDMap):   # IndexIDMap(2) translates the selector to external ids
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(inner.hnsw.efSearch))
+    if isinstance(inner, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(inner.nprobe))
+    return faiss.SearchParameters(sel=selector)
+
+
+def search(index: faiss.Index, query: np.ndarray, fetch: int, max_k: int | None = None,
+           blocked: BlockedItems = NOTHING_BLOCKED, params: faiss.SearchParameters | None = None) -> ChannelResult:
+    """query [d] -> the index's top `fetch` that are not blocked; max_k: the most one search may
+    ask for (a GPU index refuses more than GPU_MAX_K); params: selector_params(index,
+    blocked.selector), if the caller keeps it (building it costs more than a small search)."""
     fetch = min(index.ntotal, fetch, max_k or index.ntotal)
     if fetch <= 0:
         return EMPTY
-    scores, ids = index.search(query.reshape(1, -1).astype(np.float32, copy=False), fetch)
+    x = query.reshape(1, -1).astype(np.float32, copy=False)
+    if blocked.selector is None:
+        scores, ids = index.search(x, fetch)
+    else:
+        params = params if params is not None else selector_params(index, blocked.selector)
+        try:
+            scores, ids = index.search(x, fetch, params=params)
+        except RuntimeError:   # an index kind without selector support (some GPU builds): over-fetch, drop
+            scores, ids = index.search(x, min(index.ntotal, fetch + blocked.count, max_k or index.ntotal))
     found = ids[0] >= 0
-    return ChannelResult(ids[0, found].astype(np.int64), scores[0, found].astype(np.float32))
+    result = ChannelResult(ids[0, found].astype(np.int64), scores[0, found].astype(np.float32))
+    return blocked.drop(result).head(fetch)
+
+
+class _IndexChannel:
+    """A channel over one FAISS index that skips its blocked items inside the search."""
+
+    def __init__(self, index: faiss.Index, max_k: int | None) -> None:
+        self.index = index
+        self.max_k = max_k
+        self._blocked, self._params = NOTHING_BLOCKED, None
+
+    @property
+    def blocked(self) -> BlockedItems:
+        return self._blocked
+
+    @blocked.setter
+    def blocked(self, blocked: BlockedItems) -> None:
+        # Built once per change of the set, not per query; swapped as a pair for concurrent readers.
+        params = None if blocked.selector is None else selector_params(self.index, blocked.selector)
+        self._blocked, self._params = blocked, params
+
+    def search(self, vector: np.ndarray, fetch: int) -> ChannelResult:
+        blocked, params = self._blocked, self._params
+        return search(self.index, vector, fetch, self.max_k, blocked, params)
 
 
 class ItemVectors:
     """BERT vectors of artifact items and of items added online (indices >= n_items)."""
 
-    def __init__(self, table: np.ndarray, online: OnlineItems | None = None) -> None:
-        self.table = table       # [n_items, d] unit rows
-        self.online = online
+    def __init__(self, table: np.ndarray, online: ItemOverlay | None = None) -> None:
+        self.table = table       # [n_items, d] unit rows (an artifact item upserted online: its row rewritten)
+        self.online = online     # its .vectors [M, d]: online item n_items + j is row j
 
     def __call__(self, items: np.ndarray) -> np.ndarray:
         """items [m] -> [m, d]."""
@@ -55,13 +105,12 @@ class ItemVectors:
         return out
 
 
-class BertChannel:
+class BertChannel(_IndexChannel):
     """Content channel: recency-weighted mean BERT vector of the recent history, searched in the text index."""
     name = ChannelName.BERT
 
     def __init__(self, index: faiss.Index, vectors: ItemVectors, max_k: int | None = None) -> None:
-        self.index = index
-        self.max_k = max_k
+        super().__init__(index, max_k)
         self.vectors = vectors
 
     def add(self, indices: np.ndarray, vectors: np.ndarray) -> None:
@@ -84,18 +133,17 @@ class BertChannel:
 
     def retrieve(self, query: RetrievalQuery, fetch: int) -> ChannelResult:
         vector = self.query_vector(query.history)
-        return EMPTY if vector is None else search(self.index, vector, fetch, self.max_k)
+        return EMPTY if vector is None else self.search(vector, fetch)
 
 
-class CfChannel:
+class CfChannel(_IndexChannel):
     """Collaborative channel: the user's trained ALS vector, or one folded in from their history."""
     name = ChannelName.CF
 
     def __init__(self, index: faiss.Index, user_ids: list[str], user_factors: np.ndarray,
                  item_factors: np.ndarray, gram: np.ndarray, alpha: float, regularization: float,
                  max_k: int | None = None) -> None:
-        self.index = index
-        self.max_k = max_k
+        super().__init__(index, max_k)
         self.user_row = {u: i for i, u in enumerate(user_ids)}
         self.user_factors = user_factors
         self.item_factors = item_factors
@@ -111,7 +159,7 @@ class CfChannel:
 
     def retrieve(self, query: RetrievalQuery, fetch: int) -> ChannelResult:
         vector = self.user_vector(query.user_id, query.history)
-        return EMPTY if vector is None else search(self.index, vector, fetch, self.max_k)
+        return EMPTY if vector is None else self.search(vector, fetch)
 
 
 class PopularChannel:
@@ -123,6 +171,18 @@ class PopularChannel:
         # Score = log popularity, scaled to [0, 1] so it sits beside cosine scores.
         log_counts = np.log1p(counts[self.ranked_items].astype(np.float32))
         self.scores = log_counts / max(float(log_counts.max(initial=0.0)), 1e-6)
+        self._blocked = NOTHING_BLOCKED
+        self._live = ChannelResult(self.ranked_items, self.scores)
+
+    @property
+    def blocked(self) -> BlockedItems:
+        return self._blocked
+
+    @blocked.setter
+    def blocked(self, blocked: BlockedItems) -> None:
+        # The live ranking is masked once per change, so a query only slices it.
+        self._live = blocked.drop(ChannelResult(self.ranked_items, self.scores))
+        self._blocked = blocked
 
     def retrieve(self, query: RetrievalQuery, fetch: int) -> ChannelResult:
-        return ChannelResult(self.ranked_items[:fetch], self.scores[:fetch])
+        return self._live.head(fetch)

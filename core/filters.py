@@ -9,6 +9,7 @@ from typing import Callable, Collection, Protocol
 
 import numpy as np
 
+from core.blocked_items import BlockedItems
 from core.types import ChannelResult, RetrievalQuery
 
 
@@ -74,6 +75,24 @@ class DeletedItemsFilter(_BlockListFilter):
         return self.deleted()
 
 
+class BlockedItemsFilter:
+    """Items the channels already skip inside their search (retrieval's deleted items, a
+    core.blocked_items.BlockedItems read at each call): nothing to over-fetch for, and the check
+    costs a mask lookup per returned item, however many are blocked. A last guard behind the
+    channels, so a channel that ignores `blocked` still never returns a deleted item."""
+    name = "deleted"
+
+    def __init__(self, blocked: Callable[[], BlockedItems]) -> None:
+        self.current = blocked
+
+    def blocked(self, query: RetrievalQuery) -> np.ndarray:
+        return np.zeros(0, np.int64)   # precomputed in the searches: no over-fetch
+
+    def apply(self, result: ChannelResult, query: RetrievalQuery) -> FilterResult:
+        hit = self.current().hits(result.items)
+        return FilterResult(result.where(~hit), result.items[hit], self.name)
+
+
 def blocked_count(filters: list[Filter], query: RetrievalQuery) -> int:
     """How many distinct items the filters may take out: channels over-fetch by this much (an item
     both seen and excluded counts once, so a search asks for the same k whatever the overlap)."""
@@ -93,4 +112,10 @@ def apply_filters(filters: list[Filter], result: ChannelResult, query: Retrieval
 
 
 def standard_filters(deleted: Callable[[], Collection[int]]) -> list[Filter]:
+    """Seen, excluded, and deleted as a set (the gateway's fallbacks: over-fetches by its size)."""
     return [SeenItemsFilter(), ExcludedItemsFilter(), DeletedItemsFilter(deleted)]
+
+
+def retrieval_filters(blocked: Callable[[], BlockedItems]) -> list[Filter]:
+    """Seen, excluded, and deleted as the channels' precomputed blocked set (no over-fetch for it)."""
+    return [SeenItemsFilter(), ExcludedItemsFilter(), BlockedItemsFilter(blocked)]

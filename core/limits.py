@@ -23,8 +23,8 @@ EVENT_OLDEST_S = 946_684_800.0   # 2000-01-01: an event timestamp before it is a
 EVENT_FUTURE_SKEW_S = 60.0       # how far past the gateway's clock an event timestamp may be
 
 # -- internal services
-# A Retrieve's exclude list is the caller's exclusions plus the deleted items the gateway knows.
-MAX_RETRIEVE_EXCLUDE = 2 * MAX_EXCLUDE
+# A Retrieve's exclude list is the caller's exclusions alone (deleted items are retrieval's own filter).
+MAX_RETRIEVE_EXCLUDE = MAX_EXCLUDE
 MAX_RETRIEVE_HISTORY = 1_000
 MAX_RETRIEVE_CANDIDATES = 2_000
 MAX_RANK_HISTORY = 1_000

@@ -21,6 +21,7 @@ class DegradedReason(StrEnum):
     TRITON_UNAVAILABLE = auto()       # the fused ranker on Triton failed: retrieval order
     RERANKER_ERROR = auto()           # the slate re-ranker failed: fused order
     NO_CANDIDATES = auto()
+    ITEM_STATE_UNAVAILABLE = auto()   # the item log could not be read: online items may be stale
 
 
 PRODUCED = frozenset(r for r in DegradedReason if r is not DegradedReason.UNSPECIFIED)

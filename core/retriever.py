@@ -1,27 +1,32 @@
-"""The retrieval side of one artifact version: its channels over the FAISS indexes, the items
-added and deleted online, and candidate generation (core.candidates) over both."""
+"""The retrieval side of one artifact version: its channels over the FAISS indexes, the item log
+applied on top (core.item_overlay), and candidate generation (core.candidates) over both."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
+from core.blocked_items import BlockedItems
 from core.candidates import CandidateGenerator, Retrieval
-from core.channels import BertChannel, CfChannel, ItemVectors, PopularChannel
-from core.filters import standard_filters
+from core.channels import BertChannel, CfChannel, PopularChannel
+from core.filters import retrieval_filters
+from core.item_overlay import AppliedRecords, ItemOverlay
+from core.item_records import ItemRecord
 from core.limits import DEFAULT_CANDIDATES
-from core.online_items import ItemChange, OnlineItems
 from core.types import RetrievalQuery
 
 
 class Retriever:
     def __init__(self, version: str, bert: BertChannel, cf: CfChannel, popular: PopularChannel,
-                 online: OnlineItems, quotas: dict[str, int]) -> None:
+                 overlay: ItemOverlay, quotas: dict[str, int]) -> None:
         self.version = version
-        self.online = online
-        self.n_items = online.n_items
-        self.text_dim = online.text_dim
+        self.overlay = overlay
+        self.n_items = overlay.n_items
+        self.text_dim = overlay.text_dim
         self.bert, self.cf, self.popular = bert, cf, popular
-        self.generator = CandidateGenerator([bert, cf, popular], standard_filters(lambda: self.online.removed),
-                                            quotas)
+        self.blocked = BlockedItems(overlay.deleted_mask)
+        self.generator = CandidateGenerator([bert, cf, popular], retrieval_filters(lambda: self.blocked), quotas)
+        self._set_blocked(self.blocked)
 
     @property
     def quotas(self) -> dict[str, int]:
@@ -35,19 +40,35 @@ class Retriever:
     def index_sizes(self) -> dict[str, int]:
         return {"text": self.bert.index.ntotal, "cf": self.cf.index.ntotal}
 
-    def update_items(self, change: ItemChange) -> int:
-        """Apply online additions/removals (artifact items may get a new text vector); returns the
-        number of online items held. Raises ValueError naming the field on a malformed change."""
-        online = change.add_indices >= self.n_items
-        self.online.apply(change.subset(online))
-        vectors: ItemVectors = self.bert.vectors
-        if (~online).any():   # copy on write: a concurrent reader keeps a consistent table
-            table = vectors.table.copy()
-            table[change.add_indices[~online]] = change.add_vectors[~online]
-            vectors.table = table
-        if len(change.add_indices):
-            self.bert.add(change.add_indices, change.add_vectors)
-        return len(self.online.vectors)
+    @property
+    def total(self) -> int:
+        """Item indices this version knows: artifact items plus the online items applied so far."""
+        return self.overlay.total
+
+    def apply(self, records: Sequence[ItemRecord]) -> AppliedRecords:
+        """Apply item-log records (in log order) and mirror them: upserted vectors into the text
+        index and the bert channel's vectors, the deleted set into every channel's blocked set."""
+        applied = self.overlay.apply(records)
+        upserted = applied.upserted
+        catalog = upserted < self.n_items
+        if catalog.any():
+            # Applied on the event loop between requests, so written in place (a copy of a large
+            # catalog's table per upsert would cost seconds); a read-only table is copied once.
+            table = self.bert.vectors.table
+            table = table if table.flags.writeable else table.copy()
+            table[upserted[catalog]] = applied.vectors[catalog]
+            self.bert.vectors.table = table
+        if len(upserted):
+            self.bert.add(upserted, applied.vectors)
+        if len(applied.deleted) or self.blocked.hits(upserted).any():   # an upsert may bring a deleted item back
+            self._set_blocked(BlockedItems(self.overlay.deleted_mask))
+        return applied
+
+    def _set_blocked(self, blocked: BlockedItems) -> None:
+        # Built once per change (packed bits + FAISS selector), never per query.
+        self.blocked = blocked
+        for channel in (self.bert, self.cf, self.popular):
+            channel.blocked = blocked
 
     def retrieve(self, user_id: str, history: np.ndarray, exclude: np.ndarray,
                  total: int = DEFAULT_CANDIDATES, quotas: dict[str, int] | None = None) -> Retrieval:

@@ -1,59 +1,95 @@
-"""The item catalog the gateway needs: id <-> index, titles, categories, popular fallback order,
-plus items added and deleted while serving."""
+"""The item catalog the gateway needs for one artifact version: id <-> index, titles, categories,
+the popular fallback order, and the items changed online since the build.
+
+The online part is an ItemOverlay (core/item_overlay.py) fed by the item log: every replica
+derives the same indices from the same log, so an index from retrieval or ranking means the same
+item here (or one this gateway has not applied yet: `resolvable` says which). Deletes are the
+overlay's bitmap: checking a list of items costs O(len(list)), never O(deleted items).
+"""
 from __future__ import annotations
+
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from common.artifacts import ArtifactSet
+from core.item_overlay import ItemOverlay
+from core.item_records import ItemRecord
 
 
 class Catalog:
     def __init__(self, artifacts: ArtifactSet) -> None:
         data = artifacts.json("catalog.json")
-        self.item_ids: list[str] = list(data["item_ids"])
-        self.titles: list[str] = list(data["titles"])
-        self.categories: list[str] = list(data["categories"])
+        self.artifact_ids: list[str] = list(data["item_ids"])
+        self.artifact_titles: list[str] = list(data["titles"])
+        self.artifact_categories: list[str] = list(data["categories"])
         self.category_index = {name: j for j, name in enumerate(data.get("category_names", [""]))}
-        self.index = {item_id: j for j, item_id in enumerate(self.item_ids)}
-        self.n_artifact_items = len(self.item_ids)
-        self.popular = artifacts.npy("popular.npy")   # [n] item indices, most popular first
-        self.deleted: set[int] = set()
-        if len(self.item_ids) != artifacts.manifest["counts"]["items"]:
+        self.n_artifact_items = len(self.artifact_ids)
+        self.popular = artifacts.npy("popular.npy").astype(np.int64)   # [n] item indices, most popular first
+        if self.n_artifact_items != artifacts.manifest["counts"]["items"]:
             raise ValueError("catalog.json: item count differs from the manifest")
+        # The log position the build folded in (0 for a build that predates the item log).
+        self.overlay = ItemOverlay(self.artifact_ids, int(artifacts.manifest["dims"]["text"]),
+                                   self.category_index, folded_seq=int(artifacts.manifest.get("item_log_seq", 0)))
 
-    def to_indices(self, item_ids) -> np.ndarray:
+    # -- the log
+
+    @property
+    def folded_seq(self) -> int:
+        return self.overlay.folded_seq
+
+    @property
+    def applied_seq(self) -> int:
+        """The item-log position this version has applied (at least the folded one)."""
+        return self.overlay.applied_seq
+
+    def apply(self, records: Sequence[ItemRecord]) -> None:
+        """The follower's callback: records in log order (idempotent)."""
+        self.overlay.apply(records)
+
+    # -- lookups
+
+    @property
+    def index(self) -> dict[str, int]:
+        """item id -> index, artifact and online items (deleted ones included)."""
+        return self.overlay.index
+
+    @property
+    def total(self) -> int:
+        """Indices this gateway can resolve: [0, total)."""
+        return self.overlay.total
+
+    def item_id(self, j: int) -> str:
+        return self.artifact_ids[j] if j < self.n_artifact_items else self.overlay.online_ids[j - self.n_artifact_items]
+
+    def title(self, j: int) -> str:
+        changed = self.overlay.titles.get(j)
+        return changed if changed is not None else self.artifact_titles[j]
+
+    def category(self, j: int) -> str:
+        changed = self.overlay.categories.get(j)
+        return changed if changed is not None else self.artifact_categories[j]
+
+    def resolvable(self, items: np.ndarray) -> np.ndarray:
+        """[m] bool: the index names an item this gateway knows (a replica ahead of it may send
+        one it has not applied yet)."""
+        items = np.asarray(items, np.int64)
+        return (items >= 0) & (items < self.total)
+
+    def live(self, items: np.ndarray) -> np.ndarray:
+        """[m] bool: known and not deleted. O(m): one lookup in the deleted bitmap per item."""
+        items = np.asarray(items, np.int64)
+        mask = self.overlay.deleted_mask   # read once: apply() swaps in a new array
+        ok = (items >= 0) & (items < len(mask))
+        out = np.zeros(len(items), bool)
+        out[ok] = ~mask[items[ok]]
+        return out
+
+    def to_indices(self, item_ids: Iterable[str]) -> np.ndarray:
         """Known, not deleted ids -> [m] int64 indices in the same order; the rest are dropped."""
-        return np.array([j for j in (self.index.get(i) for i in item_ids)
-                         if j is not None and j not in self.deleted], np.int64)
+        found = np.array([j for j in (self.index.get(i) for i in item_ids) if j is not None], np.int64)
+        return found[self.live(found)]
 
     def knows(self, item_id: str) -> bool:
         j = self.index.get(item_id)
-        return j is not None and j not in self.deleted
-
-    def plan_upsert(self, item_ids: list[str]) -> list[int]:
-        """Index for each id: its existing index, or the next free online index (not yet added)."""
-        out, next_index = [], len(self.item_ids)
-        for item_id in item_ids:
-            if item_id in self.index:
-                out.append(self.index[item_id])
-            else:
-                out.append(next_index)
-                next_index += 1
-        return out
-
-    def upsert(self, indices: list[int], item_ids: list[str], titles: list[str], categories: list[str]) -> None:
-        for j, item_id, title, category in zip(indices, item_ids, titles, categories):
-            if j == len(self.item_ids):
-                self.item_ids.append(item_id)
-                self.titles.append(title)
-                self.categories.append(category)
-            else:
-                self.titles[j], self.categories[j] = title, category
-            self.index[item_id] = j
-            self.deleted.discard(j)
-
-    def delete(self, item_ids) -> list[int]:
-        """Mark ids deleted from now on; returns the indices that were live."""
-        gone = [j for j in (self.index.get(i) for i in item_ids) if j is not None and j not in self.deleted]
-        self.deleted.update(gone)
-        return gone
+        return j is not None and bool(self.live(np.array([j]))[0])

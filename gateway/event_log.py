@@ -6,6 +6,12 @@ one interactions.csv for `generic:` loading. append() writes a whole batch with 
 fdatasyncs before returning: an acknowledged batch survives a kill of the process (and a power cut)
 right after. One writer process per folder (several gateway replicas need one folder each).
 
+Erasing a user: append_tombstone(user_id) writes one row `user_id,,<time>,erase,0` (fsynced like a
+batch). export() drops every event of that user logged before their last tombstone (log order:
+day files in order, rows in order; not the event timestamps, which clients set) and the tombstone
+rows themselves, so the next build never sees the erased events; events logged after it are kept.
+The raw day files keep the rows until they are deleted (retention): only export() reads them.
+
 Crash recovery: a batch torn by a crash mid-write was never acknowledged; the first append to a file
 in a process cuts such a partial last line off, so it cannot glue onto the next batch's first row.
 """
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 HEADER = "user_id,item_id,timestamp,event,value\n"
+TOMBSTONE = "erase"   # the event column of a tombstone row (not an event type the API accepts)
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,11 @@ class EventLog:
             if created:
                 _fsync_dir(self.folder)
 
+    def append_tombstone(self, user_id: str, when: float | None = None) -> None:
+        """Mark every earlier event of the user as erased for export(); durable when it returns.
+        Blocking: call it off the loop."""
+        self.append([Event(user_id, "", TOMBSTONE, time.time() if when is None else when, 0.0)])
+
     def _recover(self, fd: int, path: Path) -> bool:
         """Cut a torn last line (a crash mid-write). True when the file is new to this process."""
         self._recovered.add(path)
@@ -102,20 +114,38 @@ class EventLog:
         """The log's files, oldest day first."""
         return sorted(self.folder.glob("events-*.csv"))
 
+    def _lines(self):
+        """(position, line, parsed row) of every complete row, in log order."""
+        position = 0
+        for file in self.files():
+            with open(file, encoding="utf-8", newline="") as f:
+                first = f.readline()
+                if not first:   # created, then a crash before the first write
+                    continue
+                if first != HEADER:
+                    raise ValueError(f"{file}: not an event log file (header)")
+                for line in f:
+                    if line.endswith("\n"):   # skip a torn last line the writer has not cut yet
+                        position += 1
+                        yield position, line, next(csv.reader([line]))
+
+    def tombstones(self) -> dict[str, int]:
+        """user id -> log position of their last tombstone."""
+        return {row[0]: position for position, _, row in self._lines() if len(row) >= 4 and row[3] == TOMBSTONE}
+
     def export(self, dest: Path) -> int:
-        """Join all days into one interactions.csv at dest (one header); returns the rows written."""
+        """Join all days into one interactions.csv at dest (one header), less the events of erased
+        users logged before their tombstone; returns the rows written. Two passes over the files:
+        memory grows with the erased users, not with the log."""
+        erased = self.tombstones()
         rows = 0
         with open(dest, "w", encoding="utf-8", newline="") as out:
             out.write(HEADER)
-            for file in self.files():
-                with open(file, encoding="utf-8", newline="") as f:
-                    first = f.readline()
-                    if not first:   # created, then a crash before the first write
-                        continue
-                    if first != HEADER:
-                        raise ValueError(f"{file}: not an event log file (header)")
-                    for line in f:
-                        if line.endswith("\n"):   # skip a torn last line the writer has not cut yet
-                            out.write(line)
-                            rows += 1
+            for position, line, row in self._lines():
+                if len(row) >= 4 and row[3] == TOMBSTONE:
+                    continue
+                if row and erased.get(row[0], 0) > position:
+                    continue
+                out.write(line)
+                rows += 1
         return rows

@@ -3,6 +3,11 @@
 A batch is all or nothing: one bad event (unknown item, absurd timestamp, oversize batch) fails
 it with INVALID_ARGUMENT naming the offending index, before anything is written. The log is
 fsynced before the RPC returns OK, so an acknowledged event survives a crash.
+
+The rule when the user-state store fails: the batch is still acknowledged (it is in the durable
+log, which is what the next build reads), `history_updates` is 0 and the recent histories miss
+it; the failure is counted (fusionrec_events_total{type="batch",outcome="history_unavailable"}).
+Refusing instead would make a retrying client write the batch to the log twice.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from common.logs import get_logger
 from common.metrics import EVENTS
 from common.versions import VersionSet
 from core.events import EVENT_TYPES, HISTORY_TYPES
@@ -22,6 +28,9 @@ from gateway.serving_state import ServingState
 from gateway.state_store import UserStateStore
 from gateway.validation import InvalidArgument
 
+
+log = get_logger("gateway.events")
+STORE_TIMEOUT_S = 2.0   # a hanging user-state store must not hold an acknowledged batch for long
 
 @dataclass(frozen=True)
 class IngestResult:
@@ -56,7 +65,7 @@ class EventIngester:
         self.states = states
         self.log = log
         self.store = store
-        self._log_lock = asyncio.Lock()
+        self.log_lock = asyncio.Lock()   # shared with gateway.erase: tombstones and batches in order
 
     async def ingest(self, batch: Sequence[Event]) -> IngestResult:
         try:
@@ -64,11 +73,17 @@ class EventIngester:
         except InvalidArgument:
             EVENTS.labels("batch", "rejected").inc()
             raise
-        async with self._log_lock:   # fsync off the event loop, one batch at a time
+        async with self.log_lock:   # fsync off the event loop, one batch at a time
             await asyncio.to_thread(self.log.append, events)
         chosen = [(e.user_id, e.item_id, e.timestamp) for e in events if e.type in HISTORY_TYPES]
         if chosen:
-            await self.store.add(chosen)
+            try:
+                await asyncio.wait_for(self.store.add(chosen), timeout=STORE_TIMEOUT_S)
+            except Exception:   # noqa: BLE001 - logged above; the histories miss this batch
+                log.warning("user-state store failed; events logged, recent histories not updated",
+                            extra={"events": len(chosen)})
+                EVENTS.labels("batch", "history_unavailable").inc()
+                chosen = []
         for e in events:
             EVENTS.labels(e.type, "accepted").inc()
         return IngestResult(accepted=len(events), history_updates=len(chosen))

@@ -2,11 +2,21 @@
 
 Each step is named and has a policy (core.pipeline); a fail-open step that fails degrades the
 answer with a reason, never fails the call:
-  user_state  fail-open   the store fails -> the build's history (user_state_unavailable)
+  user_state  fail-open   the store fails -> no history (user_state_unavailable): without the
+                          store the gateway cannot know whether the user was erased, and an
+                          erased user's build history must never be used
   retrieve    fail-open   retrieval down or late -> no candidates (retrieval_*)
   fallback    fail-closed no candidates -> the most popular items the user may get
   rank        fail-open   ranking down or late -> retrieval order (ranking_*)
   filter      fail-closed a deleted item never leaves the gateway
+Items: the catalog of the request's version is the build plus the item log applied so far; each
+request carries that log position (min_item_log_seq) so a replica behind it catches up first. A
+replica ahead of the gateway may return an index the gateway cannot resolve yet: it is dropped
+and counted (fusionrec_unknown_items_total), never an error. Deleted items are a bitmap lookup
+per item (cost independent of how many are deleted). The item log unreadable: the answer is
+served from the last applied state and degraded (item_state_unavailable).
+Erased users (DeleteUserData): no build history, no user id sent to retrieval (no trained CF
+vector); only the events they sent after the erase count.
 Budget: retrieval gets `retrieval_share` of what remains (after a reserve for the gateway's own
 work), ranking gets the rest. The response's stage_ms reports the stages that did work (retrieve,
 fallback, rank: the dashboards' stage names) and the services' own stages (retrieval.*, ranking.*).
@@ -21,11 +31,12 @@ import grpc
 import numpy as np
 
 from common.config import GatewayConfig
-from common.metrics import record_degraded, record_stage
+from common.item_follower import ItemLogFollower
+from common.metrics import UNKNOWN_ITEMS, record_degraded, record_stage
 from common.wire import reasons_from_proto
 from common.versions import VersionSet
 from core.channel_names import ChannelName
-from core.filters import DeletedItemsFilter, apply_filters, blocked_count, standard_filters
+from core.filters import ExcludedItemsFilter, SeenItemsFilter, apply_filters
 from core.limits import MAX_RETRIEVE_EXCLUDE
 from core.pipeline import Step, StepFailed, run_steps_async
 from core.reasons import DegradedReason
@@ -103,8 +114,29 @@ def channels_of(candidates: pb.Candidates) -> dict[int, list[str]]:
     return out
 
 
-def deleted_filter(catalog: Catalog) -> DeletedItemsFilter:
-    return DeletedItemsFilter(lambda: catalog.deleted)
+def drop_unknown(catalog: Catalog, items: np.ndarray, field: str) -> np.ndarray:
+    """[m] bool keep-mask of the indices this gateway can resolve; the others are counted."""
+    keep = catalog.resolvable(items)
+    unknown = len(keep) - int(keep.sum())
+    if unknown:
+        UNKNOWN_ITEMS.labels(SERVICE, field).inc(unknown)
+    return keep
+
+
+def select_candidates(candidates: pb.Candidates, keep: np.ndarray) -> pb.Candidates:
+    """The candidates at keep (a bool mask over items), every column cut alike."""
+    if keep.all():
+        return candidates
+    rows = np.flatnonzero(keep)
+    out = pb.Candidates(items=np.asarray(candidates.items, np.int64)[rows].tolist())
+    for column in candidates.channels:
+        out.channels.add(channel=column.channel, scores=np.asarray(column.scores, np.float32)[rows].tolist(),
+                         ranks=np.asarray(column.ranks, np.int32)[rows].tolist())
+    return out
+
+
+def live_only(catalog: Catalog, result: ChannelResult) -> ChannelResult:
+    return result.where(catalog.live(result.items)) if len(result) else result
 
 
 @dataclass
@@ -116,6 +148,7 @@ class RecommendRun:
     deadline: float                                   # time.monotonic() by which the answer is out
     exclude: np.ndarray                               # [E] int64
     history: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    retrieval_user: str = ""                          # user id retrieval may look up (CF); "" = unknown
     candidates: pb.Candidates | None = None
     slate: ChannelResult = EMPTY                      # what is served, best first
     channels: dict[int, list[str]] = field(default_factory=dict)
@@ -130,15 +163,15 @@ class RecommendRun:
         return self.state.catalog
 
     def retrieval_query(self) -> RetrievalQuery:
-        return RetrievalQuery(self.query.user_id, self.history, self.exclude)
+        return RetrievalQuery(self.retrieval_user, self.history, self.exclude)
 
     def stage_ms(self) -> dict[str, float]:
         return {**{s: self.step_ms[s] for s in self.stages}, **self.remote_ms}
 
     def recommendation(self) -> Recommendation:
         catalog = self.catalog
-        items = [RecommendedItem(catalog.item_ids[item], score, rank, tuple(self.channels.get(item, ())),
-                                 catalog.titles[item], catalog.categories[item])
+        items = [RecommendedItem(catalog.item_id(item), score, rank, tuple(self.channels.get(item, ())),
+                                 catalog.title(item), catalog.category(item))
                  for rank, (item, score) in enumerate(zip(self.slate.items.tolist(),
                                                           self.slate.scores.tolist()), start=1)]
         return Recommendation(self.query.request_id, items, list(self.reasons), dict(self.versions),
@@ -147,8 +180,10 @@ class RecommendRun:
 
 class RecommendPipeline:
     def __init__(self, states: VersionSet[ServingState], store: UserStateStore,
-                 retrieval: pb_grpc.RetrievalStub, ranking: pb_grpc.RankingStub, config: GatewayConfig) -> None:
+                 retrieval: pb_grpc.RetrievalStub, ranking: pb_grpc.RankingStub, config: GatewayConfig,
+                 follower: ItemLogFollower | None = None) -> None:
         self.states = states
+        self.follower = follower
         self.store = store
         self.retrieval = retrieval
         self.ranking = ranking
@@ -167,6 +202,8 @@ class RecommendPipeline:
         state = self.states.get()
         run = RecommendRun(q, state, deadline, state.catalog.to_indices(q.exclude_item_ids),
                            versions={"artifacts": state.version})
+        if self.follower is not None and not self.follower.ok:   # online items may be stale
+            run.reasons.append(DegradedReason.ITEM_STATE_UNAVAILABLE)
         await run_steps_async(self.steps, run, run.step_ms, run.reasons)
         for reason in run.reasons:
             record_degraded(SERVICE, reason)
@@ -178,36 +215,45 @@ class RecommendPipeline:
 
     async def user_state(self, run: RecommendRun) -> None:
         """The explicit history if given; else the build's history for the user, then their events
-        since (latest occurrence kept). Set before the store is asked: a failing store leaves it."""
+        since (latest occurrence kept). Until the store answers the user counts as unknown (no
+        history, no user id for retrieval): a failing store must not resurrect an erased user."""
         q, catalog = run.query, run.catalog
-        if q.history_item_ids:
+        if q.history_item_ids:   # the caller's whole history (<= MAX_HISTORY): all of it is "seen"
             run.history = catalog.to_indices(q.history_item_ids)
+        if not q.user_id:
             return
-        base = run.state.base_history.history(q.user_id)
-        run.history = self._cleaned_history(run, base)
         budget = max((run.deadline - time.monotonic()) * USER_STATE_SHARE, MIN_TIMEOUT_S)
-        recent = catalog.to_indices(await asyncio.wait_for(self.store.recent(q.user_id), timeout=budget))
-        if len(recent):
-            run.history = self._cleaned_history(run, latest_occurrence(np.concatenate([base, recent])))
+        state = await asyncio.wait_for(self.store.recent_state(q.user_id), timeout=budget)
+        erased = state.erased_at is not None
+        if not erased:
+            run.retrieval_user = q.user_id
+        if q.history_item_ids:
+            return
+        base = np.zeros(0, np.int64) if erased else run.state.base_history.history(q.user_id)
+        recent = catalog.to_indices(state.items)
+        run.history = self._cleaned_history(run, latest_occurrence(np.concatenate([base, recent]))
+                                            if len(recent) else base)
 
     def _cleaned_history(self, run: RecommendRun, history: np.ndarray) -> np.ndarray:
         """Without deleted items, the most recent `history_cap`."""
-        kept = deleted_filter(run.catalog).apply(in_order(history.astype(np.int64)), run.retrieval_query()).kept
-        return kept.items[-self.config.history_cap:]
+        history = history.astype(np.int64)
+        return history[run.catalog.live(history)][-self.config.history_cap:]
 
     async def retrieve(self, run: RecommendRun) -> None:
         run.stages.append("retrieve")
         budget = (run.deadline - time.monotonic() - self.reserve_s) * self.config.retrieval_share
-        # Retrieval is told the deleted items too: it then fills the list with live ones.
-        exclude = [*run.exclude.tolist(), *sorted(run.catalog.deleted)][:MAX_RETRIEVE_EXCLUDE]
+        # Only the caller's exclusions: deleted items are retrieval's own bitmap (same log).
         try:
             retrieved = await self.retrieval.Retrieve(pb.RetrieveRequest(
-                user_id=run.query.user_id, history=run.history.tolist(), exclude=exclude,
-                num_candidates=self.config.candidates, artifact_version=run.state.version),
+                user_id=run.retrieval_user, history=run.history.tolist(),
+                exclude=run.exclude[:MAX_RETRIEVE_EXCLUDE].tolist(), num_candidates=self.config.candidates,
+                artifact_version=run.state.version, min_item_log_seq=run.catalog.applied_seq),
                 timeout=max(budget, MIN_TIMEOUT_S))
         except grpc.aio.AioRpcError as e:
             raise StepFailed(RETRIEVAL.of(e), e.details() or "") from e
-        run.candidates = retrieved.candidates
+        candidates = retrieved.candidates
+        run.candidates = select_candidates(candidates, drop_unknown(run.catalog, np.asarray(candidates.items,
+                                                                                           np.int64), "candidates"))
         run.versions["index"] = retrieved.index_version
         run.remote_ms.update({f"retrieval.{k}": v for k, v in retrieved.stage_ms.items()})
 
@@ -216,10 +262,18 @@ class RecommendPipeline:
         if run.candidates is not None:
             return
         run.stages.append("fallback")
-        query, filters = run.retrieval_query(), standard_filters(lambda: run.catalog.deleted)
-        # The filters take out at most blocked_count of the head: fetch that much more than k.
-        head = run.catalog.popular[:run.query.k + blocked_count(filters, query)].astype(np.int64)
-        items = apply_filters(filters, in_order(head), query).head(run.query.k).items
+        query, filters = run.retrieval_query(), [SeenItemsFilter(), ExcludedItemsFilter()]
+        popular, k = run.catalog.popular, run.query.k
+        # Seen and excluded take out at most len(history) + len(exclude) of the head; deletes are
+        # unbounded, so widen the window (doubling) instead of fetching len(deleted) more.
+        size = k + len(query.history) + len(query.exclude)
+        while True:
+            head = in_order(popular[:size])
+            kept = apply_filters(filters, live_only(run.catalog, head), query)
+            if len(kept) >= k or size >= len(popular):
+                break
+            size *= 2
+        items = kept.head(k).items
         run.slate = in_order(items)
         run.channels = {int(i): [ChannelName.POPULAR.value] for i in items}
 
@@ -227,8 +281,8 @@ class RecommendPipeline:
         if run.candidates is None:   # the popular fallback is the answer
             return
         run.channels = channels_of(run.candidates)
-        # Served if ranking fails: the retrieval order, with room for the deleted items filter takes out.
-        run.slate = in_order(np.array(run.candidates.items[:run.query.k + len(run.catalog.deleted)], np.int64))
+        # Served if ranking fails: the retrieval order (the filter step takes deleted items out).
+        run.slate = in_order(np.array(run.candidates.items, np.int64))
         remaining = run.deadline - time.monotonic() - self.reserve_s
         if remaining <= MIN_TIMEOUT_S:
             raise StepFailed(DegradedReason.RANKING_TIMEOUT, "no budget left for ranking")
@@ -236,15 +290,16 @@ class RecommendPipeline:
         try:
             ranked = await self.ranking.Rank(pb.RankRequest(
                 history=run.history.tolist(), candidates=run.candidates, k=run.query.k,
-                artifact_version=run.state.version), timeout=remaining)
+                artifact_version=run.state.version, min_item_log_seq=run.catalog.applied_seq), timeout=remaining)
         except grpc.aio.AioRpcError as e:
             raise StepFailed(RANKING.of(e), e.details() or "") from e
         run.versions["fused_ranker"] = ranked.model_version
         run.reasons.extend(reasons_from_proto(ranked.reasons))
         run.remote_ms.update({f"ranking.{k}": v for k, v in ranked.stage_ms.items()})
-        run.slate = ChannelResult(np.array(ranked.items, np.int64), np.array(ranked.scores, np.float32))
+        slate = ChannelResult(np.array(ranked.items, np.int64), np.array(ranked.scores, np.float32))
+        run.slate = slate.where(drop_unknown(run.catalog, slate.items, "ranked"))
 
     def filter_deleted(self, run: RecommendRun) -> None:
         """The guarantee: a deleted item never leaves the gateway (it may be deleted while the
-        request is in retrieval or ranking)."""
-        run.slate = deleted_filter(run.catalog).apply(run.slate, run.retrieval_query()).kept.head(run.query.k)
+        request is in retrieval or ranking), checked in the bitmap item by item."""
+        run.slate = live_only(run.catalog, run.slate).head(run.query.k)

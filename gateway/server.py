@@ -6,23 +6,32 @@ import time
 from typing import AsyncIterator
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from common.artifacts import ArtifactSet, open_artifacts
 from common.config import GatewayConfig, parse_config
+from common.followed_versions import offer_followed
+from common.item_follower import ItemLogFollower
+from common.item_log import ItemLogUnavailable, open_item_log
+from common.logs import get_logger
 from common.metrics import ARTIFACT_INFO
 from common.wire import reasons_to_proto
 from common.server import observed, serve
 from common.versions import VersionSet, watch_versions
+from gateway.erase import UserDataUnavailable, UserEraser
 from gateway.event_log import EventLog
 from gateway.events import EventIngester, IngestResult
-from gateway.items import ItemUpdater
+from gateway.items import EncoderError, ItemWriter
 from gateway.recommend import SERVICE, Recommendation, RecommendPipeline
+from gateway.replica_monitor import REPLICAS_HEALTH, ReplicaMonitor, ReplicaService
 from gateway.serving_state import ServingState
 from gateway.state_store import open_store
-from gateway.validation import (InvalidArgument, events_from_proto, validate_delete, validate_recommend,
-                                validate_upsert)
+from gateway.validation import (InvalidArgument, events_from_proto, validate_delete, validate_delete_user,
+                                validate_recommend, validate_upsert)
+
+log = get_logger("gateway")
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 
@@ -42,11 +51,12 @@ def ingested_to_proto(r: IngestResult) -> pb.ReportEventsResponse:
 
 
 class RecommenderServicer(pb_grpc.RecommenderServicer):
-    def __init__(self, recommender: RecommendPipeline, events: EventIngester, items: ItemUpdater,
-                 default_deadline_s: float) -> None:
+    def __init__(self, recommender: RecommendPipeline, events: EventIngester, items: ItemWriter,
+                 default_deadline_s: float, users: UserEraser | None = None) -> None:
         self.recommender = recommender
         self.events = events
         self.items = items
+        self.users = users
         self.default_deadline_s = default_deadline_s
 
     def budget(self, context: grpc.aio.ServicerContext) -> float:
@@ -91,34 +101,58 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def UpsertItems(self, request: pb.UpsertItemsRequest, context: grpc.aio.ServicerContext) -> pb.UpsertItemsResponse:
         try:
             done = await self.items.upsert(validate_upsert(request), self.budget(context))
-            return pb.UpsertItemsResponse(added=done.added, updated=done.updated)
+            return pb.UpsertItemsResponse(added=done.added, updated=done.updated, item_log_seq=done.item_log_seq)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except (InferenceServerException, grpc.aio.AioRpcError) as e:
+        except ItemLogUnavailable:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "items not added: the item store is unavailable; retry")
+        except (InferenceServerException, grpc.aio.AioRpcError, EncoderError, asyncio.TimeoutError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"items not added: a dependency failed ({type(e).__name__})")
 
     @observed(SERVICE, "DeleteItems")
     async def DeleteItems(self, request: pb.DeleteItemsRequest, context: grpc.aio.ServicerContext) -> pb.DeleteItemsResponse:
         try:
-            deleted = await self.items.delete(validate_delete(request), self.budget(context))
-            return pb.DeleteItemsResponse(deleted=deleted)
+            done = await self.items.delete(validate_delete(request))
+            return pb.DeleteItemsResponse(deleted=done.deleted, item_log_seq=done.item_log_seq)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ItemLogUnavailable:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "items not deleted: the item store is unavailable; retry")
+
+    @observed(SERVICE, "DeleteUserData")
+    async def DeleteUserData(self, request: pb.DeleteUserDataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.DeleteUserDataResponse:
+        """Erase a user (the privacy guarantee). When this returns OK:
+        - the user's recent history is gone from the user-state store (every gateway replica shares
+          it), and an erased marker is set;
+        - every Recommend for the user, through any gateway, treats them as unknown: no history
+          from the build (user_history.npz) and no user id sent to retrieval, so no CF vector
+          trained on their past; if the store cannot be read, every user is served that way
+          (degraded user_state_unavailable), so an outage never brings an erased history back;
+        - a tombstone is durable in this gateway's event log: its export, which the next offline
+          build reads, leaves out every event of the user logged before it (the raw day files
+          keep the rows until retention removes them);
+        - events the user sends afterwards are accepted and count again.
+        Idempotent: on UNAVAILABLE retry; a repeated erase removes 0 entries."""
+        try:
+            user_id = validate_delete_user(request)
+        except InvalidArgument as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            done = await self.users.erase(user_id)
+        except UserDataUnavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"user data not erased: the {e} is unavailable; retry")
+        return pb.DeleteUserDataResponse(history_entries_removed=done.history_entries_removed,
+                                         events_tombstoned=done.events_tombstoned)
 
 
-async def wait_for_version(version: str, retrieval: pb_grpc.RetrievalStub, ranking: pb_grpc.RankingStub,
-                           timeout_s: float = 300.0) -> None:
-    """Until both services serve `version` (an empty ItemUpdate is a cheap probe)."""
-    deadline = time.monotonic() + timeout_s
-    for stub in (retrieval, ranking):
-        while True:
-            try:
-                await stub.UpdateItems(pb.ItemUpdate(artifact_version=version), timeout=5)
-                break
-            except grpc.aio.AioRpcError as e:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"services did not load version {version}: {e.code().name}") from e
-                await asyncio.sleep(0.2)
+def replica_services(config: GatewayConfig) -> list[ReplicaService]:
+    return [ReplicaService("retrieval", config.retrieval_addr, pb_grpc.RetrievalStub),
+            ReplicaService("ranking", config.ranking_addr, pb_grpc.RankingStub)]
+
+
+def serving_health(healthy: bool) -> int:
+    return health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def run(config: GatewayConfig) -> None:
@@ -129,33 +163,57 @@ async def run(config: GatewayConfig) -> None:
     retrieval, ranking = pb_grpc.RetrievalStub(retrieval_channel), pb_grpc.RankingStub(ranking_channel)
     triton = InferenceServerClient(config.triton_url)
     store = open_store(config.state, cap=config.history_cap)
+    item_log = open_item_log(config.item_log)
+    follower = ItemLogFollower(item_log)
     states: VersionSet[ServingState] = VersionSet()
-    items = ItemUpdater(states, triton, retrieval, ranking)
+    health_servicer = health.aio.HealthServicer()
+
+    async def replicas_health(healthy: bool) -> None:
+        await health_servicer.set(REPLICAS_HEALTH, serving_health(healthy))
+
+    monitor = ReplicaMonitor(replica_services(config), lambda: states.get().catalog.applied_seq if states.newest else 0,
+                             lambda: states.newest, on_health=replicas_health)
 
     async def load(artifacts: ArtifactSet) -> None:
         state = await asyncio.to_thread(ServingState.load, artifacts)
-        if states.newest:   # a swap: the services must have it, and it must know today's changes
-            await wait_for_version(state.version, retrieval, ranking)
-            await items.replay(state)
-        states.add(state.version, state)
+        if states.newest:   # a swap: every replica we can reach must serve it first
+            await monitor.wait_for_version(state.version)
+        # Replays the item log into the new catalog before requests see it (retries while the
+        # store is down; the old version keeps serving meanwhile).
+        await offer_followed(states, follower, state.version, state, state.catalog.apply, state.catalog.folded_seq)
         ARTIFACT_INFO.clear()
         ARTIFACT_INFO.labels(SERVICE, state.version).set(1)
 
-    await load(open_artifacts(config.artifacts))
-    recommender = RecommendPipeline(states, store, retrieval, ranking, config)
+    first = open_artifacts(config.artifacts)
+    recommender = RecommendPipeline(states, store, retrieval, ranking, config, follower=follower)
     events = EventIngester(states, EventLog(config.event_log), store)
-    servicer = RecommenderServicer(recommender, events, items, config.default_deadline_ms / 1000.0)
-    watcher = asyncio.create_task(watch_versions(config.artifacts, states.newest, load))
+    items = ItemWriter(states, triton, item_log, follower)
+    users = UserEraser(store, events.log, events.log_lock)
+    servicer = RecommenderServicer(recommender, events, items, config.default_deadline_ms / 1000.0, users=users)
+    tasks: list[asyncio.Task] = []
+
+    async def start() -> None:
+        """Before SERVING: the first version replayed from the item log, then tail and watch."""
+        await load(first)
+        tasks.append(asyncio.create_task(follower.run()))
+        tasks.append(asyncio.create_task(watch_versions(config.artifacts, states.newest, load)))
+        tasks.append(asyncio.create_task(monitor.run()))
 
     async def close() -> None:
-        watcher.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await retrieval_channel.close()
         await ranking_channel.close()
         await triton.close()
         await store.close()
+        await item_log.close()
 
+    await health_servicer.set(REPLICAS_HEALTH, serving_health(False))   # unknown until the first check
     await serve(config, [pb.DESCRIPTOR.services_by_name["Recommender"].full_name],
-                lambda server: pb_grpc.add_RecommenderServicer_to_server(servicer, server), on_stop=close)
+                lambda server: pb_grpc.add_RecommenderServicer_to_server(servicer, server),
+                on_stop=close, on_start=start, health_servicer=health_servicer)
+
 
 def main() -> None:
     asyncio.run(run(parse_config(GatewayConfig, description="FusionRec gateway (public Recommender API)")))

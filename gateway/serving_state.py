@@ -12,7 +12,7 @@ from gateway.user_state import ArtifactHistoryStore
 @dataclass(frozen=True)
 class ServingState:
     version: str
-    catalog: Catalog
+    catalog: Catalog                  # artifact items + the item log applied on top (follower)
     base_history: ArtifactHistoryStore
     encoder_version: str
 

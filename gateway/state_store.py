@@ -18,6 +18,12 @@ ordered by item id (byte order) in both backends. add() applies a whole batch or
   interleaving other clients (MULTI/EXEC would not do: it does not roll back a failed command).
   TTL: a score cutoff on read and write, plus EXPIRE so idle users' keys go away.
 
+Erasing a user (DeleteUserData): erase() removes every recent-history entry of the user and sets
+an erased marker with its time, atomically (SQLite: one transaction on the writer thread, ordered
+with the adds queued before it; Redis: one Lua script). The marker stays: readers see it with the
+history (recent_state) and treat the user as unknown to the build (its user_history.npz and CF
+vector predate the erase); events the user sends after the erase are history again.
+
 User ids are stored, never logged: error messages name positions (`events[3].item_id`), not values.
 """
 from __future__ import annotations
@@ -32,9 +38,16 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 Event = tuple[str, str, float]   # (user_id, item_id, unix timestamp)
+
+
+@dataclass(frozen=True)
+class UserRecent:
+    """One read of a user's state: recent history, and when their data was erased (None: never)."""
+    items: list[str]
+    erased_at: float | None = None
 
 
 class UserStateStore(ABC):
@@ -74,6 +87,15 @@ class UserStateStore(ABC):
         """Forget items deleted from the catalog (readers filter deleted items anyway)."""
 
     @abstractmethod
+    async def recent_state(self, user_id: str) -> UserRecent:
+        """recent() and the erased marker, in one read."""
+
+    @abstractmethod
+    async def erase(self, user_id: str, when: float | None = None) -> int:
+        """Remove all of the user's history and mark them erased at `when` (now by default), in one
+        atomic step; returns the history entries removed. Idempotent (a second erase returns 0)."""
+
+    @abstractmethod
     async def close(self) -> None: ...
 
 
@@ -83,6 +105,7 @@ class SqliteUserStateStore(UserStateStore):
         " user_id TEXT NOT NULL CHECK (user_id <> ''), item_id TEXT NOT NULL CHECK (item_id <> ''),"
         " ts REAL NOT NULL, PRIMARY KEY (user_id, item_id)) WITHOUT ROWID",
         "CREATE INDEX IF NOT EXISTS history_by_time ON history (user_id, ts)",
+        "CREATE TABLE IF NOT EXISTS erased (user_id TEXT PRIMARY KEY NOT NULL, ts REAL NOT NULL) WITHOUT ROWID",
     )
     MAX_GROUP = 256   # write requests committed together under load (one fsync for all)
 
@@ -107,6 +130,23 @@ class SqliteUserStateStore(UserStateStore):
         return db
 
     async def recent(self, user_id: str) -> list[str]:
+        return self._recent(user_id)
+
+    async def recent_state(self, user_id: str) -> UserRecent:
+        # One read transaction: the history and the marker from the same snapshot.
+        self._reader.execute("BEGIN")
+        try:
+            items = self._recent(user_id)
+            row = self._reader.execute("SELECT ts FROM erased WHERE user_id = ?", (user_id,)).fetchone()
+        finally:
+            self._reader.execute("COMMIT")
+        return UserRecent(items, None if row is None else float(row[0]))
+
+    async def erase(self, user_id: str, when: float | None = None) -> int:
+        self._check([(user_id, "-", 0.0)])
+        return await self._submit(self._erase, [user_id, time.time() if when is None else float(when)])
+
+    def _recent(self, user_id: str) -> list[str]:
         # Inline: an indexed range read of <= cap rows, ~0.1 ms from the page cache.
         rows = self._reader.execute(
             "SELECT item_id FROM (SELECT item_id, ts FROM history WHERE user_id = ? AND ts >= ? "
@@ -129,7 +169,7 @@ class SqliteUserStateStore(UserStateStore):
         self._reader.close()
         self._writer.close()
 
-    def _submit(self, apply: Callable[[list], None], arg: list) -> asyncio.Future[None]:
+    def _submit(self, apply: Callable[[list], Any], arg: list) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._queue.put(_Write(apply, arg, loop, done))
@@ -148,26 +188,28 @@ class SqliteUserStateStore(UserStateStore):
             if not group:
                 continue
             errors: list[BaseException | None] = []
+            results: list[Any] = []
             try:
                 db.execute("BEGIN IMMEDIATE")
                 for write in group:
                     db.execute("SAVEPOINT batch")
                     try:
-                        write.apply(write.arg)
+                        results.append(write.apply(write.arg))
                         db.execute("RELEASE batch")
                         errors.append(None)
                     except Exception as e:  # noqa: BLE001 - handed to that batch's caller
                         db.execute("ROLLBACK TO batch")
                         db.execute("RELEASE batch")
+                        results.append(None)
                         errors.append(e)
                 db.execute("COMMIT")   # durable (synchronous=FULL) before anyone is told "done"
             except Exception as e:  # noqa: BLE001 - the whole group failed: none of it applied
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-                errors = [e] * len(group)
-            for write, error in zip(group, errors):
+                errors, results = [e] * len(group), [None] * len(group)
+            for write, error, result in zip(group, errors, results):
                 try:
-                    write.loop.call_soon_threadsafe(_settle, write.done, error)
+                    write.loop.call_soon_threadsafe(_settle, write.done, error, result)
                 except RuntimeError:   # that caller's event loop is gone: nobody to tell
                     pass
 
@@ -181,6 +223,13 @@ class SqliteUserStateStore(UserStateStore):
                        "SELECT item_id FROM history WHERE user_id = ?1 "
                        "ORDER BY ts DESC, item_id DESC LIMIT -1 OFFSET ?3))", (user, cutoff, self.cap))
 
+    def _erase(self, arg: list) -> int:
+        user_id, when = arg
+        removed = self._writer.execute("DELETE FROM history WHERE user_id = ?", (user_id,)).rowcount
+        self._writer.execute("INSERT INTO erased (user_id, ts) VALUES (?, ?) "
+                             "ON CONFLICT (user_id) DO UPDATE SET ts = max(ts, excluded.ts)", (user_id, when))
+        return removed
+
     def _remove(self, item_ids: list[str]) -> None:
         # A table scan per chunk (no index on item_id: deletes are rare, adds are not).
         for start in range(0, len(item_ids), 500):   # stay under SQLite's bound-parameter limit
@@ -190,17 +239,17 @@ class SqliteUserStateStore(UserStateStore):
 
 @dataclass
 class _Write:
-    apply: Callable[[list], None]
+    apply: Callable[[list], Any]
     arg: list
     loop: asyncio.AbstractEventLoop
-    done: asyncio.Future[None]
+    done: asyncio.Future[Any]
 
 
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+def _settle(done: asyncio.Future[Any], error: BaseException | None, result: Any = None) -> None:
     if done.cancelled():   # the caller gave up; the write itself stands (or not) all the same
         return
     if error is None:
-        done.set_result(None)
+        done.set_result(result)
     else:
         done.set_exception(error)
 
@@ -245,9 +294,22 @@ end
 return #KEYS
 """
 
+# Erase one user: count and drop the history, set the marker (the later time wins), in one script.
+# KEYS: history key, marker key. ARGV: erase time.
+_ERASE_LUA = """
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local removed = 0
+if kind == 'zset' then removed = redis.call('ZCARD', KEYS[1]) end
+redis.call('DEL', KEYS[1])
+local old = tonumber(redis.call('GET', KEYS[2]) or '-inf')
+if old == nil or tonumber(ARGV[1]) > old then redis.call('SET', KEYS[2], ARGV[1]) end
+return removed
+"""
+
 
 class RedisUserStateStore(UserStateStore):
     PREFIX = "fusionrec:h:"
+    ERASED_PREFIX = "fusionrec:erased:"   # outside PREFIX: remove_items' SCAN never touches a marker
 
     def __init__(self, url: str, cap: int = 100, ttl_s: float | None = None,
                  timeout_s: float = 1.0, max_connections: int = 64) -> None:
@@ -261,12 +323,29 @@ class RedisUserStateStore(UserStateStore):
             socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.redis = redis.Redis.from_pool(pool)   # the client owns the pool: aclose() closes it
         self._add_script = self.redis.register_script(_ADD_LUA)   # EVALSHA, reloaded on NOSCRIPT
+        self._erase_script = self.redis.register_script(_ERASE_LUA)
+
+    def _range_args(self, user_id: str) -> tuple[tuple, dict]:
+        cutoff = "-inf" if self.ttl_s is None else repr(self._cutoff())
+        return (self.PREFIX + user_id, "+inf", cutoff), dict(desc=True, byscore=True, offset=0, num=self.cap)
 
     async def recent(self, user_id: str) -> list[str]:
-        cutoff = "-inf" if self.ttl_s is None else repr(self._cutoff())
-        newest = await self.redis.zrange(self.PREFIX + user_id, "+inf", cutoff, desc=True,
-                                         byscore=True, offset=0, num=self.cap)
-        return newest[::-1]
+        args, kwargs = self._range_args(user_id)
+        return (await self.redis.zrange(*args, **kwargs))[::-1]
+
+    async def recent_state(self, user_id: str) -> UserRecent:
+        args, kwargs = self._range_args(user_id)
+        async with self.redis.pipeline(transaction=True) as pipe:   # one round trip, one snapshot
+            pipe.zrange(*args, **kwargs)
+            pipe.get(self.ERASED_PREFIX + user_id)
+            newest, marker = await pipe.execute()
+        return UserRecent(newest[::-1], None if marker is None else float(marker))
+
+    async def erase(self, user_id: str, when: float | None = None) -> int:
+        self._check([(user_id, "-", 0.0)])
+        when = time.time() if when is None else float(when)
+        return int(await self._erase_script(keys=[self.PREFIX + user_id, self.ERASED_PREFIX + user_id],
+                                            args=[repr(when)]))
 
     async def add(self, events: Sequence[Event]) -> None:
         self._check(events)

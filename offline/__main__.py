@@ -22,6 +22,8 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--max-users", type=int, default=None, help="keep only N users (deterministic sample)")
     b.add_argument("--epochs", type=int, default=6, help="fused ranker epochs (default: %(default)s)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--item-log", default=None, metavar="SPEC",
+                   help="fold the online item log in: sqlite:<path> or redis://host:port/db (default: none)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -30,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     final = build(BuildOptions(
         data=args.data, artifacts=args.artifacts, model_repo=args.model_repo, cache_dir=args.cache_dir,
         text_model_dir=args.text_model_dir, max_items=args.max_items, max_users=args.max_users,
-        epochs=args.epochs, seed=args.seed, progress=not args.no_progress))
+        epochs=args.epochs, seed=args.seed, progress=not args.no_progress,
+        item_log=args.item_log))
     print(f"artifact set written: {final}")
     return 0
 

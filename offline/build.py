@@ -29,6 +29,7 @@ from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME, retrieval_featur
 from common.logs import get_logger
 from offline import datasets
 from offline.cf import train_als
+from offline.item_log_fold import fold_item_log, read_item_log
 from offline.index import RECALL_K, build_index, recall_at_k
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
@@ -61,6 +62,7 @@ class BuildOptions:
     cf_factors: int = 64
     seed: int = 0
     progress: bool = True
+    item_log: str | None = None      # sqlite:<path> or redis://...: fold online item changes in
 
 
 @dataclass
@@ -155,11 +157,16 @@ def build(opts: BuildOptions) -> Path:
     faiss.omp_set_num_threads(2)
     with stages.stage("load", figures := {}):
         ds = subset_dataset(datasets.load(opts.data), opts.max_items, opts.max_users)
+        # After the subset: items from the log have no interactions, and must not be cut for it.
+        ds, folded = fold_item_log(ds, read_item_log(opts.item_log) if opts.item_log else [])
+        if opts.item_log:
+            log.info("item log folded in", extra=folded.figures())
         item_ids = [it.item_id for it in ds.items]
         index_of = {iid: j for j, iid in enumerate(item_ids)}
         inter_items = np.array([index_of[i] for i in ds.item_ids], np.int64)
         figures.update(items=str(len(item_ids)), interactions=str(len(ds)),
-                       users=str(len(set(ds.users))), malformed=str(len(ds.report.malformed)))
+                       users=str(len(set(ds.users))), malformed=str(len(ds.report.malformed)),
+                       item_log_seq=str(folded.last_seq))
         log.info("dataset loaded", extra={"report": ds.report.summary()})
 
     with stages.stage("split", figures := {}):
@@ -243,6 +250,10 @@ def build(opts: BuildOptions) -> Path:
             "cf": {"alpha": cf.alpha, "regularization": cf.regularization, "factors": opts.cf_factors},
             "models": {FUSED_RANKER_NAME: str(version), "reranker": str(version)},
             "indexes": indexes,   # kind and tuned search parameters; retrieval applies them at load
+            # Services replay only the item-log records after this position on this version.
+            "item_log_seq": folded.last_seq,
+            "item_log_fold": {"added": folded.added, "updated": folded.updated, "dropped": folded.dropped,
+                              "interactions_dropped": folded.interactions_dropped},
             "quality": quality,
         }
         write_manifest(staging, manifest)

@@ -17,8 +17,12 @@ from offline.metrics import (catalog_coverage, category_coverage, hit_rate_at_k,
 SLATE_K = 10
 RECALL_DEPTHS = (50, 100, 300)
 CHANNELS = ("bert", "cf", "popular")
-# Side by side, weakest idea first; "full_pipeline" is what the gateway served.
-SYSTEMS = ("popular", "cf_only", "bert_only", "retrieval_order", "fused_ranker", "full_pipeline")
+# Reference recommenders (offline.references, trained on train + valid; "popular" is the popular
+# channel's own list), then the pipeline's parts, weakest idea first; "full_pipeline" is what the
+# gateway served.
+REFERENCES = ("popular", "ease", "itemknn", "als", "bpr")
+PIPELINE_SYSTEMS = ("cf_only", "bert_only", "retrieval_order", "fused_ranker", "full_pipeline")
+SYSTEMS = (*REFERENCES, *PIPELINE_SYSTEMS)
 SLATE_METRICS = ("hr@10", "ndcg@10", "mrr@10", "recall@10", "ild@10", "category_coverage@10",
                  "novelty", "novelty_norm")
 
@@ -226,6 +230,24 @@ def winner_verdict(summaries: dict[str, dict[str, float]], per_user: dict[str, d
     runner_up = best_system(others, metric)
     delta = paired_interval(per_user[best][metric], per_user[runner_up][metric], seed=2)
     return {"best": best, "runner_up": runner_up, "delta": delta, "clear": bool(delta["lo"] > 0)}
+
+
+def reference_verdict(summaries: dict[str, dict[str, float]], per_user: dict[str, dict[str, np.ndarray]],
+                      references: tuple[str, ...] = REFERENCES, system: str = "full_pipeline",
+                      metric: str = "ndcg@10") -> dict[str, object]:
+    """Does `system` beat the best reference on `metric`? Paired bootstrap of system - best reference
+    over users: "beats" when the interval is above 0, "loses" when below, else "ties"."""
+    present = {name: summaries[name] for name in references if name in summaries}
+    if not present or system not in summaries:
+        return {"best_reference": None, "system": system, "delta": None, "ratio": None, "outcome": None,
+                "beats": False}
+    best = best_system(present, metric)
+    delta = paired_interval(per_user[system][metric], per_user[best][metric], seed=3)
+    outcome = "beats" if delta["lo"] > 0 else "loses" if delta["hi"] < 0 else "ties"
+    base = summaries[best][metric]
+    return {"best_reference": best, "system": system, "metric": metric, "delta": delta,
+            "ratio": float(summaries[system][metric] / base) if base else float("nan"),
+            "outcome": outcome, "beats": outcome == "beats"}
 
 
 def reranker_verdict(per_user: dict[str, dict[str, np.ndarray]], full: str = "full_pipeline",

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from common.artifacts import ArtifactSet
 from common.logs import get_logger
+from core.limits import MAX_EXCLUDE, MAX_HISTORY
 from offline import datasets
 from offline.build import data_fingerprint, subset_dataset, user_sequences
 from offline.split import dataset_split, split_impressions
@@ -41,12 +43,21 @@ class ImpressionCase:
 
 
 @dataclass(frozen=True)
+class SplitMatrices:
+    """The non-test interactions as binary users x items matrices (what reference recommenders train on)."""
+    user_ids: list[str]     # row order
+    train: sp.csr_matrix    # [n_users, n_items] float32, 1 = interacted in the train split
+    valid: sp.csr_matrix    # [n_users, n_items] float32, the validation split
+
+
+@dataclass(frozen=True)
 class EvalSet:
     dataset: str
     item_ids: list[str]                 # index -> external id (equals the catalog's)
     users: list[TestUser]               # every user with at least one test positive
     impressions: list[ImpressionCase]   # held-out impressions (empty unless the data has them)
     train_counts: np.ndarray            # [n_items] int64 training interactions per item
+    interactions: SplitMatrices | None = None   # train / valid matrices over every user
 
 
 class DataMismatch(ValueError):
@@ -95,7 +106,32 @@ def load_eval_set(artifacts: ArtifactSet, data_spec: str, max_items: int | None 
             users.append(TestUser(user, past, positives, int(n_train.get(user, 0))))
     log.info("test split recomputed", extra={"users": len(users), "test_interactions": int(split.test.sum())})
     return EvalSet(ds.name, item_ids, users, _held_out_impressions(ds, index_of),
-                   np.bincount(items[split.train], minlength=len(item_ids)).astype(np.int64))
+                   np.bincount(items[split.train], minlength=len(item_ids)).astype(np.int64),
+                   split_matrices(ds.users, items, split.train, split.valid, len(item_ids)))
+
+
+def split_matrices(users: np.ndarray, items: np.ndarray, train: np.ndarray, valid: np.ndarray,
+                   n_items: int) -> SplitMatrices:
+    """users [n] ids, items [n] int64, train / valid [n] bool masks -> binary matrices over all users."""
+    user_ids = sorted(set(users[train | valid].tolist()))
+    row = {u: j for j, u in enumerate(user_ids)}
+    rows = np.fromiter((row.get(u, -1) for u in users), np.int64, len(users))
+
+    def matrix(mask: np.ndarray) -> sp.csr_matrix:
+        x = sp.csr_matrix((np.ones(int(mask.sum()), np.float32), (rows[mask], items[mask])),
+                          shape=(len(user_ids), n_items), dtype=np.float32)
+        x.sum_duplicates()
+        x.data[:] = 1.0
+        return x
+    return SplitMatrices(user_ids, matrix(train), matrix(valid))
+
+
+def served_history(full: np.ndarray, history_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A user's whole history [L] (oldest first) -> (history, older) as the replay sends them to the
+    gateway: the newest min(L, history_len or MAX_HISTORY) items as history, the MAX_EXCLUDE items
+    before those as exclusions (the API's limits)."""
+    keep = min(len(full), MAX_HISTORY if history_len is None else history_len)
+    return full[len(full) - keep:], full[:len(full) - keep][-MAX_EXCLUDE:]
 
 
 def _held_out_impressions(ds: datasets.Dataset, index_of: dict[str, int]) -> list[ImpressionCase]:

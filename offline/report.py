@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 SYSTEM_LABELS = {
-    "popular": "most popular", "cf_only": "CF only (ALS channel)", "bert_only": "BERT only (content channel)",
+    "popular": "most popular", "ease": "EASE (reference)", "itemknn": "ItemKNN (reference)",
+    "als": "ALS, fold-in (reference)", "bpr": "BPR (reference)", "cf_only": "CF only (ALS channel)", "bert_only": "BERT only (content channel)",
     "retrieval_order": "retrieval order (no ranker)", "fused_ranker": "fused ranker, no re-ranker",
     "full_pipeline": "full pipeline (gateway)"}
 MAIN_COLUMNS = ("hr@10", "ndcg@10", "mrr@10", "recall@10", "ild@10", "category_coverage@10",
@@ -60,6 +61,7 @@ def render_markdown(report: dict[str, Any]) -> str:
            f"{fmt(counts['users'])} test users, {fmt(counts['positives'])} test positives"
            + (f", {fmt(counts['impressions'])} held-out impressions" if counts.get("impressions") else "") + ".",
            "", "## Verdict", "",
+           *_reference_line(r),
            f"- **Best on nDCG@10: {SYSTEM_LABELS.get(best, best)}** "
            f"({fmt(r['systems'][best]['ndcg@10'])} ± {fmt(r['systems'][best]['ndcg@10_ci95'])}, 95% interval)"
            + _runner_up(verdict.get("winner")),
@@ -75,6 +77,7 @@ def render_markdown(report: dict[str, Any]) -> str:
            "a slate; category coverage is distinct categories / 10; catalog coverage is the share of the "
            "catalog shown to anyone; novelty_norm is the mean popularity rank / catalog size "
            "(0 = the most popular items, 1 = the long tail).", "",
+           *_references_section(r),
            "## Retrieval", "",
            table(["list", *[f"recall@{d}" for d in r["config"]["recall_depths"]]],
                  [[name, *vals.values()] for name, vals in r["retrieval"].items() if name != "unretrieved"]), "",
@@ -121,6 +124,54 @@ def _cold_start(r: dict[str, Any]) -> list[str]:
         out += [table(["system", "recall@10"], [[SYSTEM_LABELS.get(n, n), v] for n, v in items["systems"].items()]),
                 "", table(["retrieval list", "recall@300"], [[n, v] for n, v in items["retrieval"].items()]), ""]
     return out
+
+
+def _reference_line(r: dict[str, Any]) -> list[str]:
+    """The headline: the full pipeline against the best reference recommender on nDCG@10."""
+    v = r["verdict"].get("references")
+    if not v or not v.get("best_reference"):
+        return []
+    best, system = v["best_reference"], v["system"]
+    name = SYSTEM_LABELS.get(best, best).replace(" (reference)", "")
+    if best == "ease" and (r.get("references") or {}).get("ease", {}).get("lambda") is not None:
+        name += f" (λ={r['references']['ease']['lambda']:g})"
+    said = {"beats": "beats", "loses": "loses to", "ties": "does not measurably differ from"}[v["outcome"]]
+    return [f"- **Against the references: the {SYSTEM_LABELS.get(system, system)} {said} the best reference, "
+            f"{name}**, on nDCG@10: {fmt(r['systems'][system]['ndcg@10'])} vs {fmt(r['systems'][best]['ndcg@10'])} "
+            f"(×{fmt(v['ratio'], 2)}), difference {_delta(v['delta'])} (paired bootstrap over users; "
+            + ("the interval excludes zero)." if v["outcome"] != "ties" else "the interval includes zero).")]
+
+
+def _references_section(r: dict[str, Any]) -> list[str]:
+    info = r.get("references")
+    if not info:
+        return []
+    training = info.get("training", {})
+    ease, knn = info.get("ease", {}), info.get("itemknn", {})
+
+    def items(entry: dict[str, Any]) -> str:
+        n = entry.get("restricted_to_items")
+        return "the whole catalog" if n is None else f"only the {n:,} most popular items (the catalog is larger)"
+    grid = ", ".join(f"{float(lam):g} → {fmt(v)}" for lam, v in ease.get("validation_ndcg@10", {}).items())
+    rows = [
+        ["EASE", f"λ = {fmt(ease.get('lambda'), 0)} (validation nDCG@10 by λ: {grid}); {items(ease)}",
+         ease.get("fit_seconds")],
+        ["ItemKNN", f"cosine, {fmt(knn.get('neighbours'))} neighbours per item; {items(knn)}", knn.get("fit_seconds")],
+        ["ALS", f"{fmt(info.get('als', {}).get('factors'))} factors; user folded in from the history "
+                "(implicit recalculate_user)", info.get("als", {}).get("fit_seconds")],
+        ["BPR", f"{fmt(info.get('bpr', {}).get('factors'))} factors; user = mean of the history's item "
+                "factors, plus the item bias", info.get("bpr", {}).get("fit_seconds")],
+        ["most popular", "the popular channel's list (training counts)", None]]
+    return ["## Reference recommenders", "",
+            f"Fitted on every non-test interaction (train + valid: {_count(training.get('interactions'))} "
+            f"interactions of {_count(training.get('users'))} users), scored on the same test users, histories and "
+            "positives as the pipeline, seen items removed.", "",
+            table(["reference", "settings", "fit seconds"],
+                  [[*row[:2], "–" if row[2] is None else f"{row[2]:.1f}"] for row in rows]), ""]
+
+
+def _count(value: Any) -> str:
+    return "–" if value is None else f"{int(value):,}"
 
 
 def _runner_up(winner: dict[str, Any] | None) -> str:

@@ -6,6 +6,7 @@ re-ranker error -> the fused order, marked degraded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import lightgbm as lgb
 import numpy as np
@@ -15,9 +16,11 @@ from common.artifacts import ArtifactSet, check_shape
 from core.channel_names import ChannelName
 from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME, retrieval_features
 from core.limits import DEFAULT_CANDIDATES
+from common.components import item_overlay
 from common.logs import get_logger
 from common.metrics import record_degraded, stage_timer
-from core.online_items import ItemChange, OnlineItems
+from core.item_overlay import AppliedRecords
+from core.item_records import ItemRecord
 from core.reasons import DegradedReason
 from core.rerank import DiversityReranker
 from core.scoring import Scorer, ScorerUnavailable
@@ -58,8 +61,7 @@ class Ranker:
         booster = lgb.Booster(model_file=str(artifacts.path("reranker.txt")))
         threadpool_limits(threads, "openmp")
         self.reranker = DiversityReranker(booster, item_text, item_category, item_side, diversity_weight)
-        self.base_tables = (item_text, item_category, item_side)
-        self.online = OnlineItems(n_items, item_text.shape[1])
+        self.overlay = item_overlay(artifacts)   # online items, from the item log
         self.scorer = scorer
         self.n_items = n_items
         self.text_dim = item_text.shape[1]
@@ -67,16 +69,23 @@ class Ranker:
         self.model_version = str(m["models"][FUSED_RANKER_NAME])
         self.encoder_version = str(m["models"].get(TEXT_ENCODER_NAME, ""))
 
-    def update_items(self, change: ItemChange) -> int:
-        """Apply online additions/removals; the re-ranker's tables grow to cover new indices."""
-        self.online.apply(change)
-        text, category, side = self.base_tables
-        m = len(self.online.vectors)
-        # New items: no popularity yet, age 0 (brand new).
-        self.reranker.item_text = np.vstack([text, self.online.vectors])
-        self.reranker.item_category = np.concatenate([category, self.online.categories])
-        self.reranker.item_side = np.vstack([side, np.zeros((m, side.shape[1]), np.float32)])
-        return m
+    @property
+    def total(self) -> int:
+        """Item indices this version knows: artifact items plus the online items applied so far."""
+        return self.overlay.total
+
+    def apply(self, records: Sequence[ItemRecord]) -> AppliedRecords:
+        """Apply item-log records (in log order); the re-ranker's tables cover the new indices and
+        take the changed items' vectors and categories (new items: no popularity yet, age 0).
+        Deleted items need nothing here: the gateway never serves them."""
+        applied = self.overlay.apply(records)
+        if len(applied.upserted) or self.overlay.total > len(self.reranker.item_text):
+            r, rows, up = self.reranker, self.overlay.total, applied.upserted
+            # Grown with headroom (amortized, not a full copy per upsert); rows past `total` are unused.
+            text, category, side = _grown(r.item_text, rows), _grown(r.item_category, rows), _grown(r.item_side, rows)
+            text[up], category[up] = applied.vectors, applied.categories
+            r.item_text, r.item_category, r.item_side = text, category, side
+        return applied
 
     async def warm_up(self, rounds: int = 5, timeout_s: float = 30.0) -> None:
         """Score a realistic request a few times before serving: the first TorchScript calls are slow."""
@@ -98,11 +107,12 @@ class Ranker:
         features = retrieval_features(columns, len(items))
         try:
             with stage_timer(SERVICE, "triton", out.stage_ms):
-                online = self.online
+                online = self.overlay
                 needs_extra = (len(items) and items.max() >= self.n_items) or (len(history) and history.max() >= self.n_items)
+                # Online items' vectors travel with the request while one is involved (issue 14 moves them into Triton).
                 fused = await self.scorer.score(
                     history, items, features, timeout_s,
-                    online.vectors if needs_extra else None, online.categories if needs_extra else None)
+                    online.vectors if needs_extra else None, online.category_ids if needs_extra else None)
         except ScorerUnavailable as e:
             reason = _scorer_reason(e)
             log.warning("fused ranker unavailable, serving retrieval order", extra={"reason": str(reason)})
@@ -120,3 +130,14 @@ class Ranker:
             top = np.argsort(-fused, kind="stable")[:k]
             out.items, out.scores = items[top], fused[top]
         return out
+
+
+def _grown(table: np.ndarray, rows: int) -> np.ndarray:
+    """A writable table with at least `rows` rows (zeros past the old ones): the same array when
+    it is writable and large enough, else a copy with half again as many rows."""
+    if len(table) >= rows and table.flags.writeable:
+        return table
+    size = rows if len(table) >= rows else max(rows, len(table) * 3 // 2)
+    out = np.zeros((size, *table.shape[1:]), table.dtype)
+    out[:len(table)] = table
+    return out

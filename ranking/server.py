@@ -1,4 +1,8 @@
-"""Ranking gRPC service (thin): proto in, Ranker.rank, proto out."""
+"""Ranking gRPC service (thin): proto in, Ranker.rank, proto out.
+
+Every loaded version follows the item log (common/followed_versions.py), as in retrieval: replayed
+before it is offered (the first before SERVING), then tailed in the background.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -9,12 +13,14 @@ from tritonclient.grpc.aio import InferenceServerClient
 
 from common.artifacts import ArtifactSet, open_artifacts
 from common.config import RankingConfig, parse_config
-from common.metrics import ARTIFACT_INFO
-from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
+from common.followed_versions import catch_up, offer_followed, service_status, tail
+from common.item_follower import ItemLogFollower
+from common.item_log import open_item_log
+from common.metrics import ARTIFACT_INFO, UNKNOWN_ITEMS
 from common.server import observed, serve
-from common.versions import VersionSet, apply_item_update, version_or_abort, watch_versions
-from common.wire import reasons_to_proto
-from common.wire import candidates_from_proto, check_indices
+from common.versions import VersionSet, version_or_abort, watch_versions
+from common.wire import candidates_from_proto, known_indices, reasons_to_proto
+from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
 from core.limits import MAX_RANK_CANDIDATES, MAX_RANK_HISTORY, MAX_RANK_K
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
@@ -24,22 +30,38 @@ from ranking.triton_scorer import TritonScorer, ensure_loaded
 RERANK_RESERVE_S = 0.004   # kept back from the deadline for the re-ranker and the reply
 
 
+def known_candidates(items: np.ndarray, columns: dict[str, tuple[np.ndarray, np.ndarray]],
+                     known: int) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]], str | None]:
+    """Candidates this replica knows, with their channel columns; an INVALID_ARGUMENT message or None."""
+    kept, error = known_indices("candidates.items", items, known, MAX_RANK_CANDIDATES)
+    if error or len(kept) == len(items):
+        return items, columns, error
+    UNKNOWN_ITEMS.labels(SERVICE, "candidates").inc(len(items) - len(kept))
+    rows = items < known
+    return kept, {c: (scores[rows], ranks[rows]) for c, (scores, ranks) in columns.items()}, None
+
+
 class RankingServicer(pb_grpc.RankingServicer):
-    def __init__(self, versions: VersionSet[Ranker], triton_timeout_s: float) -> None:
+    def __init__(self, versions: VersionSet[Ranker], follower: ItemLogFollower, triton_timeout_s: float) -> None:
         self.versions = versions
+        self.follower = follower
         self.triton_timeout_s = triton_timeout_s
 
     @observed(SERVICE, "Rank")
     async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
+        if request.min_item_log_seq > self.follower.applied_seq:   # read the caller's writes first
+            await catch_up(self.follower, request.min_item_log_seq, context.time_remaining())
         ranker = await version_or_abort(self.versions, request.artifact_version, context)
-        history = np.array(request.history, np.int64)
         try:
             items, columns = candidates_from_proto(request.candidates)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        n = ranker.online.total
-        error = (check_indices("history", history, n, MAX_RANK_HISTORY)
-                 or check_indices("candidates.items", items, n, MAX_RANK_CANDIDATES))
+        ids = np.array(request.history, np.int64)
+        history, error = known_indices("history", ids, ranker.total, MAX_RANK_HISTORY)
+        if not error and len(history) < len(ids):
+            UNKNOWN_ITEMS.labels(SERVICE, "history").inc(len(ids) - len(history))
+        if not error:
+            items, columns, error = known_candidates(items, columns, ranker.total)
         if not error and not 1 <= request.k <= MAX_RANK_K:
             error = f"k: must be in 1..{MAX_RANK_K}, got {request.k}"
         if error:
@@ -52,16 +74,18 @@ class RankingServicer(pb_grpc.RankingServicer):
                                degraded=bool(ranked.degraded_reasons),
                                reasons=reasons_to_proto(ranked.degraded_reasons), stage_ms=ranked.stage_ms)
 
-    @observed(SERVICE, "UpdateItems")
-    async def UpdateItems(self, request: pb.ItemUpdate, context: grpc.aio.ServicerContext) -> pb.ItemUpdateResponse:
-        _, held = await apply_item_update(self.versions, request, context)
-        return pb.ItemUpdateResponse(online_items=held)
+    @observed(SERVICE, "Status")
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ServiceStatus:
+        return service_status(self.versions, self.follower)
 
 
 async def run(config: RankingConfig) -> None:
     # The asyncio Triton client must be created inside the running event loop.
     triton = InferenceServerClient(config.triton_url)
+    item_log = open_item_log(config.item_log)
+    follower = ItemLogFollower(item_log)
     versions: VersionSet[Ranker] = VersionSet()
+    tasks: list[asyncio.Task] = []
 
     async def load(artifacts: ArtifactSet) -> None:
         models = {name: str(v) for name, v in artifacts.manifest["models"].items()
@@ -72,20 +96,32 @@ async def run(config: RankingConfig) -> None:
         ranker = await asyncio.to_thread(Ranker, artifacts, TritonScorer(triton, models[FUSED_RANKER_NAME]),
                                          config.reranker_threads, config.diversity_weight)
         await ranker.warm_up()
-        versions.add(ranker.version, ranker)
+        await offer_followed(versions, follower, ranker.version, ranker, ranker.apply, ranker.overlay.folded_seq)
         ARTIFACT_INFO.clear()
         ARTIFACT_INFO.labels(SERVICE, ranker.version).set(1)
 
-    await load(open_artifacts(config.artifacts))
-    servicer = RankingServicer(versions, config.triton_timeout_ms / 1000.0)
-    watcher = asyncio.create_task(watch_versions(config.artifacts, versions.newest, load))
-    await serve(config, [pb.DESCRIPTOR.services_by_name["Ranking"].full_name],
-                lambda server: pb_grpc.add_RankingServicer_to_server(servicer, server),
-                on_stop=triton.close)
-    watcher.cancel()
+    first = open_artifacts(config.artifacts)   # a bad set fails here, before the port is bound
+
+    async def start() -> None:   # health says SERVING once this returns: after the replay
+        await load(first)
+        tasks.append(asyncio.create_task(tail(follower)))
+        tasks.append(asyncio.create_task(watch_versions(config.artifacts, versions.newest, load)))
+
+    servicer = RankingServicer(versions, follower, config.triton_timeout_ms / 1000.0)
+    try:
+        await serve(config, [pb.DESCRIPTOR.services_by_name["Ranking"].full_name],
+                    lambda server: pb_grpc.add_RankingServicer_to_server(servicer, server),
+                    on_stop=triton.close, on_start=start)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await item_log.close()
+
 
 def main() -> None:
     asyncio.run(run(parse_config(RankingConfig, description="FusionRec ranking service")))
+
 
 if __name__ == "__main__":
     main()

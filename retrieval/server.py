@@ -1,4 +1,8 @@
-"""Retrieval gRPC service (thin): proto in, core.Retriever (declared steps: channels, merge), proto out."""
+"""Retrieval gRPC service (thin): proto in, core.Retriever (declared steps: channels, merge), proto out.
+
+Every loaded version follows the item log (common/followed_versions.py): it replays the log before
+it is offered, the first one before the service reports SERVING, and a background task tails it.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -11,10 +15,13 @@ from common.artifacts import ArtifactSet, open_artifacts
 from common.components import load_retriever
 from common.config import RetrievalConfig, parse_config
 from common.faiss_index import resolve_faiss_gpu
-from common.metrics import ARTIFACT_INFO, CANDIDATES, INDEX_ITEMS, STAGE_LATENCY
+from common.followed_versions import catch_up, offer_followed, service_status, tail
+from common.item_follower import ItemLogFollower
+from common.item_log import open_item_log
+from common.metrics import ARTIFACT_INFO, CANDIDATES, INDEX_ITEMS, STAGE_LATENCY, UNKNOWN_ITEMS
 from common.server import observed, serve
-from common.versions import VersionSet, apply_item_update, version_or_abort, watch_versions
-from common.wire import candidates_to_proto, check_indices
+from common.versions import VersionSet, version_or_abort, watch_versions
+from common.wire import candidates_to_proto, known_indices
 from core.channel_names import MERGED
 from core.limits import MAX_RETRIEVE_CANDIDATES, MAX_RETRIEVE_EXCLUDE, MAX_RETRIEVE_HISTORY
 from core.retriever import Retriever
@@ -24,30 +31,42 @@ from protos import fusionrec_pb2_grpc as pb_grpc
 SERVICE = "retrieval"
 
 
-def validate(request: pb.RetrieveRequest, n_items: int) -> str | None:
-    """An INVALID_ARGUMENT message naming the field and the limit, or None."""
-    error = (check_indices("history", np.array(request.history, np.int64), n_items, MAX_RETRIEVE_HISTORY)
-             or check_indices("exclude", np.array(request.exclude, np.int64), n_items, MAX_RETRIEVE_EXCLUDE))
-    if not error and not 0 <= request.num_candidates <= MAX_RETRIEVE_CANDIDATES:
+def validate(request: pb.RetrieveRequest, known: int) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """(history, exclude) without the indices this replica does not know yet (counted), and an
+    INVALID_ARGUMENT message naming the field and the limit, or None."""
+    fields = {}
+    for name, values, limit in (("history", request.history, MAX_RETRIEVE_HISTORY),
+                                ("exclude", request.exclude, MAX_RETRIEVE_EXCLUDE)):
+        ids = np.array(values, np.int64)
+        kept, error = known_indices(name, ids, known, limit)
+        if error:
+            return ids, ids, error
+        if len(kept) < len(ids):
+            UNKNOWN_ITEMS.labels(SERVICE, name).inc(len(ids) - len(kept))
+        fields[name] = kept
+    error = None
+    if not 0 <= request.num_candidates <= MAX_RETRIEVE_CANDIDATES:
         error = f"num_candidates: must be in 0..{MAX_RETRIEVE_CANDIDATES} (0 = default)"
-    if not error and any(q < 0 for q in request.quotas.values()):
+    elif any(q < 0 for q in request.quotas.values()):
         error = "quotas: must be >= 0"
-    return error
+    return fields["history"], fields["exclude"], error
 
 
 class RetrievalServicer(pb_grpc.RetrievalServicer):
-    def __init__(self, versions: VersionSet[Retriever], default_candidates: int) -> None:
+    def __init__(self, versions: VersionSet[Retriever], follower: ItemLogFollower, default_candidates: int) -> None:
         self.versions = versions
+        self.follower = follower
         self.default_candidates = default_candidates
 
     @observed(SERVICE, "Retrieve")
     async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> pb.RetrieveResponse:
+        if request.min_item_log_seq > self.follower.applied_seq:   # read the caller's writes first
+            await catch_up(self.follower, request.min_item_log_seq, context.time_remaining())
         retriever = await version_or_abort(self.versions, request.artifact_version, context)
-        error = validate(request, retriever.online.total)
+        history, exclude, error = validate(request, retriever.total)
         if error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
-        result = retriever.retrieve(request.user_id, np.array(request.history, np.int64),
-                                    np.array(request.exclude, np.int64),
+        result = retriever.retrieve(request.user_id, history, exclude,
                                     request.num_candidates or self.default_candidates, dict(request.quotas))
         observe(result)
         c = result.candidates
@@ -55,11 +74,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                                    index_version=retriever.version,
                                    skipped_channels=result.skipped, stage_ms=result.stage_ms)
 
-    @observed(SERVICE, "UpdateItems")
-    async def UpdateItems(self, request: pb.ItemUpdate, context: grpc.aio.ServicerContext) -> pb.ItemUpdateResponse:
-        retriever, held = await apply_item_update(self.versions, request, context)
-        INDEX_ITEMS.labels("text").set(retriever.index_sizes["text"])
-        return pb.ItemUpdateResponse(online_items=held)
+    @observed(SERVICE, "Status")
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ServiceStatus:
+        return service_status(self.versions, self.follower)
 
 
 def observe(result) -> None:
@@ -71,25 +88,47 @@ def observe(result) -> None:
     CANDIDATES.labels(MERGED).observe(len(result.candidates.items))
 
 
+def follow(retriever: Retriever):
+    """The retriever's item-log apply function, keeping the index-size gauge current."""
+    def apply(records) -> None:
+        retriever.apply(records)
+        INDEX_ITEMS.labels("text").set(retriever.index_sizes["text"])
+    return apply
+
+
 async def run(config: RetrievalConfig) -> None:
     faiss.omp_set_num_threads(config.faiss_threads)
     gpu = resolve_faiss_gpu(config.faiss_gpu)   # faiss_gpu=on without a GPU stops here
+    item_log = open_item_log(config.item_log)
+    follower = ItemLogFollower(item_log)
     versions: VersionSet[Retriever] = VersionSet()
+    tasks: list[asyncio.Task] = []
 
     async def load(artifacts: ArtifactSet) -> None:
         retriever = await asyncio.to_thread(load_retriever, artifacts, gpu)
-        versions.add(retriever.version, retriever)
+        await offer_followed(versions, follower, retriever.version, retriever, follow(retriever),
+                             retriever.overlay.folded_seq)
         ARTIFACT_INFO.clear()
         ARTIFACT_INFO.labels(SERVICE, retriever.version).set(1)
         for name, size in retriever.index_sizes.items():
             INDEX_ITEMS.labels(name).set(size)
 
-    await load(open_artifacts(config.artifacts))
-    servicer = RetrievalServicer(versions, config.candidates)
-    watcher = asyncio.create_task(watch_versions(config.artifacts, versions.newest, load))
-    await serve(config, [pb.DESCRIPTOR.services_by_name["Retrieval"].full_name],
-                lambda server: pb_grpc.add_RetrievalServicer_to_server(servicer, server))
-    watcher.cancel()
+    first = open_artifacts(config.artifacts)   # a bad set fails here, before the port is bound
+
+    async def start() -> None:   # health says SERVING once this returns: after the replay
+        await load(first)
+        tasks.append(asyncio.create_task(tail(follower)))
+        tasks.append(asyncio.create_task(watch_versions(config.artifacts, versions.newest, load)))
+
+    servicer = RetrievalServicer(versions, follower, config.candidates)
+    try:
+        await serve(config, [pb.DESCRIPTOR.services_by_name["Retrieval"].full_name],
+                    lambda server: pb_grpc.add_RetrievalServicer_to_server(servicer, server), on_start=start)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await item_log.close()
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ def user_id(j: int) -> str:
 
 
 def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_dim: int = 16,
-                         cf_dim: int = 8, seed: int = 0, quotas: dict[str, int] | None = None) -> Path:
+                         cf_dim: int = 8, seed: int = 0, item_log_seq: int = 0, quotas: dict[str, int] | None = None) -> Path:
     """Publish a new version under `root` (root/<v>/ and root/LATEST) and return its folder.
 
     Item j has id item_id(j), user j id user_id(j); users user_id(0..) up to CF_USER_SHARE have
@@ -111,6 +111,8 @@ def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_
         "retrieval": {"quotas": quotas, "recall@300_valid": {}},
         "stages": [],
         "model_checksum": "",   # no Triton model is written
+        "item_log_seq": item_log_seq,   # the item log folded into this set (services replay after it)
+        "item_log_fold": {"added": 0, "updated": 0, "dropped": 0, "interactions_dropped": 0},
     })
     return publish(root, staging, version)
 

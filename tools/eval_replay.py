@@ -25,12 +25,12 @@ from common.components import load_retriever
 from core.features import FUSED_RANKER_NAME, retrieval_features
 from common.wire import candidates_from_proto
 from offline.eval_aggregate import SLATE_K, UserResult, first_k, top_k_by_score
-from offline.eval_testset import ImpressionCase, TestUser
+from offline.eval_testset import ImpressionCase, TestUser, served_history
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 from core.rerank import DiversityReranker
 from ranking.triton_scorer import TritonScorer
-from core.limits import BERT_HISTORY, DEFAULT_CANDIDATES, MAX_EXCLUDE, MAX_HISTORY   # the gateway's: older history goes to exclude
+from core.limits import BERT_HISTORY, DEFAULT_CANDIDATES, MAX_HISTORY
 
 DEPTH = DEFAULT_CANDIDATES   # per-channel depth = the retrieval service's default candidate count
 CALL_TIMEOUT_S = 10.0   # generous: the replay measures quality, not latency
@@ -77,8 +77,7 @@ class StackReplayer:
         """Replay one test user. history_len keeps only the most recent items (simulated cold
         start; older ones are excluded, not forgotten); anonymous sends no user id (CF folds in)."""
         full = user.history
-        keep = min(len(full), MAX_HISTORY if history_len is None else history_len)
-        history, older = full[len(full) - keep:], full[:len(full) - keep][-MAX_EXCLUDE:]
+        history, older = served_history(full, history_len)
         user_id = "" if anonymous else user.user_id
         self.requests += 1
 

@@ -2,10 +2,13 @@
 
   fusionrec eval --artifacts artifacts --model-repo model_repository --max-users 300
 
-Starts the real system (Triton + retrieval + ranking + gateway, tools.stack.Stack), replays test
-users through it (tools.eval_replay), compares six systems side by side, sweeps the re-ranker's
-diversity weight, repeats the replay for simulated cold users, scores held-out MIND impressions
-when the data has them, and writes reports/<dataset>/quality.{md,json} + PNG plots.
+Fits reference recommenders (offline.references: EASE with λ tuned on validation, ItemKNN, ALS,
+BPR) on every non-test interaction, starts the real system (Triton + retrieval + ranking + gateway,
+tools.stack.Stack), replays test users through it (tools.eval_replay), scores the references on the
+same users, histories and positives, compares every system side by side (the verdict: the full
+pipeline against the best reference), sweeps the re-ranker's diversity weight, repeats the replay
+for simulated cold users, scores held-out MIND impressions when the data has them, and writes
+reports/<dataset>/quality.{md,json} + PNG plots.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from common.artifacts import open_artifacts
 from common.config import RankingConfig
 from common.logs import get_logger
 from offline import eval_aggregate as agg
-from offline.eval_testset import EvalSet, ImpressionCase, load_eval_set, sample
+from offline.eval_testset import EvalSet, ImpressionCase, TestUser, load_eval_set, sample, served_history
+from offline.references import DEFAULT_MAX_ITEMS, FittedReferences, fit_references
 from offline.report import write_report
 from tools.eval_replay import DEPTH, StackReplayer
 from tools.stack import Stack
@@ -51,6 +55,8 @@ class EvalOptions:
     sweep_weights: tuple[float, ...] = SWEEP_WEIGHTS
     run_dir: Path | None = None           # process logs (default: a temporary folder, removed after)
     progress: bool = True
+    references: bool = True               # fit and score the reference recommenders
+    reference_max_items: int | None = DEFAULT_MAX_ITEMS   # EASE / ItemKNN keep the most popular N items
 
 
 def evaluate(opts: EvalOptions) -> Path:
@@ -69,6 +75,9 @@ def evaluate(opts: EvalOptions) -> Path:
     log.info("evaluating", extra={"artifact_version": artifacts.version, "users": len(users),
                                   "impressions": len(cases), "out": str(out)})
     started = time.monotonic()
+    # References first: they need the cores (BLAS) while the stack is not yet running.
+    fitted = (fit_references(evalset.interactions.train, evalset.interactions.valid, opts.reference_max_items,
+                             progress=opts.progress) if opts.references else None)
     # Process logs go to --run-dir when given, else to a folder removed afterwards (a failed start
     # raises with the failing process's last log lines anyway).
     with tempfile.TemporaryDirectory(prefix="fusionrec-eval-") as scratch, \
@@ -76,8 +85,12 @@ def evaluate(opts: EvalOptions) -> Path:
                   ranking_args=["--diversity-weight", str(opts.diversity_weight)]) as stack:
         addrs = {name: stack.addr(name) for name in ("gateway", "retrieval", "triton")}
         main, cold, scored = asyncio.run(_replay(artifacts, addrs, evalset, users, cases, opts))
+    if fitted is not None:
+        add_reference_slates(fitted, users, main, None, opts.progress)
+        add_reference_slates(fitted, users, cold, opts.cold_history, opts.progress)
     tables = agg.ItemTables(artifacts.npy("item_text.npy"), artifacts.npy("item_category.npy"), evalset.train_counts)
-    report, curves = assemble(evalset, tables, artifacts.manifest, data_spec, main, cold, scored, opts)
+    report, curves = assemble(evalset, tables, artifacts.manifest, data_spec, main, cold, scored, opts,
+                              fitted.info if fitted is not None else None)
     report["config"]["seconds"] = round(time.monotonic() - started, 1)
     for path in write_report(report, curves, out):
         log.info("written", extra={"path": str(path)})
@@ -99,16 +112,37 @@ async def _replay(artifacts, addrs: dict[str, str], evalset: EvalSet, users: lis
     return main, cold, scored
 
 
+def add_reference_slates(fitted: FittedReferences, users: list[TestUser], results: list[agg.UserResult],
+                         history_len: int | None, progress: bool = False) -> None:
+    """Each reference's slate for each replayed user, into results[j].slates[name].
+
+    The reference sees what the gateway was sent (tools.eval_replay: the same history, cut to the
+    API's limit or to history_len for simulated cold users) and, like the gateway, never recommends
+    an item of the user's whole history."""
+    if not results:
+        return
+    histories = [served_history(u.history, history_len)[0] for u in users]
+    excludes = [u.history for u in users]
+    for name, model in tqdm(fitted.models.items(), desc="reference slates" + (" (cold)" if history_len else ""),
+                            unit="model", disable=not progress):
+        for result, slate in zip(results, model.recommend(histories, excludes, agg.SLATE_K), strict=True):
+            result.slates[name] = slate
+
+
 def assemble(evalset: EvalSet, tables: agg.ItemTables, manifest: dict[str, Any], data_spec: str,
              main: list[agg.UserResult], cold: list[agg.UserResult],
-             scored: list[tuple[dict[str, np.ndarray], np.ndarray]], opts: EvalOptions
-             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Per-user results -> (the report dict written to quality.json, recall curves for the plot)."""
-    systems, per_user = agg.system_table(main, tables)
+             scored: list[tuple[dict[str, np.ndarray], np.ndarray]], opts: EvalOptions,
+             references: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Per-user results -> (the report dict written to quality.json, recall curves for the plot).
+
+    references: offline.references.FittedReferences.info (None: no reference was fitted, and the
+    report's systems are the pipeline's own and popular)."""
+    names = tuple(n for n in agg.SYSTEMS if not main or n in main[0].slates)
+    systems, per_user = agg.system_table(main, tables, names)
     retrieval, curves = agg.retrieval_table(main)
     short = [r for r in main if r.n_train <= SHORT_HISTORY]
-    short_systems = agg.system_table(short, tables)[0] if short else {}
-    cold_systems = agg.system_table(cold, tables)[0] if cold else {}
+    short_systems = agg.system_table(short, tables, names)[0] if short else {}
+    cold_systems = agg.system_table(cold, tables, names)[0] if cold else {}
     checks = [r.matches_gateway for r in main if r.matches_gateway is not None]
     degraded = Counter(reason for r in (*main, *cold) for reason in r.degraded)
     report: dict[str, Any] = {
@@ -127,12 +161,14 @@ def assemble(evalset: EvalSet, tables: agg.ItemTables, manifest: dict[str, Any],
             "short_history_users": {"max_train_items": SHORT_HISTORY, "users": len(short), "systems": short_systems},
             "simulated_cold_users": {"history_len": opts.cold_history, "anonymous": True,
                                      "systems": cold_systems} if cold else None,
-            "cold_items": agg.cold_item_table(main)},
+            "cold_items": agg.cold_item_table(main, names)},
         "impressions": agg.impression_table(scored) if scored else None,
         "serving_check": {"gateway_matches_replay": float(np.mean(checks)) if checks else float("nan"),
                           "degraded_requests": sum(1 for r in (*main, *cold) if r.degraded),
                           "degraded_reasons": dict(degraded)},
-        "verdict": {"best_ndcg@10": agg.best_system(systems), "winner": agg.winner_verdict(systems, per_user),
+        "references": references,
+        "verdict": {"references": agg.reference_verdict(systems, per_user),
+                    "best_ndcg@10": agg.best_system(systems), "winner": agg.winner_verdict(systems, per_user),
                     "reranker": agg.reranker_verdict(per_user)},
         "build_quality": manifest.get("quality", {}),
         "method": METHOD,
@@ -148,6 +184,17 @@ METHOD = [
     "full_pipeline: the gateway's Recommend(user_id, k=10, history_item_ids=history) on the running "
     "stack (Triton + retrieval + ranking + gateway); at most 1,000 history ids (the API limit), older ones "
     "sent as exclude_item_ids.",
+    "References (offline.references), each fitted on every train + valid interaction of the split: "
+    "EASE (Steck 2019, B = I - P·diag(1/diag(P)), P = (XᵀX + λI)⁻¹; λ from a grid by validation nDCG@10 "
+    "with the model fitted on train and scored on train histories, then refitted on train + valid), "
+    "ItemKNN (cosine over item co-occurrence, each item's top-N neighbours, score = sum of the "
+    "similarities to the history), ALS (implicit, 64 factors, the CF channel's settings; the user vector "
+    "folded in from the history by implicit's recalculate_user), BPR (implicit, 64 factors; implicit has "
+    "no BPR fold-in, so the user vector is the mean of the history's item factors, plus the item bias). "
+    "Each scores the history sent to the gateway and never recommends an item of the user's whole "
+    "history; popular is the popular channel's list (training counts). EASE and ItemKNN keep the most "
+    "popular N items of larger catalogs (the References section says when). Full pipeline vs the best "
+    "reference: paired bootstrap over users (2,000 resamples).",
     "retrieval_order: the Retrieval service's merged candidates (300) for the same request, first 10; "
     "fused_ranker: those candidates scored by fused_ranker on Triton, top 10 by score.",
     "bert_only / cf_only / popular and per-channel recall: each channel's own list at depth 300, computed in "
@@ -196,6 +243,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the ranking service's served diversity weight (default: %(default)s)")
     p.add_argument("--run-dir", type=Path, default=None, help="process logs (default: a temporary folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-references", action="store_true",
+                   help="skip the reference recommenders (EASE, ItemKNN, ALS, BPR)")
+    p.add_argument("--reference-max-items", type=_non_negative, default=DEFAULT_MAX_ITEMS,
+                   help="EASE / ItemKNN keep the N most popular items of a larger catalog "
+                        "(default: %(default)s; 0 = the whole catalog)")
 
 
 def options_from(a: argparse.Namespace) -> EvalOptions:
@@ -203,7 +255,8 @@ def options_from(a: argparse.Namespace) -> EvalOptions:
                        build_max_items=a.build_max_items, build_max_users=a.build_max_users,
                        max_users=a.max_users or None, max_impressions=a.max_impressions or None,
                        cold_history=a.cold_history, diversity_weight=a.diversity_weight,
-                       run_dir=a.run_dir, progress=not a.no_progress)
+                       run_dir=a.run_dir, progress=not a.no_progress, references=not a.no_references,
+                       reference_max_items=a.reference_max_items or None)
 
 
 def run(args: argparse.Namespace) -> int:

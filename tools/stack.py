@@ -1,7 +1,18 @@
-"""Start and stop the whole system on loopback: Triton, retrieval, ranking, gateway.
+"""Start and stop the whole system on loopback: Triton, and one or more replicas of retrieval,
+ranking and gateway.
 
-Ports are chosen at run time. Children get PR_SET_PDEATHSIG so none outlives the supervisor,
-and each is checked to be our own process and up (gRPC health SERVING, Triton model ready).
+Ports are chosen at run time, once per process: a replica restarted with `restart(name)` keeps
+its ports, so the gateways' multi-address channels reconnect to it. Children get PR_SET_PDEATHSIG
+so none outlives the supervisor, and each is checked to be our own process and up (gRPC health
+SERVING, Triton model ready).
+
+Names: with one replica of a service its process is named after the service (`gateway`); with
+several, `gateway-0`, `gateway-1`, ... Every service opens the same item log (`--item-log`) and
+the gateways the same user-state store (`--state`): a SQLite file in the run folder by default,
+or the `store` given (e.g. `redis://127.0.0.1:6379/0`, needed once the replicas share a store
+across machines; SQLite works for processes of one machine). Each gateway gets the gRPC target
+`ipv4:127.0.0.1:p0,127.0.0.1:p1` naming every retrieval (ranking) replica, and spreads calls over
+them round-robin; each gateway writes its own event-log folder (one writer per folder).
 """
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +39,7 @@ from common.triton import REPO, triton_command
 log = get_logger("stack")
 HOST = "127.0.0.1"
 TRITON_MODELS = (FUSED_RANKER_NAME, TEXT_ENCODER_NAME)
+SERVICES = ("retrieval", "ranking", "gateway")   # start order: the gateway needs the other two
 
 
 def free_port() -> int:
@@ -45,6 +58,11 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def service_of(name: str) -> str:
+    """`retrieval-1` -> `retrieval`; `gateway` -> `gateway`; `gateway-redis` -> `gateway`."""
+    return name.split("-", 1)[0]
+
+
 @dataclass
 class Process:
     name: str
@@ -61,20 +79,48 @@ class Process:
 
 class Stack:
     def __init__(self, artifacts: Path, model_repo: Path, run_dir: Path,
-                 gateway_args: list[str] | None = None, ranking_args: list[str] | None = None) -> None:
+                 gateway_args: list[str] | None = None, ranking_args: list[str] | None = None,
+                 retrieval_args: list[str] | None = None, replicas: dict[str, int] | None = None,
+                 store: str | None = None) -> None:
         self.artifacts = Path(artifacts).resolve()
         self.model_repo = Path(model_repo).resolve()
         self.run_dir = Path(run_dir).resolve()
-        self.gateway_args = gateway_args or []
-        self.ranking_args = ranking_args or []
+        self.extra_args = {"gateway": gateway_args or [], "ranking": ranking_args or [],
+                           "retrieval": retrieval_args or []}
+        unknown = set(replicas or {}) - set(SERVICES)
+        if unknown:
+            raise ValueError(f"replicas: unknown services {sorted(unknown)} (known: {', '.join(SERVICES)})")
+        self.replicas = {s: int((replicas or {}).get(s, 1)) for s in SERVICES}
+        if min(self.replicas.values()) < 1:
+            raise ValueError(f"replicas: every service needs at least 1, got {self.replicas}")
+        # One spec for the item log and the user state: SQLite in the run folder, or the given store.
+        self.store = store or f"sqlite:{self.run_dir / 'state.db'}"
         self.processes: dict[str, Process] = {}
+        self._ports: dict[str, dict[str, int]] = {}   # kept across restarts of a process
 
-    # -- addresses
+    # -- names and addresses
+    def names(self, service: str) -> list[str]:
+        """The process names of a service's replicas, in start order."""
+        n = self.replicas[service]
+        return [service] if n == 1 else [f"{service}-{i}" for i in range(n)]
+
     def addr(self, name: str) -> str:
-        return f"{HOST}:{self.processes[name].ports['grpc']}"
+        """host:port of one process (a replica name, or a service with one replica)."""
+        return f"{HOST}:{self._ports[name]['grpc']}"
+
+    def target(self, service: str) -> str:
+        """The gRPC target naming every replica of a service (what a gateway is given)."""
+        names = self.names(service)
+        if len(names) == 1:
+            return self.addr(names[0])
+        return "ipv4:" + ",".join(self.addr(n) for n in names)
 
     def metrics_url(self, name: str) -> str:
-        return f"http://{HOST}:{self.processes[name].ports['metrics']}/metrics"
+        return f"http://{HOST}:{self._ports[name]['metrics']}/metrics"
+
+    def event_dir(self, name: str) -> Path:
+        """A gateway's event-log folder: `events/` with one gateway, `events-<name>/` with several."""
+        return self.run_dir / ("events" if name == "gateway" else f"events-{name}")
 
     # -- lifecycle
     def start(self, timeout_s: float = 180.0) -> "Stack":
@@ -82,36 +128,56 @@ class Stack:
         latest_dir(self.artifacts)   # fail early, with the hint, when nothing is built
         try:
             self.start_triton(timeout_s)
-            for name in ("retrieval", "ranking"):
+            backends = self.names("retrieval") + self.names("ranking")
+            for name in backends:
                 self.start_service(name, self.artifacts)   # services follow LATEST (hot swap)
-            for name in ("retrieval", "ranking"):
-                self.wait_healthy(name, timeout_s)
-            self.start_service("gateway", self.artifacts)
-            self.wait_healthy("gateway", timeout_s)
+            self.wait_all_healthy(backends, timeout_s)
+            for name in self.names("gateway"):
+                self.start_service(name, self.artifacts)
+            self.wait_all_healthy(self.names("gateway"), timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
 
     def start_triton(self, timeout_s: float = 180.0) -> None:
-        ports = {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+        ports = self._ports.setdefault("triton", {"grpc": free_port(), "http": free_port(), "metrics": free_port()})
         argv, env = triton_command(self.model_repo, ports["grpc"], ports["http"], ports["metrics"],
                                    list(TRITON_MODELS), HOST)
         self._spawn("triton", argv, env, ports)
         self.wait_triton(timeout_s)
 
-    def start_service(self, name: str, artifacts: Path) -> None:
-        ports = {"grpc": free_port(), "metrics": free_port()}
-        argv = [sys.executable, "-m", f"{name}.server", "--port", str(ports["grpc"]),
-                "--metrics-port", str(ports["metrics"]), "--artifacts", str(artifacts)]
-        if name == "ranking":
-            argv += ["--triton-url", self.addr("triton"), *self.ranking_args]
-        if name == "gateway":
-            argv += ["--retrieval-addr", self.addr("retrieval"), "--ranking-addr", self.addr("ranking"),
-                     "--triton-url", self.addr("triton"), "--state", f"sqlite:{self.run_dir / 'state.db'}",
-                     "--event-log", str(self.run_dir / "events"), *self.gateway_args]
+    def start_service(self, name: str, artifacts: Path | None = None) -> None:
+        """Start one replica (again: with the ports it had before). Does not wait for SERVING."""
+        service = service_of(name)
+        if service not in SERVICES:
+            raise ValueError(f"{name}: not a replica of {', '.join(SERVICES)}")
+        store = self.store
+        ports = self._ports.setdefault(name, {"grpc": free_port(), "metrics": free_port()})
+        argv = [sys.executable, "-m", f"{service}.server", "--port", str(ports["grpc"]),
+                "--metrics-port", str(ports["metrics"]), "--artifacts", str(artifacts or self.artifacts),
+                "--item-log", store]
+        if service == "ranking":
+            argv += ["--triton-url", self.addr("triton")]
+        if service == "gateway":
+            argv += ["--retrieval-addr", self.target("retrieval"), "--ranking-addr", self.target("ranking"),
+                     "--triton-url", self.addr("triton"), "--state", store,
+                     "--event-log", str(self.event_dir(name))]
+        argv += self.extra_args[service]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         self._spawn(name, argv, env, ports)
+
+    def restart(self, name: str, sig: int = signal.SIGKILL, timeout_s: float = 120.0) -> float:
+        """Stop one replica with `sig` (SIGKILL: no cleanup runs), start it on the same ports and
+        wait until it is SERVING again; returns the seconds it was gone."""
+        started = time.monotonic()
+        self.kill(name, sig)
+        if name == "triton":
+            self.start_triton(timeout_s)
+        else:
+            self.start_service(name)
+            self.wait_healthy(name, timeout_s)
+        return time.monotonic() - started
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], ports: dict[str, int]) -> None:
         log_path = self.run_dir / f"{name}.log"
@@ -119,6 +185,7 @@ class Stack:
         with open(log_path, "ab") as out:
             popen = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, preexec_fn=preexec)
+        self._ports[name] = ports
         self.processes[name] = Process(name, popen, log_path, ports)
         log.info("started", extra={"component": name, "pid": popen.pid, "ports": ports})
 
@@ -159,6 +226,14 @@ class Stack:
                 time.sleep(0.1)
         raise TimeoutError(f"{name} not SERVING after {timeout_s}s:\n{self.processes[name].tail()}")
 
+    def wait_all_healthy(self, names: list[str], timeout_s: float) -> None:
+        """Wait for several processes at once (they load in parallel); the first failure raises."""
+        if len(names) == 1:
+            return self.wait_healthy(names[0], timeout_s)
+        with ThreadPoolExecutor(len(names)) as pool:
+            for waited in [pool.submit(self.wait_healthy, n, timeout_s) for n in names]:
+                waited.result()
+
     def kill(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
         proc = self.processes.get(name)
         if proc is None or proc.popen.poll() is not None:
@@ -171,8 +246,21 @@ class Stack:
             proc.popen.wait()
 
     def stop(self) -> None:
-        for name in ("gateway", "ranking", "retrieval", "triton"):
-            self.kill(name)
+        """Gateways first (they call the rest), then the backends, then Triton; the replicas of
+        a tier drain in parallel."""
+        by_service = {s: [n for n in self.processes if service_of(n) == s] for s in (*SERVICES, "triton")}
+        for tier in (by_service["gateway"], by_service["ranking"] + by_service["retrieval"], ["triton"]):
+            running = [self.processes[n].popen for n in tier if n in self.processes]
+            running = [p for p in running if p.poll() is None]
+            for popen in running:
+                popen.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 15.0
+            for popen in running:
+                try:
+                    popen.wait(max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    popen.kill()
+                    popen.wait()
 
     def pids(self) -> dict[str, int]:
         return {n: p.popen.pid for n, p in self.processes.items() if p.popen.poll() is None}

@@ -43,3 +43,47 @@ class Load(threading.Thread):
         self.stopped.set()
         self.join(10)
         self.channel.close()
+
+
+def upsert(stub: pb_grpc.RecommenderStub, ids: list[str], text: str, category: str = "Drama",
+           title: str = "Under the Ice") -> pb.UpsertItemsResponse:
+    return stub.UpsertItems(pb.UpsertItemsRequest(items=[
+        pb.NewItem(item_id=i, title=title, text=text, category=category) for i in ids]), timeout=10)
+
+
+def bert_top(retrieval_addr: str, history: list[int], n: int, min_seq: int = 0) -> set[int]:
+    """The internal indices the BERT channel ranks 1..n for a history (asked of one replica)."""
+    with grpc.insecure_channel(retrieval_addr) as ch:
+        reply = pb_grpc.RetrievalStub(ch).Retrieve(pb.RetrieveRequest(history=history, min_item_log_seq=min_seq),
+                                                   timeout=10)
+    bert = next(c for c in reply.candidates.channels if c.channel == "bert")
+    return {item for item, rank in zip(reply.candidates.items, bert.ranks) if 1 <= rank <= n}
+
+
+def service_status(addr: str, service: str) -> pb.ServiceStatus:
+    stub_class = pb_grpc.RetrievalStub if service == "retrieval" else pb_grpc.RankingStub
+    with grpc.insecure_channel(addr) as ch:
+        return stub_class(ch).Status(pb.StatusRequest(), timeout=5)
+
+
+def rank(ranking_addr: str, history: list[int], items: list[int], min_seq: int = 0) -> pb.RankResponse:
+    """Rank exactly `items` (as if retrieval had proposed them by BERT) on one ranking replica."""
+    column = pb.ChannelColumn(channel="bert", scores=[1.0 - 0.001 * j for j in range(len(items))],
+                              ranks=list(range(1, len(items) + 1)))
+    with grpc.insecure_channel(ranking_addr) as ch:
+        return pb_grpc.RankingStub(ch).Rank(pb.RankRequest(
+            history=history, candidates=pb.Candidates(items=items, channels=[column]), k=len(items),
+            min_item_log_seq=min_seq), timeout=10)
+
+
+def click(user: str, item: str) -> pb.EventBatch:
+    return pb.EventBatch(events=[pb.Event(user_id=user, item_id=item, type="click", timestamp=time.time() - 5)])
+
+
+def code_of(call, *args, **kwargs) -> str:
+    """The status code name of one call ('OK' when it succeeds)."""
+    try:
+        call(*args, **kwargs)
+        return "OK"
+    except grpc.RpcError as e:
+        return e.code().name

@@ -76,6 +76,16 @@ def test_sweep_cold_start_impressions_and_verdict(quality: dict) -> None:
     for metric in ("auc", "mrr", "ndcg@5", "ndcg@10"):
         assert 0.0 <= fused[metric] <= 1.0
     assert quality["verdict"]["best_ndcg@10"] in agg.SYSTEMS
+    # The headline: the full pipeline against the best reference recommender.
+    against = quality["verdict"]["references"]
+    assert against["best_reference"] in agg.REFERENCES and against["system"] == "full_pipeline"
+    assert against["outcome"] in ("beats", "loses", "ties") and against["beats"] == (against["outcome"] == "beats")
+    assert against["delta"]["lo"] <= against["delta"]["delta"] <= against["delta"]["hi"]
+    best = max(agg.REFERENCES, key=lambda name: quality["systems"][name]["ndcg@10"])
+    assert quality["systems"][against["best_reference"]]["ndcg@10"] == quality["systems"][best]["ndcg@10"]
+    refs = quality["references"]
+    assert refs["ease"]["lambda"] in [float(lam) for lam in refs["ease"]["validation_ndcg@10"]]
+    assert refs["training"]["interactions"] > 0
     assert quality["verdict"]["winner"]["best"] == quality["verdict"]["best_ndcg@10"]
     assert isinstance(quality["verdict"]["reranker"]["earns_its_place"], bool)
     # What was measured is what was served: the replay reproduces the gateway's slates.
@@ -86,5 +96,7 @@ def test_sweep_cold_start_impressions_and_verdict(quality: dict) -> None:
 def test_markdown_states_the_verdicts(report_dir: Path, quality: dict) -> None:
     md = (report_dir / "quality.md").read_text()
     assert "**Best on nDCG@10:" in md and "its place:" in md
+    assert md.split("## Verdict", 1)[1].lstrip().startswith("- **Against the references: the full pipeline")
+    assert "## Reference recommenders" in md and "| EASE (reference) |" in md
     assert "## MIND impression metrics" in md and "## Cold start" in md
     assert "![diversity vs nDCG](diversity_vs_ndcg.png)" in md

@@ -115,13 +115,16 @@ def test_new_item_is_retrievable_and_rankable_within_a_second(stub, live):
     assert reply.added == 2 and reply.updated == 0
     with grpc.insecure_channel(live.addr("retrieval")) as r, grpc.insecure_channel(live.addr("ranking")) as k:
         n = len(live_catalog_ids(live))
-        retrieved = pb_grpc.RetrievalStub(r).Retrieve(pb.RetrieveRequest(history=[n]), timeout=5)
+        # Another process follows the item log: name the upsert's position to read it (as the gateway does).
+        retrieved = pb_grpc.RetrievalStub(r).Retrieve(
+            pb.RetrieveRequest(history=[n], min_item_log_seq=reply.item_log_seq), timeout=5)
         bert = next(c for c in retrieved.candidates.channels if c.channel == "bert")
         assert retrieved.candidates.items[0] == n + 1 and bert.ranks[0] == 1
         top = pb.Candidates(items=retrieved.candidates.items[:50], channels=[
             pb.ChannelColumn(channel=c.channel, scores=c.scores[:50], ranks=c.ranks[:50])
             for c in retrieved.candidates.channels])
-        ranked = pb_grpc.RankingStub(k).Rank(pb.RankRequest(history=[n], candidates=top, k=50), timeout=5)
+        ranked = pb_grpc.RankingStub(k).Rank(pb.RankRequest(history=[n], candidates=top, k=50,
+                                                             min_item_log_seq=reply.item_log_seq), timeout=5)
     elapsed = time.monotonic() - started
     assert n + 1 in ranked.items and not ranked.degraded
     assert np.isfinite(ranked.scores[list(ranked.items).index(n + 1)])

@@ -49,7 +49,7 @@ def test_schema_validation_rejects_a_broken_file() -> None:
     doc["services"]["ranking"]["depends_on"]["triton"]["condition"] = 3
     messages = " ".join(e.message for e in _validator().iter_errors(doc))
     assert "commnad" in messages
-    assert "{'triton': {'condition': 3}} is not valid" in messages
+    assert "{'triton': {'condition': 3}, 'redis'" in messages and "is not valid" in messages
 
 
 def test_services_and_commands() -> None:
@@ -158,3 +158,18 @@ def test_grpc_health_check_script() -> None:
     finally:
         server.stop(None)
     assert module.check(f"127.0.0.1:{_free_port()}", timeout_s=0.5) is False
+
+
+def test_every_service_follows_the_item_log_in_redis_and_gateways_share_state() -> None:
+    import dataclasses
+    from common import config as service_config
+    services = _compose()["services"]
+    classes = {"gateway": "GatewayConfig", "retrieval": "RetrievalConfig", "ranking": "RankingConfig"}
+    for name, cls in classes.items():
+        env = services[name]["environment"]
+        assert env["FUSIONREC_ITEM_LOG"] == "redis://redis:6379/0", name
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+        flags = {f"FUSIONREC_{f.name.upper()}" for f in dataclasses.fields(getattr(service_config, cls))}
+        assert {v for v in env if v.startswith("FUSIONREC_")} <= flags, name
+    assert services["gateway"]["environment"]["FUSIONREC_STATE"] == "redis://redis:6379/0"
+    assert "--appendonly" in services["redis"]["command"]   # the item log survives a Redis restart

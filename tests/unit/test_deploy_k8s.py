@@ -175,3 +175,32 @@ def test_kustomization_lists_existing_files() -> None:
     # the build Job is run on demand, everything else is applied together
     assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml",
                                                              "build-artifacts-job.yaml"}
+
+
+CONFIGS = {"gateway": "GatewayConfig", "retrieval": "RetrievalConfig", "ranking": "RankingConfig"}
+
+
+def _env(name: str) -> dict[str, dict]:
+    (c,) = _by_kind("Deployment")[name]["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def test_every_replica_follows_one_shared_item_log_and_gateways_share_user_state() -> None:
+    config = _by_kind("ConfigMap")["fusionrec-config"]["data"]
+    assert config["FUSIONREC_ITEM_LOG"].startswith("redis://redis.fusionrec.svc.cluster.local:")
+    assert config["FUSIONREC_STATE"] == config["FUSIONREC_ITEM_LOG"]
+    for name in GRPC_TIERS:
+        ref = _env(name)["FUSIONREC_ITEM_LOG"]["valueFrom"]["configMapKeyRef"]
+        assert ref == {"name": "fusionrec-config", "key": "FUSIONREC_ITEM_LOG"}, name
+    assert _env("gateway")["FUSIONREC_STATE"]["valueFrom"]["configMapKeyRef"]["key"] == "FUSIONREC_STATE"
+
+
+def test_every_fusionrec_variable_is_a_flag_of_its_service() -> None:
+    """FUSIONREC_<FLAG> is read as --<flag>: a variable naming no flag is silently ignored."""
+    import dataclasses
+    from common import config as service_config
+    for name, cls in CONFIGS.items():
+        fields = {f"FUSIONREC_{f.name.upper()}" for f in dataclasses.fields(getattr(service_config, cls))}
+        for var in _env(name):
+            if var.startswith("FUSIONREC_"):
+                assert var in fields, f"{name}: {var} is no flag of {cls}"

@@ -165,6 +165,49 @@ def test_winner_verdict_names_the_runner_up_and_whether_the_gap_is_measurable() 
     assert not agg.winner_verdict(summaries, per_user)["clear"]
 
 
+def test_reference_verdict_compares_the_pipeline_with_the_best_reference() -> None:
+    n = 40
+    summaries = {"popular": {"ndcg@10": 0.1}, "ease": {"ndcg@10": 0.3}, "itemknn": {"ndcg@10": 0.2},
+                 "fused_ranker": {"ndcg@10": 0.9}, "full_pipeline": {"ndcg@10": 0.6}}
+    per_user = {name: {"ndcg@10": np.full(n, s["ndcg@10"])} for name, s in summaries.items()}
+    v = agg.reference_verdict(summaries, per_user)
+    # The best reference, not the best system (fused_ranker is the pipeline's own part).
+    assert v["best_reference"] == "ease" and v["outcome"] == "beats" and v["beats"]
+    assert v["delta"]["delta"] == pytest.approx(0.3) and v["ratio"] == pytest.approx(2.0)
+    per_user["full_pipeline"]["ndcg@10"] = np.full(n, 0.1)
+    summaries["full_pipeline"]["ndcg@10"] = 0.1
+    assert agg.reference_verdict(summaries, per_user)["outcome"] == "loses"
+    per_user["full_pipeline"]["ndcg@10"] = np.tile([0.0, 0.6], n // 2)   # mean 0.3, noisy
+    summaries["full_pipeline"]["ndcg@10"] = 0.3
+    tie = agg.reference_verdict(summaries, per_user)
+    assert tie["outcome"] == "ties" and not tie["beats"]
+    assert agg.reference_verdict({"full_pipeline": {"ndcg@10": 0.1}}, per_user)["best_reference"] is None
+
+
+def test_reference_slates_see_the_served_history_and_exclude_the_whole_history() -> None:
+    from offline.eval_testset import TestUser, served_history
+    from offline.references import FittedReferences
+    from tools.evaluate import add_reference_slates
+
+    class Recorder:
+        def recommend(self, histories, excludes, k):
+            self.seen = (histories, excludes, k)
+            return [np.array([9]) for _ in histories]
+    full = np.arange(1500)
+    recorder = Recorder()
+    results = [_result({1}, {})]
+    add_reference_slates(FittedReferences({"ease": recorder}), [TestUser("u", full, np.array([1]), 10)],
+                         results, history_len=None)
+    histories, excludes, k = recorder.seen
+    assert histories[0].tolist() == full[-1000:].tolist() == served_history(full)[0].tolist()
+    assert excludes[0].tolist() == full.tolist() and k == agg.SLATE_K
+    assert results[0].slates["ease"].tolist() == [9]
+    add_reference_slates(FittedReferences({"ease": recorder}), [TestUser("u", full, np.array([1]), 10)],
+                         results, history_len=5)
+    assert recorder.seen[0][0].tolist() == [1495, 1496, 1497, 1498, 1499]
+    assert served_history(np.arange(3), 5)[0].tolist() == [0, 1, 2] and len(served_history(np.arange(3), 5)[1]) == 0
+
+
 # ---------------------------------------------------------------- report rendering
 
 def _tiny_report() -> dict:
@@ -187,7 +230,15 @@ def _tiny_report() -> dict:
                        "cold_items": {"users": 0, "positives": 0, "systems": {}, "retrieval": {}}},
         "impressions": None,
         "serving_check": {"gateway_matches_replay": 1.0, "degraded_requests": 0, "degraded_reasons": {}},
-        "verdict": {"best_ndcg@10": "fused_ranker",
+        "references": {"ease": {"lambda": 200.0, "validation_ndcg@10": {"50.0": 0.1, "200.0": 0.2},
+                                "restricted_to_items": None, "fit_seconds": 1.0},
+                       "itemknn": {"neighbours": 100, "restricted_to_items": 20000, "fit_seconds": 2.0},
+                       "als": {"factors": 64, "fit_seconds": 3.0}, "bpr": {"factors": 64, "fit_seconds": 4.0},
+                       "training": {"users": 2, "items": 6, "interactions": 9}},
+        "verdict": {"references": {"best_reference": "ease", "system": "full_pipeline", "metric": "ndcg@10",
+                                   "delta": {"delta": -0.02, "lo": -0.04, "hi": -0.01}, "ratio": 0.9,
+                                   "outcome": "loses", "beats": False},
+                    "best_ndcg@10": "fused_ranker",
                     "winner": {"best": "fused_ranker", "runner_up": "popular", "delta": delta, "clear": False},
                     "reranker": {"earns_its_place": False, "why": "neither nDCG@10 nor diversity improves measurably",
                                  "ndcg@10_delta": delta, "ild@10_delta": delta}},
@@ -198,6 +249,15 @@ def _tiny_report() -> dict:
 def test_markdown_states_the_winner_and_the_reranker_verdict() -> None:
     md = render_markdown(_tiny_report())
     assert md.startswith("# Offline quality report: tiny")
+    verdict = md.split("## Verdict", 1)[1]
+    assert verdict.lstrip().startswith(   # the headline: against the best reference
+        "- **Against the references: the full pipeline (gateway) loses to the best reference, EASE (λ=200)**, "
+        "on nDCG@10: 0.250 vs 0.250 (×0.90), difference -0.0200 [-0.0400, -0.0100] (paired bootstrap over "
+        "users; the interval excludes zero).")
+    assert "| EASE (reference) | 0.250 |" in md and "| BPR (reference) | 0.250 |" in md
+    assert "## Reference recommenders" in md and "Fitted on every non-test interaction (train + valid: 9 interactions of 2 users)" in md
+    assert "λ = 200 (validation nDCG@10 by λ: 50 → 0.100, 200 → 0.200); the whole catalog" in md
+    assert "only the 20,000 most popular items" in md and "| ALS | 64 factors;" in md and "| 3.0 |" in md
     assert "**Best on nDCG@10: fused ranker, no re-ranker** (0.500" in md
     assert ("runner-up most popular: difference -0.0100 [-0.0500, +0.0300] (paired bootstrap), "
             "**not a measurable difference**.") in md
@@ -209,6 +269,15 @@ def test_markdown_states_the_winner_and_the_reranker_verdict() -> None:
     assert "Test positives unseen in training** (0 positives of 0 users)" in md
     assert "MIND impression" not in md                 # no impressions in this data
     assert "| 0.000 | 0.500 | 1.000 | 0.200 | 0.300 | – |" in md   # NaN shows as a dash
+
+
+def test_markdown_without_references_keeps_the_old_verdict() -> None:
+    report = _tiny_report()
+    report["references"] = None
+    del report["verdict"]["references"]
+    md = render_markdown(report)
+    assert "Against the references" not in md and "## Reference recommenders" not in md
+    assert md.split("## Verdict", 1)[1].lstrip().startswith("- **Best on nDCG@10:")
 
 
 def test_table_and_fmt() -> None:
@@ -243,7 +312,11 @@ def test_resolve_data_spec_finds_repo_relative_paths(tmp_path, monkeypatch) -> N
 def test_cli_parses_and_rejects_negative_limits(capsys) -> None:
     opts = options_from(parse(["eval", "--artifacts", "a", "--max-users", "30", "--max-impressions", "0"]))
     assert opts.max_users == 30 and opts.max_impressions is None and opts.diversity_weight == 0.1
-    for flag in ("--max-users", "--max-impressions", "--build-max-items", "--build-max-users"):
+    assert opts.references and opts.reference_max_items == 20_000
+    opts = options_from(parse(["eval", "--no-references", "--reference-max-items", "0"]))
+    assert not opts.references and opts.reference_max_items is None
+    for flag in ("--max-users", "--max-impressions", "--build-max-items", "--build-max-users",
+                 "--reference-max-items"):
         with pytest.raises(SystemExit):
             parse(["eval", flag, "-1"])
         assert f"argument {flag}: must be >= 0" in capsys.readouterr().err

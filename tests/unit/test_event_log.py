@@ -105,3 +105,28 @@ def test_a_line_break_in_a_field_refuses_the_batch(tmp_path):
     with pytest.raises(ValueError, match=r"events\[1\]\.user_id"):
         log.append([Event("u", "a", "click", T0), Event("u\nv", "a", "click", T0)])
     assert log.files() == []
+
+
+def test_a_tombstone_drops_the_users_earlier_events_from_the_export(tmp_path):
+    from gateway.event_log import TOMBSTONE
+    log = EventLog(tmp_path / "events")
+    log.append([Event("gone", "a", "click", T0), Event("kept", "a", "click", T0)])
+    log.append_tombstone("gone", when=T0 + 10)
+    log.append([Event("gone", "b", "click", T0 + 20)])
+    log.append_tombstone("other-never-logged", when=T0 + 30)
+    assert [r[3] for r in rows(log)].count(TOMBSTONE) == 2       # the raw file keeps the tombstones
+    assert log.tombstones() == {"gone": 3, "other-never-logged": 5}
+    assert log.export(tmp_path / "out.csv") == 2
+    exported = (tmp_path / "out.csv").read_text().splitlines()
+    assert exported == [HEADER.strip(), "kept,a,1700000000.000,click,1.0", "gone,b,1700000020.000,click,1.0"]
+
+
+def test_a_second_tombstone_drops_what_came_between(tmp_path):
+    log = EventLog(tmp_path)
+    log.append([Event("u", "a", "click", T0)])
+    log.append_tombstone("u", when=T0 + 1)
+    log.append([Event("u", "b", "click", T0 + 2)])
+    log.append_tombstone("u", when=T0 + 3)
+    log.append([Event("u", "c", "click", T0 + 4)])
+    assert log.export(tmp_path / "out.csv") == 1
+    assert (tmp_path / "out.csv").read_text().splitlines()[1].startswith("u,c,")

@@ -111,6 +111,8 @@ def _artifact_set(folder, text_index, cf_index, text, cf_items, cf_users):
     np.save(folder / "item_counts.npy", np.ones(len(text), np.int64))
     np.save(folder / "popular.npy", np.arange(len(text), dtype=np.int64))
     (folder / "cf_users.json").write_text(json.dumps([f"u{i}" for i in range(len(cf_users))]))
+    # The item log names items by id: the retriever maps them through the catalog.
+    (folder / "catalog.json").write_text(json.dumps({"item_ids": [f"i{j}" for j in range(len(text))]}))
     indexes = {}
     for name, index in (("text", text_index), ("cf", cf_index)):
         faiss.write_index(index, str(folder / f"index_{name}.faiss"))

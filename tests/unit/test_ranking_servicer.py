@@ -1,5 +1,6 @@
 """The ranking servicer in process: a ranking.ranker.Ranker over the tiny artifact set with a fake
-scorer in place of Triton. Checked by behaviour (status codes, slates, `degraded`)."""
+scorer in place of Triton, following a real item log (SQLite in tmp_path). Checked by behaviour
+(status codes, slates, `degraded`)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,15 +11,20 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from common.artifacts import open_artifacts, write_manifest
+from prometheus_client import REGISTRY
 
+from common.artifacts import open_artifacts, write_manifest
+from common.followed_versions import offer_followed
+from common.item_follower import ItemLogFollower
+from common.item_log import SqliteItemLog
 from common.versions import VersionSet
-from common.wire import candidates_to_proto
+from common.wire import MAX_INDICES_AHEAD, candidates_to_proto
+from core.item_records import ItemOp, ItemRecord
 from core.rerank import POOL_SIZE
 from protos import fusionrec_pb2 as pb
 from ranking.ranker import Ranker
 from ranking.server import RankingServicer
-from tests.tiny_artifacts import FakeScorer, FakeServicerContext, unavailable, write_tiny_artifacts
+from tests.tiny_artifacts import FakeScorer, FakeServicerContext, item_id, unavailable, write_tiny_artifacts
 
 HISTORY = [2, 3, 5]
 # Retrieval order: highest index first; the fake scorer prefers low indices, so the fused order
@@ -26,16 +32,27 @@ HISTORY = [2, 3, 5]
 CANDIDATES = np.arange(49, 9, -1, dtype=np.int64)
 
 
-def servicer_of(artifacts, scorer: FakeScorer) -> tuple[RankingServicer, Ranker]:
+def servicer_of(artifacts, scorer: FakeScorer, item_log: SqliteItemLog) -> tuple[RankingServicer, Ranker]:
+    """A ranking replica whose only version followed `item_log` before it was offered."""
     ranker = Ranker(artifacts, scorer)
     versions: VersionSet[Ranker] = VersionSet()
-    versions.add(ranker.version, ranker)
-    return RankingServicer(versions, 0.5), ranker
+    follower = ItemLogFollower(item_log)
+    asyncio.run(offer_followed(versions, follower, ranker.version, ranker, ranker.apply, ranker.overlay.folded_seq))
+    return RankingServicer(versions, follower, 0.5), ranker
 
 
 @pytest.fixture
-def serving(tiny_artifacts) -> tuple[RankingServicer, Ranker]:
-    return servicer_of(tiny_artifacts, FakeScorer())
+def item_log(tmp_path) -> SqliteItemLog:
+    return SqliteItemLog(tmp_path / "items.db")
+
+
+@pytest.fixture
+def serving(tiny_artifacts, item_log) -> tuple[RankingServicer, Ranker]:
+    return servicer_of(tiny_artifacts, FakeScorer(), item_log)
+
+
+def upsert(item: str, vector: np.ndarray, category: str) -> ItemRecord:
+    return ItemRecord(ItemOp.UPSERT, item, title=item, text=item, category=category, vector=np.asarray(vector, np.float32))
 
 
 def columns_of(items: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -87,8 +104,8 @@ def test_k_larger_than_the_candidates_gives_them_all(serving):
     assert sorted(response.items) == sorted(CANDIDATES[:4].tolist())
 
 
-def test_degrades_to_retrieval_order_when_the_scorer_is_unavailable(tiny_artifacts):
-    servicer, _ = servicer_of(tiny_artifacts, FakeScorer(fail=unavailable()))
+def test_degrades_to_retrieval_order_when_the_scorer_is_unavailable(tiny_artifacts, item_log):
+    servicer, _ = servicer_of(tiny_artifacts, FakeScorer(fail=unavailable()), item_log)
     response, context = call(servicer.Rank, rank_request(k=7))
     assert context.code() is None, "a scorer outage must not fail the call"
     assert response.degraded
@@ -96,7 +113,7 @@ def test_degrades_to_retrieval_order_when_the_scorer_is_unavailable(tiny_artifac
     assert reason_names(response) == ["DEGRADED_REASON_TRITON_UNAVAILABLE"]
 
 
-def test_degrades_to_fused_order_when_the_reranker_fails(tmp_path):
+def test_degrades_to_fused_order_when_the_reranker_fails(tmp_path, item_log):
     # A booster trained on fewer columns than RERANK_FEATURES loads, then refuses every predict.
     folder = write_tiny_artifacts(tmp_path)
     rows = np.random.default_rng(0).random((200, 3))
@@ -104,7 +121,7 @@ def test_degrades_to_fused_order_when_the_reranker_fails(tmp_path):
               lgb.Dataset(rows, rows[:, 0]), num_boost_round=2).save_model(str(folder / "reranker.txt"))
     manifest = json.loads((folder / "manifest.json").read_text())
     write_manifest(folder, {k: v for k, v in manifest.items() if k != "files"})
-    servicer, _ = servicer_of(open_artifacts(folder), FakeScorer())
+    servicer, _ = servicer_of(open_artifacts(folder), FakeScorer(), item_log)
     response, context = call(servicer.Rank, rank_request(k=6))
     assert context.code() is None and response.degraded
     assert list(response.items) == np.sort(CANDIDATES)[:6].tolist()   # the fake scorer's order
@@ -120,13 +137,14 @@ def test_deadline_shorter_than_the_scorer_timeout_still_answers(serving):
 @pytest.mark.parametrize("field, request_of", [
     ("k", lambda n: rank_request(k=0)),
     ("k", lambda n: rank_request(k=10_000)),
-    ("candidates", lambda n: rank_request(np.array([1, n], np.int64))),
+    ("candidates", lambda n: rank_request(np.array([1, n + MAX_INDICES_AHEAD], np.int64))),
     ("candidates", lambda n: rank_request(np.array([-1, 2], np.int64))),
-    ("history", lambda n: rank_request(history=[n + 1])),
+    ("history", lambda n: rank_request(history=[-2])),
+    ("history", lambda n: rank_request(history=[n + MAX_INDICES_AHEAD])),
 ])
 def test_bad_requests_are_invalid_argument_naming_the_field(serving, field, request_of):
     servicer, ranker = serving
-    response, context = call(servicer.Rank, request_of(ranker.online.total))
+    response, context = call(servicer.Rank, request_of(ranker.total))
     assert response is None and context.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert context.details.startswith(field), context.details
     assert ranker.scorer.calls == [], "a refused request never reaches the scorer"
@@ -148,16 +166,64 @@ def test_unknown_artifact_version_is_failed_precondition(serving):
     assert "artifact_version" in context.details
 
 
-def test_update_items_makes_an_online_item_rankable(serving, tiny_artifacts):
+def unknown_count(field: str) -> float:
+    return REGISTRY.get_sample_value("fusionrec_unknown_items_total", {"service": "ranking", "field": field}) or 0.0
+
+
+def test_an_online_item_in_the_log_is_rankable_with_its_vector_sent_to_the_model(serving, item_log, tiny_artifacts):
     servicer, ranker = serving
-    n = ranker.online.total
+    n = ranker.total
     vector = tiny_artifacts.npy("item_text.npy")[0]
-    response, context = call(servicer.UpdateItems, pb.ItemUpdate(
-        add_indices=[n], add_vectors=vector.tolist(), add_categories=[2]))
-    assert context.code() is None and response.online_items == 1
-    items = np.array([n, 11, 12], np.int64)
-    response, context = call(servicer.Rank, rank_request(items, k=3))
-    assert context.code() is None and sorted(response.items) == sorted(items.tolist())
+    other = tiny_artifacts.npy("item_text.npy")[1]
+
+    async def scenario():
+        seq = await item_log.append([upsert("fresh", vector, "category2"), upsert("gone", other, "category1"),
+                                     ItemRecord(ItemOp.DELETE, "gone"), upsert(item_id(11), other, "category3")])
+        items = np.array([n, 11, 12], np.int64)
+        # This replica has not applied the log: the request's position makes it catch up first.
+        response = await servicer.Rank(rank_request(items, k=3, min_item_log_seq=seq), FakeServicerContext(0.5))
+        return items, response
+    items, response = asyncio.run(scenario())
+    assert sorted(response.items) == sorted(items.tolist())
     sent = ranker.scorer.calls[-1]
-    assert sent["extra_text"] is not None and np.allclose(sent["extra_text"][0], vector)
-    assert sent["extra_category"].tolist() == [2]
+    assert sent["candidates"].tolist() == items.tolist()
+    # Every online item the log allocated travels, in index order (a deleted one keeps its row).
+    assert sent["extra_text"].shape == (2, len(vector)) and np.allclose(sent["extra_text"][0], vector)
+    assert sent["extra_category"].tolist() == [3, 2]   # category_names: "", category0, category1, ...
+    # The re-ranker's tables cover the online items and take a catalog item's new vector and category.
+    assert len(ranker.reranker.item_text) >= n + 2 and np.allclose(ranker.reranker.item_text[n], vector)
+    assert np.allclose(ranker.reranker.item_text[11], other) and ranker.reranker.item_category[11] == 4
+    assert ranker.reranker.item_category[n] == 3 and not ranker.reranker.item_side[n].any()   # new: age 0
+
+
+def test_a_request_without_online_items_sends_no_extra_inputs(serving, item_log, tiny_artifacts):
+    servicer, ranker = serving
+    asyncio.run(item_log.append([upsert("fresh", tiny_artifacts.npy("item_text.npy")[0], "category2")]))
+    asyncio.run(servicer.follower.sync())
+    response, context = call(servicer.Rank, rank_request(CANDIDATES, k=5))
+    assert context.code() is None and ranker.scorer.calls[-1]["extra_text"] is None
+
+
+def test_candidates_and_history_this_replica_does_not_know_yet_are_dropped_and_counted(serving):
+    servicer, ranker = serving
+    n = ranker.total
+    before = unknown_count("candidates"), unknown_count("history")
+    items = np.array([n + 2, 11, n, 12, 13], np.int64)
+    response, context = call(servicer.Rank, rank_request(items, k=5, history=[2, n + 1]))
+    assert context.code() is None and sorted(response.items) == [11, 12, 13]
+    sent = ranker.scorer.calls[-1]
+    assert sent["candidates"].tolist() == [11, 12, 13] and sent["history"].tolist() == [2]
+    assert sent["features"].shape[0] == 3   # the channel columns dropped with their candidates
+    assert (unknown_count("candidates"), unknown_count("history")) == (before[0] + 2, before[1] + 1)
+
+
+def test_status_reports_versions_and_log_position(serving, item_log, tiny_artifacts):
+    servicer, ranker = serving
+    status, context = call(servicer.Status, pb.StatusRequest())
+    assert context.code() is None
+    assert (list(status.loaded_versions), status.newest_version) == ([ranker.version], ranker.version)
+    assert (status.item_log_seq, status.item_log_ok) == (0, True)
+    seq = asyncio.run(item_log.append([upsert("s", tiny_artifacts.npy("item_text.npy")[3], "")]))
+    asyncio.run(servicer.follower.sync())
+    status, _ = call(servicer.Status, pb.StatusRequest())
+    assert (status.item_log_seq, status.item_log_ok) == (seq, True) and ranker.total == ranker.n_items + 1

@@ -43,3 +43,73 @@ def test_children_start_without_a_preexec_fn():
     """A preexec_fn forces fork(), which gRPC's fork handlers can block forever (see tools/stack.py)."""
     from tools.stack import SETPRIV
     assert SETPRIV, "setpriv (util-linux) is required to start children"
+
+
+def _recording_stack(tmp_path, **kwargs):
+    """A Stack whose _spawn records argv instead of starting anything."""
+    from tools.stack import Stack
+    stack = Stack(tmp_path, tmp_path, tmp_path, **kwargs)
+    spawned: dict[str, list[str]] = {}
+
+    def spawn(name, argv, env, ports):
+        spawned[name] = argv
+        stack._ports[name] = ports
+    stack._spawn = spawn
+    stack._ports["triton"] = {"grpc": 1, "http": 2, "metrics": 3}
+    return stack, spawned
+
+
+def _flags(argv: list[str]) -> dict[str, str]:
+    return {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+
+
+def test_one_replica_keeps_the_service_names_and_plain_addresses(tmp_path):
+    stack, spawned = _recording_stack(tmp_path)
+    for name in ("retrieval", "ranking", "gateway"):
+        assert stack.names(name) == [name]
+        stack.start_service(name)
+    gw = _flags(spawned["gateway"])
+    assert gw["--retrieval-addr"] == stack.addr("retrieval") and "," not in gw["--retrieval-addr"]
+    assert gw["--state"] == gw["--item-log"] == f"sqlite:{tmp_path / 'state.db'}"
+    assert gw["--event-log"] == str(tmp_path / "events")
+    for name in ("retrieval", "ranking"):
+        assert _flags(spawned[name])["--item-log"] == gw["--item-log"]
+
+
+def test_replicas_get_their_own_ports_and_gateways_a_multi_address_target(tmp_path):
+    store = "redis://127.0.0.1:6399/0"
+    stack, spawned = _recording_stack(tmp_path, replicas={"retrieval": 2, "ranking": 2, "gateway": 2}, store=store)
+    assert stack.names("retrieval") == ["retrieval-0", "retrieval-1"]
+    for service in ("retrieval", "ranking", "gateway"):
+        for name in stack.names(service):
+            stack.start_service(name)
+    ports = [stack.addr(n) for n in stack.names("retrieval") + stack.names("ranking") + stack.names("gateway")]
+    assert len(set(ports)) == 6
+    target = stack.target("retrieval")
+    assert target == f"ipv4:{stack.addr('retrieval-0')},{stack.addr('retrieval-1')}"
+    for gateway in stack.names("gateway"):
+        flags = _flags(spawned[gateway])
+        assert flags["--retrieval-addr"] == target and flags["--ranking-addr"] == stack.target("ranking")
+        assert flags["--state"] == flags["--item-log"] == store
+    assert _flags(spawned["gateway-0"])["--event-log"] != _flags(spawned["gateway-1"])["--event-log"]
+    assert all(_flags(spawned[n])["--item-log"] == store for n in stack.names("ranking"))
+
+
+def test_a_restarted_replica_keeps_its_ports(tmp_path):
+    stack, spawned = _recording_stack(tmp_path, replicas={"retrieval": 2})
+    stack.start_service("retrieval-1")
+    before = dict(stack._ports["retrieval-1"])
+    stack.kill = lambda name, sig=None: None
+    stack.wait_healthy = lambda name, timeout_s: None
+    stack.restart("retrieval-1")
+    assert stack._ports["retrieval-1"] == before
+    assert _flags(spawned["retrieval-1"])["--port"] == str(before["grpc"])
+
+
+def test_bad_replica_counts_are_refused(tmp_path):
+    import pytest
+    from tools.stack import Stack
+    with pytest.raises(ValueError, match="unknown services"):
+        Stack(tmp_path, tmp_path, tmp_path, replicas={"triton": 2})
+    with pytest.raises(ValueError, match="at least 1"):
+        Stack(tmp_path, tmp_path, tmp_path, replicas={"gateway": 0})

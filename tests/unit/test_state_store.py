@@ -198,3 +198,44 @@ def test_an_empty_batch_is_a_no_op(backend):
 def test_a_bad_spec_names_the_field(spec):
     with pytest.raises(ValueError, match="state: "):
         open_store(spec)
+
+
+def test_erase_removes_the_users_history_and_marks_them(backend):
+    async def go(store):
+        await store.add([("u", f"i{j}", T0 + j) for j in range(4)] + [("v", "x", T0)])
+        removed = await store.erase("u", when=T0 + 10)
+        state = await store.recent_state("u")
+        other = await store.recent_state("v")
+        again = await store.erase("u", when=T0 + 5)        # idempotent; an older time does not move the marker
+        await store.add([("u", "later", T0 + 20)])           # events after the erase count again
+        return removed, state, other, again, await store.recent_state("u"), await store.recent_state("nobody")
+    removed, state, other, again, after, nobody = run(backend.spec, go)
+    assert removed == 4 and state.items == [] and state.erased_at == T0 + 10
+    assert other.items == ["x"] and other.erased_at is None
+    assert again == 0 and after.items == ["later"] and after.erased_at == T0 + 10
+    assert nobody.items == [] and nobody.erased_at is None
+
+
+def test_erase_survives_reopening_and_is_ordered_after_queued_adds(backend):
+    async def go(store):
+        # An add queued just before the erase is erased with the rest (same writer order).
+        await asyncio.gather(store.add([("u", "a", T0)]), store.erase("u", when=T0 + 1))
+        return await store.recent("u")
+    assert run(backend.spec, go) == []
+    state = run(backend.spec, lambda s: s.recent_state("u"))
+    assert state.items == [] and state.erased_at == T0 + 1
+
+
+def test_erase_refuses_an_empty_user(backend):
+    async def go(store):
+        with pytest.raises(ValueError, match=r"events\[0\]\.user_id"):
+            await store.erase("")
+    run(backend.spec, go)
+
+
+def test_remove_items_never_touches_an_erased_marker(backend):
+    async def go(store):
+        await store.erase("u", when=T0)
+        await store.remove_items(["x"])
+        return await store.recent_state("u")
+    assert run(backend.spec, go).erased_at == T0
