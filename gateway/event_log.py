@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from core.limits import EVENT_FUTURE_SKEW_S
+
 HEADER = "user_id,item_id,timestamp,event,value\n"
 TOMBSTONE = "erase"   # the event column of a tombstone row (not an event type the API accepts)
+FUTURE_SKEW_S = EVENT_FUTURE_SKEW_S   # an accepted event may be stamped this far ahead of its logging
 
 
 @dataclass(frozen=True)
@@ -129,23 +132,42 @@ class EventLog:
                         position += 1
                         yield position, line, next(csv.reader([line]))
 
-    def tombstones(self) -> dict[str, int]:
-        """user id -> log position of their last tombstone."""
-        return {row[0]: position for position, _, row in self._lines() if len(row) >= 4 and row[3] == TOMBSTONE}
+    def tombstones(self) -> dict[str, tuple[int, float]]:
+        """user id -> (log position, time) of their last tombstone."""
+        return {row[0]: (position, float(row[2])) for position, _, row in self._lines()
+                if len(row) >= 4 and row[3] == TOMBSTONE}
 
     def export(self, dest: Path) -> int:
-        """Join all days into one interactions.csv at dest (one header), less the events of erased
-        users logged before their tombstone; returns the rows written. Two passes over the files:
-        memory grows with the erased users, not with the log."""
-        erased = self.tombstones()
-        rows = 0
-        with open(dest, "w", encoding="utf-8", newline="") as out:
-            out.write(HEADER)
-            for position, line, row in self._lines():
-                if len(row) >= 4 and row[3] == TOMBSTONE:
+        """This folder alone as one interactions.csv (see export_event_logs)."""
+        return export_event_logs([self.folder], dest)
+
+
+def export_event_logs(folders: Sequence[Path], dest: Path) -> int:
+    """Join every day of every gateway's log folder into one interactions.csv at dest (one header),
+    less the events of erased users; returns the rows written.
+
+    A tombstone erases, in its own folder, the user's events logged before it (log order); in the
+    other folders (other gateways, whose order cannot be compared) the user's events whose
+    timestamp is at most the tombstone's time plus the accepted clock skew, i.e. every event about
+    the time before the erase. Two passes: memory grows with the erased users, not with the logs."""
+    logs = [EventLog(f) for f in folders]
+    erased = [log.tombstones() for log in logs]
+    cutoff: dict[str, float] = {}   # user -> latest tombstone time over all folders
+    for marks in erased:
+        for user, (_, when) in marks.items():
+            cutoff[user] = max(cutoff.get(user, when), when)
+    rows = 0
+    with open(dest, "w", encoding="utf-8", newline="") as out:
+        out.write(HEADER)
+        for log, own in zip(logs, erased):
+            for position, line, row in log._lines():
+                if len(row) < 4 or row[3] == TOMBSTONE:
                     continue
-                if row and erased.get(row[0], 0) > position:
+                user = row[0]
+                if own.get(user, (0, 0.0))[0] > position:
+                    continue
+                if user in cutoff and user not in own and float(row[2]) <= cutoff[user] + FUTURE_SKEW_S:
                     continue
                 out.write(line)
                 rows += 1
-        return rows
+    return rows

@@ -34,6 +34,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("loadtest", "open-loop load test of a gateway, or of a fresh stack with --stack",
                 "tools.loadtest"),
     CommandSpec("recommend", "call a running gateway's Recommend", "tools.client"),
+    CommandSpec("export-events", "join the gateways' event logs into one interactions.csv, erased users left out",
+                "tools.export_events"),
     CommandSpec("gpu-check", "FAISS index build and search on GPU vs CPU (needs faiss-gpu)", "tools.gpu_check"),
 )
 BY_NAME = {c.name: c for c in COMMANDS}

@@ -10,7 +10,8 @@ import pytest
 from tools.cli import COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[2]
-EXPECTED = {"build", "eval", "run", "bench", "bench-batching", "loadtest", "recommend", "gpu-check"}
+EXPECTED = {"build", "eval", "run", "bench", "bench-batching", "loadtest", "recommend", "gpu-check",
+            "export-events"}
 
 
 def test_registry_declares_each_command_once() -> None:
@@ -65,3 +66,14 @@ def test_python_dash_m_and_offline_main_work() -> None:
     offline = subprocess.run([sys.executable, "-m", "offline", "build", "--help"], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
     assert offline.returncode == 0 and "--max-items" in offline.stdout, offline.stderr
+
+
+def test_export_events_joins_folders_and_refuses_a_missing_one(tmp_path, capsys):
+    from gateway.event_log import Event, EventLog
+    from tools.cli import main
+    EventLog(tmp_path / "a").append([Event("u", "i", "click", 1_700_000_000.0)])
+    EventLog(tmp_path / "b").append([Event("v", "j", "like", 1_700_000_001.0)])
+    out = tmp_path / "data" / "interactions.csv"
+    assert main(["export-events", "--event-log", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 3 and "2 events from 2 log folder(s)" in capsys.readouterr().out
+    assert main(["export-events", "--event-log", str(tmp_path / "nope"), "--out", str(out)]) == 2
