@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
+from common.sqlite_wal import enable_wal
 from core.item_records import ItemOp, ItemRecord
 
 T = TypeVar("T")
@@ -144,20 +144,6 @@ class SqliteWorker:
         self._pool.shutdown(wait=True)
 
 
-def _enable_wal(db: sqlite3.Connection, timeout_s: float) -> None:
-    """Switch the file to WAL. The switch takes an exclusive lock and SQLite answers "database is
-    locked" at once, without its busy handler, when another connection opens the new file at the
-    same moment: retry until the timeout (a file already in WAL answers at once)."""
-    deadline = time.monotonic() + timeout_s
-    while db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
 class SqliteItemLog(ItemLog):
     _SCHEMA = (
         "CREATE TABLE IF NOT EXISTS item_log ("
@@ -180,7 +166,7 @@ class SqliteItemLog(ItemLog):
         db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         try:
             db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")   # other writers, briefly
-            _enable_wal(db, self.busy_timeout_s)   # persistent in the file; readers never block writers
+            enable_wal(db, self.busy_timeout_s)   # persistent in the file; readers never block writers
             db.execute("PRAGMA synchronous=FULL")    # fsync the WAL at every commit
             # Under the write lock: a schema change from a stale snapshot would fail at once
             # (SQLITE_BUSY_SNAPSHOT, no busy wait) when another client created the table meanwhile.

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from common.sqlite_wal import enable_wal
+
 Event = tuple[str, str, float]   # (user_id, item_id, unix timestamp)
 
 
@@ -113,7 +115,7 @@ class SqliteUserStateStore(UserStateStore):
         super().__init__(cap, ttl_s)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._writer = self._connect(path)
-        self._writer.execute("PRAGMA journal_mode=WAL")   # persistent in the file
+        enable_wal(self._writer, timeout_s=2.0)   # persistent in the file; retried: see common/sqlite_wal
         for statement in self._SCHEMA:
             self._writer.execute(statement)
         self._reader = self._connect(path)

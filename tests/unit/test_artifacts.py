@@ -1,12 +1,10 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from common.artifacts import ArtifactError, latest_dir, open_artifacts
 from common.components import load_retriever
-from core.types import RetrievalQuery
 
 
 @pytest.fixture

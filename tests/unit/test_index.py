@@ -17,7 +17,6 @@ from tools.cli import main as fusionrec
 from offline.index import build_index, choose_kind, ivf_nlist, recall_at_k, search_ladder, tune
 from core.channels import search
 from common.components import load_retriever
-from core.types import RetrievalQuery
 
 K = 100
 TARGET = 0.95

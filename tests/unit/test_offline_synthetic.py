@@ -6,7 +6,6 @@ import pytest
 
 from common.artifacts import open_artifacts
 from common.components import load_retriever
-from core.types import RetrievalQuery
 
 
 def test_bert_channel_follows_the_history_topic(synthetic_built):
