@@ -10,7 +10,7 @@ import numpy as np
 
 from common.artifacts import ArtifactError, ArtifactSet, check_shape
 from common.faiss_index import GPU_MAX_K, load_index
-from core.channels import BertChannel, CfChannel, ItemVectors, PopularChannel
+from core.channels import BertChannel, CfChannel, ItemToItemChannel, ItemVectors, PopularChannel
 from core.item_overlay import ItemOverlay
 from core.limits import DEFAULT_QUOTAS
 from core.retriever import Retriever
@@ -45,9 +45,29 @@ def load_retriever(artifacts: ArtifactSet, gpu: bool = False) -> Retriever:
     cf_channel = CfChannel(cf_index, artifacts.json("cf_users.json"), user_cf, item_cf,
                            artifacts.npy("cf_gram.npy"), cf["alpha"], cf["regularization"], cf_max_k)
     popular = PopularChannel(artifacts.npy("popular.npy"), artifacts.npy("item_counts.npy"))
+    item2item = item_to_item_channel(artifacts)
     # Per-channel quotas tuned by the build on validation users (offline/quotas.py).
     quotas = checked_quotas(m.get("retrieval", {}).get("quotas") or DEFAULT_QUOTAS)
-    return Retriever(artifacts.version, bert, cf_channel, popular, overlay, quotas)
+    return Retriever(artifacts.version, bert, cf_channel, popular, overlay, quotas, extra=[item2item])
+
+
+def item_to_item_channel(artifacts: ArtifactSet) -> ItemToItemChannel:
+    """item_neighbours.npz (offline/item_neighbours.py): ids [n_items, N] int32 in -1..n_items-1,
+    weights [n_items, N] float32, N = the manifest's item2item.top_n."""
+    name = "item_neighbours.npz"
+    m = artifacts.manifest
+    with np.load(artifacts.path(name), allow_pickle=False) as z:
+        ids, weights = z["ids"], z["weights"]
+    top_n = m.get("item2item", {}).get("top_n")
+    if not isinstance(top_n, int):
+        raise ArtifactError(f"manifest item2item.top_n: an integer is needed for {name}, got {top_n!r}")
+    check_shape(f"{name} ids", ids, m["counts"]["items"], top_n)
+    check_shape(f"{name} weights", weights, m["counts"]["items"], top_n)
+    if ids.dtype != np.int32 or weights.dtype != np.float32:
+        raise ArtifactError(f"{name}: dtypes {ids.dtype}/{weights.dtype}, want int32/float32")
+    if ids.size and (ids.min() < -1 or ids.max() >= m["counts"]["items"]):
+        raise ArtifactError(f"{name}: neighbour ids outside -1..{m['counts']['items'] - 1}")
+    return ItemToItemChannel(ids, weights)
 
 
 def item_overlay(artifacts: ArtifactSet) -> ItemOverlay:

@@ -9,6 +9,7 @@ class ChannelName(StrEnum):
     BERT = auto()       # content: the user's recent history against item text vectors
     CF = auto()         # collaborative filtering: ALS user vector against item factors
     POPULAR = auto()    # most popular items: cold start and the gateway's fallback
+    ITEM2ITEM = auto()  # item-to-item: offline neighbours of the user's most recent items
 
 
 CHANNEL_NAMES: tuple[str, ...] = tuple(c.value for c in ChannelName)

@@ -18,7 +18,7 @@ from core.blocked_items import NOTHING_BLOCKED, BlockedItems
 from core.channel_names import ChannelName
 from core.foldin import fold_in
 from core.item_overlay import ItemOverlay
-from core.limits import BERT_HISTORY
+from core.limits import BERT_HISTORY, ITEM2ITEM_DECAY, ITEM2ITEM_HISTORY
 from core.types import EMPTY, ChannelResult, RetrievalQuery
 
 
@@ -186,3 +186,40 @@ class PopularChannel:
 
     def retrieve(self, query: RetrievalQuery, fetch: int) -> ChannelResult:
         return self._live.head(fetch)
+
+
+class ItemToItemChannel:
+    """Item-to-item channel: the neighbours (built offline, offline/item_neighbours.py) of the
+    user's most recent items. score(j) = sum over the last `history` items h (the newest weighs 1,
+    each older one `decay` times the next) of weight(h, j). Only the history's neighbour lists are
+    read: the cost is history x N, whatever the catalog size. Items without neighbours (online
+    items, or indices past the table) contribute nothing."""
+    name = ChannelName.ITEM2ITEM
+
+    def __init__(self, ids: np.ndarray, weights: np.ndarray, history: int = ITEM2ITEM_HISTORY,
+                 decay: float = ITEM2ITEM_DECAY) -> None:
+        self.ids = ids            # [n_items, N] int32, -1 = no neighbour
+        self.weights = weights    # [n_items, N] float32
+        self.history = history
+        self.decay = decay
+        self.blocked = NOTHING_BLOCKED
+
+    def scores(self, history: np.ndarray) -> ChannelResult:
+        """history [L] oldest first -> every item reached, by score (best first, ties to the lower index)."""
+        recent = history[-self.history:]
+        recent_w = np.power(self.decay, np.arange(len(recent) - 1, -1, -1, dtype=np.float32))
+        known = (recent >= 0) & (recent < len(self.ids))
+        if not known.any():
+            return EMPTY
+        ids = self.ids[recent[known]].ravel()
+        weights = (self.weights[recent[known]] * recent_w[known, None]).ravel()
+        reached = ids >= 0
+        items, inverse = np.unique(ids[reached], return_inverse=True)
+        totals = np.bincount(inverse, weights=weights[reached], minlength=len(items)).astype(np.float32)
+        order = np.lexsort((items, -totals))
+        return ChannelResult(items[order].astype(np.int64), totals[order])
+
+    def retrieve(self, query: RetrievalQuery, fetch: int) -> ChannelResult:
+        if len(query.history) == 0 or fetch <= 0:
+            return EMPTY
+        return self.blocked.drop(self.scores(query.history)).head(fetch)

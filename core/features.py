@@ -11,7 +11,7 @@ import numpy as np
 
 from core.channel_names import CHANNEL_NAMES
 
-FEATURE_SPEC_VERSION = "3"
+FEATURE_SPEC_VERSION = "4"   # 4: the item2item channel's score and rank
 
 CHANNELS: tuple[str, ...] = CHANNEL_NAMES   # retrieval features, in this order
 

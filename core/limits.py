@@ -33,5 +33,7 @@ MAX_RANK_K = MAX_K               # Rank serves the public k unchanged
 
 # -- retrieval defaults (the build tunes quotas on validation users and records them in the manifest)
 DEFAULT_CANDIDATES = 300
-DEFAULT_QUOTAS = {ChannelName.BERT: 120, ChannelName.CF: 120, ChannelName.POPULAR: 60}
+DEFAULT_QUOTAS = {ChannelName.BERT: 60, ChannelName.CF: 90, ChannelName.POPULAR: 30, ChannelName.ITEM2ITEM: 120}
 BERT_HISTORY = 50           # only the most recent part of a history shapes the content vector
+ITEM2ITEM_HISTORY = 50      # the item-to-item channel sums the neighbours of this many recent items
+ITEM2ITEM_DECAY = 0.95      # ... each one weighing this much less than the next newer one

@@ -25,6 +25,29 @@ class CandidateMerger:
     def merge(self, results: dict[str, ChannelResult], quotas: dict[str, int], total: int) -> MergedCandidates:
         """results hold each channel's list (already over-fetched); quotas are per-channel caps."""
         channels = list(results)
+        chosen_items, chosen_which = self._choose(results, quotas, total)
+        per_channel = {c: int((chosen_which == j).sum()) for j, c in enumerate(channels)}
+
+        position = {int(item): j for j, item in enumerate(chosen_items)}
+        columns = {}
+        for channel, result in results.items():
+            scores = np.zeros(len(chosen_items), np.float32)
+            col_ranks = np.zeros(len(chosen_items), np.int32)
+            rows = np.array([position.get(int(i), -1) for i in result.items], np.int64)
+            hit = rows >= 0
+            scores[rows[hit]] = result.scores[hit]
+            col_ranks[rows[hit]] = np.flatnonzero(hit) + 1
+            columns[channel] = (scores, col_ranks)
+        return MergedCandidates(chosen_items.astype(np.int64), columns, per_channel)
+
+    def items(self, results: dict[str, ChannelResult], quotas: dict[str, int], total: int) -> np.ndarray:
+        """merge(...).items without the columns (the build's quota search re-merges many times)."""
+        return self._choose(results, quotas, total)[0].astype(np.int64)
+
+    def _choose(self, results: dict[str, ChannelResult], quotas: dict[str, int],
+                total: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> (chosen items [N], the channel position in `results` that proposed each [N])."""
+        channels = list(results)
         # Every (rank, channel) proposal in round-robin order, as flat arrays.
         ranks = np.concatenate([np.arange(len(results[c].items)) for c in channels] or [np.zeros(0, int)])
         which = np.concatenate([np.full(len(results[c].items), j) for j, c in enumerate(channels)]
@@ -44,17 +67,4 @@ class CandidateMerger:
         caps = np.array([quotas.get(c, 0) for c in channels], np.int64)
         in_quota = fresh & (nth < caps[which] if len(which) else fresh)
         chosen = np.concatenate([np.flatnonzero(in_quota), np.flatnonzero(fresh & ~in_quota)])[:total]
-        chosen_items = items[chosen]
-        per_channel = {c: int((which[chosen] == j).sum()) for j, c in enumerate(channels)}
-
-        position = {int(item): j for j, item in enumerate(chosen_items)}
-        columns = {}
-        for channel, result in results.items():
-            scores = np.zeros(len(chosen_items), np.float32)
-            col_ranks = np.zeros(len(chosen_items), np.int32)
-            rows = np.array([position.get(int(i), -1) for i in result.items], np.int64)
-            hit = rows >= 0
-            scores[rows[hit]] = result.scores[hit]
-            col_ranks[rows[hit]] = np.flatnonzero(hit) + 1
-            columns[channel] = (scores, col_ranks)
-        return MergedCandidates(chosen_items.astype(np.int64), columns, per_channel)
+        return items[chosen], which[chosen]

@@ -7,8 +7,16 @@ fused score (its training init_score): a pool item's score is its fused logit pl
 correction, so a model that learned nothing keeps the fused order instead of scrambling it. Only
 the top `pool_size` candidates by fused score enter the pool: k LightGBM calls on 300 rows each
 would cost ~10 ms, on 30 rows ~3 ms.
+
+Explained (`rerank_explained`): the same slate and scores, plus per position the item's fused score,
+the trees' correction and the diversity penalty it was placed with. A position's placement score is
+fused + correction - penalty; the reported score is the running minimum of the placement scores
+(non-increasing along the slate), so score <= fused + correction - penalty, equal unless an item
+above it was placed lower. The plain `rerank` records nothing (one `is None` test per position).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,6 +60,15 @@ class SlatePool:
         self.same_category += (self.category == self.category[row]).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class SlateExplanation:
+    """Aligned with a slate [k]: what each position was placed with (float32 arrays).
+    correction and penalty are None when the re-ranker did not build the slate (fused order)."""
+    fused: np.ndarray
+    correction: np.ndarray | None = None
+    penalty: np.ndarray | None = None
+
+
 class DiversityReranker:
     def __init__(self, booster, item_text: np.ndarray, item_category: np.ndarray,
                  item_side: np.ndarray, diversity_weight: float = 0.0, pool_size: int = POOL_SIZE) -> None:
@@ -65,6 +82,20 @@ class DiversityReranker:
     def rerank(self, items: np.ndarray, fused: np.ndarray, retrieval: np.ndarray, k: int,
                diversity_weight: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """items [N], fused [N], retrieval [N, F] -> (slate [<=k] int64, scores [<=k] float32)."""
+        return self._build(items, fused, retrieval, k, diversity_weight, None)
+
+    def rerank_explained(self, items: np.ndarray, fused: np.ndarray, retrieval: np.ndarray, k: int,
+                         diversity_weight: float | None = None) -> tuple[np.ndarray, np.ndarray, SlateExplanation]:
+        """As rerank, plus what each position was placed with: the same slate and scores."""
+        placed: list[tuple[float, float, float]] = []
+        slate, scores = self._build(items, fused, retrieval, k, diversity_weight, placed)
+        columns = np.array(placed, np.float32).reshape(-1, 3)
+        return slate, scores, SlateExplanation(columns[:, 0].copy(), columns[:, 1].copy(), columns[:, 2].copy())
+
+    def _build(self, items: np.ndarray, fused: np.ndarray, retrieval: np.ndarray, k: int,
+               diversity_weight: float | None, placed: list[tuple[float, float, float]] | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The greedy slate; `placed` (when not None) gets (fused, correction, penalty) per position."""
         weight = self.diversity_weight if diversity_weight is None else diversity_weight
         pool = SlatePool(items, fused, retrieval, self.item_text, self.item_category, self.item_side,
                          max(self.pool_size, k))
@@ -75,9 +106,13 @@ class DiversityReranker:
             raw = rerank_scores(self.booster, pool.features(position)[rows])
             adjusted = raw - weight * pool.max_sim[rows]
             best = int(np.argmax(adjusted))
-            slate.append(int(pool.items[rows[best]]))
+            row = int(rows[best])
+            if placed is not None:   # explain only: raw = fused + correction, adjusted = raw - penalty
+                base = float(pool.fused[row])
+                placed.append((base, float(raw[best]) - base, float(raw[best] - adjusted[best])))
+            slate.append(int(pool.items[row]))
             scores.append(float(adjusted[best]))
-            pool.place(int(rows[best]))
+            pool.place(row)
         # Placement scores can rise as the slate fills (features shift); callers read the score
         # as "better than what follows", so report it non-increasing along the slate.
         return np.array(slate, np.int64), np.minimum.accumulate(np.array(scores, np.float32))

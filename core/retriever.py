@@ -8,7 +8,7 @@ import numpy as np
 
 from core.blocked_items import BlockedItems
 from core.candidates import CandidateGenerator, Retrieval
-from core.channels import BertChannel, CfChannel, PopularChannel
+from core.channels import BertChannel, Channel, CfChannel, PopularChannel
 from core.filters import retrieval_filters
 from core.item_overlay import AppliedRecords, ItemOverlay
 from core.item_records import ItemRecord
@@ -18,14 +18,16 @@ from core.types import RetrievalQuery
 
 class Retriever:
     def __init__(self, version: str, bert: BertChannel, cf: CfChannel, popular: PopularChannel,
-                 overlay: ItemOverlay, quotas: dict[str, int]) -> None:
+                 overlay: ItemOverlay, quotas: dict[str, int], extra: Sequence[Channel] = ()) -> None:
+        """extra: further channels (e.g. item2item), each with a settable `blocked` like popular's."""
         self.version = version
         self.overlay = overlay
         self.n_items = overlay.n_items
         self.text_dim = overlay.text_dim
         self.bert, self.cf, self.popular = bert, cf, popular
         self.blocked = BlockedItems(overlay.deleted_mask)
-        self.generator = CandidateGenerator([bert, cf, popular], retrieval_filters(lambda: self.blocked), quotas)
+        self.channels: list[Channel] = [bert, cf, popular, *extra]
+        self.generator = CandidateGenerator(self.channels, retrieval_filters(lambda: self.blocked), quotas)
         self._set_blocked(self.blocked)
 
     @property
@@ -67,7 +69,7 @@ class Retriever:
     def _set_blocked(self, blocked: BlockedItems) -> None:
         # Built once per change (packed bits + FAISS selector), never per query.
         self.blocked = blocked
-        for channel in (self.bert, self.cf, self.popular):
+        for channel in self.channels:
             channel.blocked = blocked
 
     def retrieve(self, user_id: str, history: np.ndarray, exclude: np.ndarray,

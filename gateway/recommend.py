@@ -17,6 +17,10 @@ per item (cost independent of how many are deleted). The item log unreadable: th
 served from the last applied state and degraded (item_state_unavailable).
 Erased users (DeleteUserData): no build history, no user id sent to retrieval (no trained CF
 vector); only the events they sent after the erase count.
+Explain (query.explain, off by default: nothing below is built or asked for without it): each item
+gets the channel columns of its candidate row (rank > 0), and from ranking's packed
+RankExplanation its fused score, re-ranker correction and diversity penalty; `stage` says which
+of them are known (retrieval order: channels only; popular fallback: the popular channel only).
 Budget: retrieval gets `retrieval_share` of what remains (after a reserve for the gateway's own
 work), ranking gets the rest. The response's stage_ms reports the stages that did work (retrieve,
 fallback, rank: the dashboards' stage names) and the services' own stages (retrieval.*, ranking.*).
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import grpc
 import numpy as np
@@ -53,6 +58,31 @@ USER_STATE_SHARE = 0.1   # a slow store must not eat the request's budget
 MIN_TIMEOUT_S = 0.001
 
 
+class ExplainedStage(StrEnum):
+    """The stage that ordered the slate last: which explanation fields are known."""
+    RERANKER = "reranker"                  # fused score, correction, penalty
+    FUSED_RANKER = "fused_ranker"          # re-ranker failed: fused score only
+    RETRIEVAL = "retrieval"                # ranking (or Triton) down or late: channels only
+    POPULAR_FALLBACK = "popular_fallback"  # retrieval down: the popular channel only
+    UNKNOWN = "unknown"                    # ranking answered without an explanation (an older replica)
+
+
+@dataclass(frozen=True)
+class ChannelEvidence:
+    channel: str
+    score: float
+    rank: int                        # 1-based within the channel
+
+
+@dataclass(frozen=True)
+class ItemExplanation:
+    channels: tuple[ChannelEvidence, ...]
+    stage: ExplainedStage
+    fused_score: float | None = None         # None: not known on this path
+    rerank_correction: float | None = None
+    diversity_penalty: float | None = None
+
+
 @dataclass(frozen=True)
 class RecommendedItem:
     item_id: str
@@ -61,6 +91,7 @@ class RecommendedItem:
     channels: tuple[str, ...]        # retrieval channels that proposed it
     title: str
     category: str
+    explanation: ItemExplanation | None = None   # only when the query asked (explain)
 
 
 @dataclass(frozen=True)
@@ -114,6 +145,35 @@ def channels_of(candidates: pb.Candidates) -> dict[int, list[str]]:
     return out
 
 
+def evidence_of(candidates: pb.Candidates, items: list[int]) -> dict[int, tuple[ChannelEvidence, ...]]:
+    """item -> its (channel, score, rank) in every column that retrieved it (rank > 0), for `items` only."""
+    row = {int(i): j for j, i in enumerate(candidates.items)}
+    columns = [(c.channel, np.asarray(c.scores, np.float32), np.asarray(c.ranks, np.int32))
+               for c in candidates.channels]
+    out: dict[int, tuple[ChannelEvidence, ...]] = {}
+    for item in items:
+        j = row.get(item)
+        out[item] = () if j is None else tuple(ChannelEvidence(name, float(scores[j]), int(ranks[j]))
+                                               for name, scores, ranks in columns if ranks[j] > 0)
+    return out
+
+
+def scored_of(ranked: pb.RankResponse) -> tuple[ExplainedStage, dict[int, tuple[float | None, ...]]]:
+    """Ranking's packed explanation -> (stage, item -> (fused, correction, penalty)); a column
+    that does not align with the items is a stage that did not run."""
+    if not ranked.HasField("explanation"):
+        return ExplainedStage.UNKNOWN, {}
+    e, n = ranked.explanation, len(ranked.items)
+    fused = list(e.fused_scores) if len(e.fused_scores) == n else None
+    reranked = fused is not None and len(e.corrections) == n and len(e.penalties) == n
+    if fused is None:
+        return ExplainedStage.RETRIEVAL, {}
+    corrections = list(e.corrections) if reranked else [None] * n
+    penalties = list(e.penalties) if reranked else [None] * n
+    stage = ExplainedStage.RERANKER if reranked else ExplainedStage.FUSED_RANKER
+    return stage, {int(i): (f, c, p) for i, f, c, p in zip(ranked.items, fused, corrections, penalties)}
+
+
 def drop_unknown(catalog: Catalog, items: np.ndarray, field: str) -> np.ndarray:
     """[m] bool keep-mask of the indices this gateway can resolve; the others are counted."""
     keep = catalog.resolvable(items)
@@ -157,6 +217,11 @@ class RecommendRun:
     step_ms: dict[str, float] = field(default_factory=dict)     # every step, as run_steps_async times them
     stages: list[str] = field(default_factory=list)             # steps that did work: reported stages
     remote_ms: dict[str, float] = field(default_factory=dict)   # retrieval.*, ranking.*
+    # explain only: the stage that ordered the slate, item -> (fused, correction, penalty), and
+    # the popular fallback's evidence
+    explained_by: ExplainedStage = ExplainedStage.RETRIEVAL
+    scored: dict[int, tuple[float | None, ...]] = field(default_factory=dict)
+    fallback_evidence: dict[int, tuple[ChannelEvidence, ...]] = field(default_factory=dict)
 
     @property
     def catalog(self) -> Catalog:
@@ -168,12 +233,22 @@ class RecommendRun:
     def stage_ms(self) -> dict[str, float]:
         return {**{s: self.step_ms[s] for s in self.stages}, **self.remote_ms}
 
+    def explanations(self, items: list[int]) -> dict[int, ItemExplanation]:
+        evidence = (self.fallback_evidence if self.candidates is None
+                    else evidence_of(self.candidates, items))
+        out = {}
+        for item in items:
+            fused, correction, penalty = self.scored.get(item, (None, None, None))
+            out[item] = ItemExplanation(evidence.get(item, ()), self.explained_by, fused, correction, penalty)
+        return out
+
     def recommendation(self) -> Recommendation:
         catalog = self.catalog
+        slate = self.slate.items.tolist()
+        explained = self.explanations(slate) if self.query.explain else {}
         items = [RecommendedItem(catalog.item_id(item), score, rank, tuple(self.channels.get(item, ())),
-                                 catalog.title(item), catalog.category(item))
-                 for rank, (item, score) in enumerate(zip(self.slate.items.tolist(),
-                                                          self.slate.scores.tolist()), start=1)]
+                                 catalog.title(item), catalog.category(item), explained.get(item))
+                 for rank, (item, score) in enumerate(zip(slate, self.slate.scores.tolist()), start=1)]
         return Recommendation(self.query.request_id, items, list(self.reasons), dict(self.versions),
                               self.stage_ms())
 
@@ -276,6 +351,11 @@ class RecommendPipeline:
         items = kept.head(k).items
         run.slate = in_order(items)
         run.channels = {int(i): [ChannelName.POPULAR.value] for i in items}
+        run.explained_by = ExplainedStage.POPULAR_FALLBACK
+        if run.query.explain:   # the popular channel, ranked by the build's popularity order
+            place = {int(i): j for j, i in enumerate(popular[:size].tolist(), start=1)}
+            run.fallback_evidence = {int(i): (ChannelEvidence(ChannelName.POPULAR.value, 0.0, place[int(i)]),)
+                                     for i in items}
 
     async def rank(self, run: RecommendRun) -> None:
         if run.candidates is None:   # the popular fallback is the answer
@@ -290,7 +370,8 @@ class RecommendPipeline:
         try:
             ranked = await self.ranking.Rank(pb.RankRequest(
                 history=run.history.tolist(), candidates=run.candidates, k=run.query.k,
-                artifact_version=run.state.version, min_item_log_seq=run.catalog.applied_seq), timeout=remaining)
+                artifact_version=run.state.version, min_item_log_seq=run.catalog.applied_seq,
+                explain=run.query.explain), timeout=remaining)
         except grpc.aio.AioRpcError as e:
             raise StepFailed(RANKING.of(e), e.details() or "") from e
         run.versions["fused_ranker"] = ranked.model_version
@@ -298,6 +379,8 @@ class RecommendPipeline:
         run.remote_ms.update({f"ranking.{k}": v for k, v in ranked.stage_ms.items()})
         slate = ChannelResult(np.array(ranked.items, np.int64), np.array(ranked.scores, np.float32))
         run.slate = slate.where(drop_unknown(run.catalog, slate.items, "ranked"))
+        if run.query.explain:   # with the ranked slate, never before it is served
+            run.explained_by, run.scored = scored_of(ranked)
 
     def filter_deleted(self, run: RecommendRun) -> None:
         """The guarantee: a deleted item never leaves the gateway (it may be deleted while the

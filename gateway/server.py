@@ -24,7 +24,7 @@ from gateway.erase import UserDataUnavailable, UserEraser
 from gateway.event_log import EventLog
 from gateway.events import EventIngester, IngestResult
 from gateway.items import EncoderError, ItemWriter
-from gateway.recommend import SERVICE, Recommendation, RecommendPipeline
+from gateway.recommend import SERVICE, ExplainedStage, ItemExplanation, Recommendation, RecommendPipeline
 from gateway.replica_monitor import REPLICAS_HEALTH, ReplicaMonitor, ReplicaService
 from gateway.serving_state import ServingState
 from gateway.state_store import open_store
@@ -36,13 +36,33 @@ from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 
 
+STAGES_TO_PROTO = {stage: pb.ExplainedStage.Value(f"EXPLAINED_STAGE_{stage.name}")
+                   for stage in ExplainedStage if stage is not ExplainedStage.UNKNOWN}
+
+
+def explanation_to_proto(e: ItemExplanation, out: pb.Explanation) -> None:
+    """Fills `out`; a figure the stage did not produce stays absent (optional fields)."""
+    out.SetInParent()
+    for c in e.channels:
+        out.channels.add(channel=c.channel, score=c.score, rank=c.rank)
+    if e.fused_score is not None:
+        out.fused_score = e.fused_score
+    if e.rerank_correction is not None:
+        out.rerank_correction = e.rerank_correction
+    if e.diversity_penalty is not None:
+        out.diversity_penalty = e.diversity_penalty
+    out.stage = STAGES_TO_PROTO.get(e.stage, pb.EXPLAINED_STAGE_UNSPECIFIED)
+
+
 def recommendation_to_proto(r: Recommendation) -> pb.RecommendResponse:
     response = pb.RecommendResponse(request_id=r.request_id, degraded=bool(r.reasons),
                                     degraded_reasons=[reason.value for reason in r.reasons],
                                     reasons=reasons_to_proto(r.reasons), versions=r.versions, stage_ms=r.stage_ms)
     for item in r.items:
-        response.items.add(item_id=item.item_id, score=item.score, rank=item.rank, channels=item.channels,
-                           title=item.title, category=item.category)
+        added = response.items.add(item_id=item.item_id, score=item.score, rank=item.rank, channels=item.channels,
+                                   title=item.title, category=item.category)
+        if item.explanation is not None:
+            explanation_to_proto(item.explanation, added.explanation)
     return response
 
 

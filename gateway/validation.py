@@ -26,6 +26,7 @@ class RecommendQuery:
     history_item_ids: tuple[str, ...]
     surface: str
     request_id: str
+    explain: bool = False            # per-item explanations (RecommendRequest.explain)
 
 
 def has_control(text: str, allow_breaks: bool = False) -> bool:
@@ -68,7 +69,7 @@ def validate_recommend(req: pb.RecommendRequest) -> RecommendQuery:
     if len(req.request_id) > MAX_REQUEST_ID:
         raise InvalidArgument(f"request_id: {len(req.request_id)} characters exceeds the limit of {MAX_REQUEST_ID}")
     return RecommendQuery(req.user_id, req.k, tuple(req.exclude_item_ids), tuple(req.history_item_ids),
-                          req.surface, req.request_id or uuid.uuid4().hex)
+                          req.surface, req.request_id or uuid.uuid4().hex, req.explain)
 
 
 def validate_upsert(request: pb.UpsertItemsRequest) -> list[NewItem]:

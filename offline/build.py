@@ -31,6 +31,7 @@ from offline import datasets
 from offline.cf import train_als
 from offline.item_log_fold import fold_item_log, read_item_log
 from offline.index import RECALL_K, build_index, recall_at_k
+from offline.item_neighbours import NeighbourConfig, item_neighbours, save_neighbours
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
 from offline.ranker import MAX_HISTORY, RankingList, score_lists, train_ranker
@@ -192,6 +193,18 @@ def build(opts: BuildOptions) -> Path:
 
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=_ensure(opts.artifacts)))
     version = max(next_version(opts.artifacts), next_version(opts.model_repo / FUSED_RANKER_NAME))
+    with stages.stage("item2item", figures := {}):
+        # Sparse top-N neighbours per item from the training sequences (offline/item_neighbours.py).
+        neighbour_config = NeighbourConfig()
+        _, train_user_rows = np.unique(ds.users[tr], return_inverse=True)
+        neighbours = item_neighbours(train_user_rows, inter_items[tr], ds.timestamps[tr], len(item_ids),
+                                     neighbour_config, progress=opts.progress)
+        save_neighbours(staging / "item_neighbours.npz", neighbours)
+        item2item_info = {**neighbour_config.describe(), "filled": round(neighbours.filled, 4)}
+        del neighbours   # retrieval loads the file like a service does
+        figures.update(top_n=str(neighbour_config.top_n), window=str(neighbour_config.window),
+                       filled=f"{item2item_info['filled']:.2f}")
+
     with stages.stage("index", figures := {}):
         rng = np.random.default_rng(opts.seed)
         quality: dict[str, float] = {}
@@ -250,6 +263,7 @@ def build(opts: BuildOptions) -> Path:
             "cf": {"alpha": cf.alpha, "regularization": cf.regularization, "factors": opts.cf_factors},
             "models": {FUSED_RANKER_NAME: str(version), "reranker": str(version)},
             "indexes": indexes,   # kind and tuned search parameters; retrieval applies them at load
+            "item2item": item2item_info,   # how item_neighbours.npz was built (top_n: its width)
             # Services replay only the item-log records after this position on this version.
             "item_log_seq": folded.last_seq,
             "item_log_fold": {"added": folded.added, "updated": folded.updated, "dropped": folded.dropped,

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.channel_names import CHANNEL_NAMES
 from offline.metrics import (catalog_coverage, category_coverage, hit_rate_at_k, intra_list_diversity,
                              mean_impression_metrics, mrr, ndcg_at_k, novelty, recall_at_k)
 
 SLATE_K = 10
 RECALL_DEPTHS = (50, 100, 300)
-CHANNELS = ("bert", "cf", "popular")
+CHANNELS = CHANNEL_NAMES   # every retrieval channel (core.channel_names)
 # Reference recommenders (offline.references, trained on train + valid; "popular" is the popular
 # channel's own list), then the pipeline's parts, weakest idea first; "full_pipeline" is what the
 # gateway served.
@@ -40,6 +41,10 @@ class UserResult:
     sweep: dict[float, np.ndarray] = field(default_factory=dict)   # diversity weight -> slate [<=k]
     matches_gateway: bool | None = None   # gateway slate == in-process re-rank at the served weight
     degraded: list[str] = field(default_factory=list)
+
+    def channel(self, name: str) -> np.ndarray:
+        """A channel's list; empty for a channel this result has none for (a set built without it)."""
+        return self.channels.get(name, np.zeros(0, np.int64))
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,7 @@ def cold_item_table(results: list[UserResult], systems: tuple[str, ...] = SYSTEM
     users = [r for r in results if r.cold_relevant]
     systems_recall = {name: _mean(np.array([recall_at_k(r.slates[name].tolist(), r.cold_relevant, k) for r in users]))
                       for name in systems}
-    retrieval_recall = {channel: _mean(np.array([recall_at_k(r.channels[channel].tolist(), r.cold_relevant, depth)
+    retrieval_recall = {channel: _mean(np.array([recall_at_k(r.channel(channel).tolist(), r.cold_relevant, depth)
                                                  for r in users])) for channel in (*CHANNELS, "merged")}
     out = {"systems": systems_recall, "retrieval": retrieval_recall, "users": len(users),
            "positives": sum(len(r.cold_relevant) for r in users)}
@@ -164,10 +169,10 @@ def retrieval_table(results: list[UserResult], depths: tuple[int, ...] = RECALL_
     table: dict[str, dict[str, float]] = {}
     curves: dict[str, np.ndarray] = {}
     for channel in (*CHANNELS, "merged"):
-        curves[channel] = recall_curve([r.channels[channel] for r in results], relevants, max_k)
+        curves[channel] = recall_curve([r.channel(channel) for r in results], relevants, max_k)
         table[channel] = {f"recall@{d}": float(curves[channel][d - 1]) for d in depths}
     positives = sum(len(r.relevant) for r in results)
-    missed_any = sum(len(r.relevant - set().union(*(set(r.channels[c][:max_k].tolist()) for c in CHANNELS)))
+    missed_any = sum(len(r.relevant - set().union(*(set(r.channel(c)[:max_k].tolist()) for c in CHANNELS)))
                      for r in results)
     missed_merged = sum(len(r.relevant - set(r.channels["merged"].tolist())) for r in results)
     table["unretrieved"] = {

@@ -1,62 +1,115 @@
 """Per-channel retrieval quotas tuned on validation users: the split of the merged candidate list
-between the BERT, CF and popular channels that recalls the most validation positives.
+between the channels (core.channel_names) that recalls the most validation positives.
 
 Which channel deserves the slots depends on the data (text carries news, behaviour carries movies),
 so the build measures it instead of fixing it. Each user's channel lists are fetched once and
-re-merged for every candidate split on a coarse grid; ties keep the split closest to the default.
+re-merged for every split tried. The search grows linearly, not exponentially, with the channels:
+a coarse grid (every split of the total in COARSE_UNITS equal parts: 56 for 4 channels), then
+hill climbing from the best point, moving one unit from one channel to another, at FINE_UNITS
+parts and again at twice as many. Ties keep the split closest to the default.
 """
 from __future__ import annotations
+
+from itertools import combinations
 
 import numpy as np
 from tqdm import tqdm
 
+from core.channel_names import CHANNEL_NAMES
 from core.limits import DEFAULT_CANDIDATES, DEFAULT_QUOTAS
 from core.merge import CandidateMerger
 from core.retriever import Retriever
+from core.types import ChannelResult
 
-POPULAR_SHARES = (0.0, 0.1, 0.2)
-BERT_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+COARSE_UNITS = 5          # the coarse grid: shares in steps of total / 5
+FINE_UNITS = (10, 20)     # then hill climbing in steps of total / 10, then total / 20
 
 
-def quota_grid(total: int = DEFAULT_CANDIDATES) -> list[dict[str, int]]:
-    """Candidate splits of `total`: popular and BERT shares from the grids, CF the rest."""
+def compositions(units: int, parts: int) -> list[tuple[int, ...]]:
+    """Every way to write `units` as `parts` non-negative integers (stars and bars)."""
+    out = []
+    for bars in combinations(range(units + parts - 1), parts - 1):
+        edges = (-1, *bars, units + parts - 1)
+        out.append(tuple(b - a - 1 for a, b in zip(edges[:-1], edges[1:])))
+    return out
+
+
+def quota_grid(total: int = DEFAULT_CANDIDATES, channels: tuple[str, ...] = CHANNEL_NAMES,
+               units: int = COARSE_UNITS) -> list[dict[str, int]]:
+    """The coarse grid: each split of `total` in `units` parts (the last channel takes the rounding)."""
     grid = []
-    for popular in POPULAR_SHARES:
-        for bert in BERT_SHARES:
-            if bert + popular <= 1.0:
-                p, b = round(popular * total), round(bert * total)
-                grid.append({"bert": b, "cf": total - b - p, "popular": p})
+    for parts in compositions(units, len(channels)):
+        quotas = {c: round(total * p / units) for c, p in zip(channels, parts)}
+        quotas[channels[-1]] += total - sum(quotas.values())
+        grid.append(quotas)
     return grid
+
+
+class _Scorer:
+    """Mean recall@total of a split over the users' fetched lists, memoised by split."""
+
+    def __init__(self, lists: list[tuple[dict[str, ChannelResult], np.ndarray]], total: int) -> None:
+        self.lists, self.total = lists, total
+        self.merger = CandidateMerger()
+        self.recall: dict[str, tuple[dict[str, int], float]] = {}
+
+    def __call__(self, quotas: dict[str, int]) -> float:
+        key = quota_key(quotas)
+        if key not in self.recall:
+            hits = sum(float(np.isin(positives, self.merger.items(results, quotas, self.total)).mean())
+                       for results, positives in self.lists)
+            self.recall[key] = (dict(quotas), hits / max(len(self.lists), 1))
+        return self.recall[key][1]
+
+
+def _distance(q: dict[str, int]) -> int:
+    return sum(abs(q.get(c, 0) - DEFAULT_QUOTAS.get(c, 0)) for c in set(q) | set(DEFAULT_QUOTAS))
+
+
+def _better(score: _Scorer, a: dict[str, int], b: dict[str, int]) -> bool:
+    """a beats b: higher recall (to 1e-6), then nearer the default."""
+    return (round(score(a), 6), -_distance(a)) > (round(score(b), 6), -_distance(b))
+
+
+def _climb(score: _Scorer, start: dict[str, int], step: int) -> dict[str, int]:
+    best = dict(start)
+    while True:
+        moves = [dict(best, **{a: best[a] - step, b: best[b] + step})
+                 for a in best for b in best if a != b and best[a] >= step]
+        winner = best
+        for q in moves:
+            if _better(score, q, winner):
+                winner = q
+        if winner is best:
+            return best
+        best = winner
 
 
 def tune_quotas(retriever: Retriever, histories: dict[str, np.ndarray], targets: dict[str, np.ndarray],
                 users: list[str], total: int = DEFAULT_CANDIDATES,
                 progress: bool = True) -> tuple[dict[str, int], dict[str, float]]:
-    """-> (best quotas, recall@total of each grid point keyed by 'bert/cf/popular') on `users`,
-    whose positives are targets[u] and history histories[u]. The default split is always scored."""
-    grid = quota_grid(total)
-    if DEFAULT_QUOTAS not in grid:
-        grid.append(dict(DEFAULT_QUOTAS))
-    merger = CandidateMerger()
-    hits = np.zeros(len(grid))
-    counted = 0
+    """-> (best quotas, recall@total of every split tried, keyed by quota_key) on `users`, whose
+    positives are targets[u] and history histories[u]. The default split is always scored."""
+    lists = []
     for user in tqdm(users, desc="quotas", unit="user", disable=not progress):
         positives = targets.get(user)
         if positives is None or not len(positives):
             continue
         history = histories.get(user, np.zeros(0, np.int64))
-        results = retriever.channel_results(user, history, np.zeros(0, np.int64), total)
-        for j, quotas in enumerate(grid):
-            items = merger.merge(results, quotas, total).items
-            hits[j] += np.isin(positives, items).mean()
-        counted += 1
-    recall = hits / max(counted, 1)
-    # Ties (and a grid that recalls nothing) go to the split nearest the default.
-    distance = [sum(abs(q[c] - DEFAULT_QUOTAS[c]) for c in q) for q in grid]
-    best = max(range(len(grid)), key=lambda j: (round(recall[j], 6), -distance[j]))
-    table = {quota_key(q): float(r) for q, r in zip(grid, recall)}
-    return grid[best], table
+        lists.append((retriever.channel_results(user, history, np.zeros(0, np.int64), total), positives))
+    channels = tuple(retriever.generator.channels)
+    score = _Scorer(lists, total)
+    score(dict(DEFAULT_QUOTAS))
+    best = dict(DEFAULT_QUOTAS)
+    for q in quota_grid(total, channels):
+        if _better(score, q, best):
+            best = q
+    for units in FINE_UNITS:
+        best = _climb(score, best, max(1, round(total / units)))
+    table = {key: recall for key, (_, recall) in score.recall.items()}
+    return best, table
 
 
 def quota_key(quotas: dict[str, int]) -> str:
-    return f"{quotas['bert']}/{quotas['cf']}/{quotas['popular']}"
+    """'bert/cf/popular/item2item' counts, in core.channel_names order."""
+    return "/".join(str(quotas.get(c, 0)) for c in CHANNEL_NAMES)

@@ -2,6 +2,9 @@
 
 Degrades instead of failing: Triton down or late -> the retrieval order, marked degraded; a
 re-ranker error -> the fused order, marked degraded.
+
+explain=True also returns a core.rerank.SlateExplanation aligned with the slate: the fused scores,
+and with the re-ranker its corrections and penalties. Retrieval order: no explanation (nothing scored).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from common.metrics import record_degraded, stage_timer
 from core.item_overlay import AppliedRecords
 from core.item_records import ItemRecord
 from core.reasons import DegradedReason
-from core.rerank import DiversityReranker
+from core.rerank import DiversityReranker, SlateExplanation
 from core.scoring import Scorer, ScorerUnavailable
 
 SERVICE = "ranking"
@@ -35,6 +38,7 @@ class Ranked:
     scores: np.ndarray
     degraded_reasons: list[DegradedReason] = field(default_factory=list)
     stage_ms: dict[str, float] = field(default_factory=dict)
+    explanation: SlateExplanation | None = None   # only when asked, and only once the fused ranker scored
 
 
 def _scorer_reason(error: ScorerUnavailable) -> DegradedReason:
@@ -100,7 +104,8 @@ class Ranker:
                 return
 
     async def rank(self, history: np.ndarray, items: np.ndarray,
-                   columns: dict[str, tuple[np.ndarray, np.ndarray]], k: int, timeout_s: float) -> Ranked:
+                   columns: dict[str, tuple[np.ndarray, np.ndarray]], k: int, timeout_s: float,
+                   explain: bool = False) -> Ranked:
         out = Ranked(items[:k], np.zeros(min(k, len(items)), np.float32))
         if len(items) == 0:
             return out
@@ -122,13 +127,17 @@ class Ranker:
             return out
         try:
             with stage_timer(SERVICE, "rerank", out.stage_ms):
-                out.items, out.scores = self.reranker.rerank(items, fused, features, k)
+                if explain:
+                    out.items, out.scores, out.explanation = self.reranker.rerank_explained(items, fused, features, k)
+                else:
+                    out.items, out.scores = self.reranker.rerank(items, fused, features, k)
         except Exception:  # a broken re-ranker must not cost the answer: serve the fused order
             log.exception("re-ranker failed, serving fused order")
             record_degraded(SERVICE, DegradedReason.RERANKER_ERROR)
             out.degraded_reasons.append(DegradedReason.RERANKER_ERROR)
             top = np.argsort(-fused, kind="stable")[:k]
             out.items, out.scores = items[top], fused[top]
+            out.explanation = SlateExplanation(fused[top].astype(np.float32)) if explain else None
         return out
 
 

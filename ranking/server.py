@@ -22,6 +22,7 @@ from common.versions import VersionSet, version_or_abort, watch_versions
 from common.wire import candidates_from_proto, known_indices, reasons_to_proto
 from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
 from core.limits import MAX_RANK_CANDIDATES, MAX_RANK_HISTORY, MAX_RANK_K
+from core.rerank import SlateExplanation
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 from ranking.ranker import SERVICE, Ranker
@@ -39,6 +40,18 @@ def known_candidates(items: np.ndarray, columns: dict[str, tuple[np.ndarray, np.
     UNKNOWN_ITEMS.labels(SERVICE, "candidates").inc(len(items) - len(kept))
     rows = items < known
     return kept, {c: (scores[rows], ranks[rows]) for c, (scores, ranks) in columns.items()}, None
+
+
+def explanation_to_proto(explained: SlateExplanation | None) -> pb.RankExplanation:
+    """Packed columns aligned with the slate; an empty column = that stage did not run."""
+    out = pb.RankExplanation()
+    if explained is None:
+        return out
+    out.fused_scores.extend(explained.fused.tolist())
+    if explained.correction is not None and explained.penalty is not None:
+        out.corrections.extend(explained.correction.tolist())
+        out.penalties.extend(explained.penalty.tolist())
+    return out
 
 
 class RankingServicer(pb_grpc.RankingServicer):
@@ -68,11 +81,14 @@ class RankingServicer(pb_grpc.RankingServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         remaining = context.time_remaining()   # huge when the caller set no deadline
         timeout = min(self.triton_timeout_s, (remaining or 1e9) - RERANK_RESERVE_S)
-        ranked = await ranker.rank(history, items, columns, request.k, timeout)
-        return pb.RankResponse(items=ranked.items.tolist(), scores=ranked.scores.tolist(),
-                               model_version=ranker.model_version,
-                               degraded=bool(ranked.degraded_reasons),
-                               reasons=reasons_to_proto(ranked.degraded_reasons), stage_ms=ranked.stage_ms)
+        ranked = await ranker.rank(history, items, columns, request.k, timeout, request.explain)
+        response = pb.RankResponse(items=ranked.items.tolist(), scores=ranked.scores.tolist(),
+                                   model_version=ranker.model_version,
+                                   degraded=bool(ranked.degraded_reasons),
+                                   reasons=reasons_to_proto(ranked.degraded_reasons), stage_ms=ranked.stage_ms)
+        if request.explain:
+            response.explanation.CopyFrom(explanation_to_proto(ranked.explanation))
+        return response
 
     @observed(SERVICE, "Status")
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ServiceStatus:

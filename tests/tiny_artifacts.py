@@ -33,6 +33,7 @@ HISTORY = (3, 10)           # history length range per user (inclusive)
 CF_USER_SHARE = 0.75        # the rest of the users have no trained CF vector: the cf channel folds them in
 CF_ALPHA, CF_REGULARIZATION = 10.0, 0.05
 RERANK_GROUPS, RERANK_ROWS, RERANK_ROUNDS = 20, 30, 3
+NEIGHBOURS = 8               # item2item neighbours per item (the build keeps ~100)
 
 
 def item_id(j: int) -> str:
@@ -93,6 +94,8 @@ def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_
              offsets=np.r_[0, np.cumsum([len(h) for h in histories])].astype(np.int64),
              items=np.concatenate(histories).astype(np.int64))
     _train_booster(rng, seed).save_model(str(staging / "reranker.txt"))
+    neighbour_ids, neighbour_weights = _neighbours(rng, n_items)
+    np.savez(staging / "item_neighbours.npz", ids=neighbour_ids, weights=neighbour_weights)
 
     quotas = quotas or _default_quotas(n_items)
     write_manifest(staging, {
@@ -107,6 +110,7 @@ def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_
         "cf": {"alpha": CF_ALPHA, "regularization": CF_REGULARIZATION, "factors": cf_dim},
         "models": {FUSED_RANKER_NAME: str(version), "reranker": str(version), TEXT_ENCODER_NAME: "1"},
         "indexes": indexes,
+        "item2item": {"top_n": NEIGHBOURS, "window": None, "filled": 1.0},
         "quality": {},
         "retrieval": {"quotas": quotas, "recall@300_valid": {}},
         "stages": [],
@@ -124,7 +128,21 @@ def _unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 
 def _default_quotas(n_items: int) -> dict[str, int]:
     third = max(1, n_items // 3)
-    return {"bert": third, "cf": third, "popular": max(1, third // 2)}
+    return {"bert": third, "cf": third, "popular": max(1, third // 2), "item2item": max(1, third // 2)}
+
+
+def _neighbours(rng: np.random.Generator, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random item2item neighbours: [n_items, NEIGHBOURS] int32 ids (never the item itself; the
+    last slot of every other item empty, -1) and float32 weights, best first."""
+    n = min(NEIGHBOURS, n_items - 1)
+    ids = np.full((n_items, NEIGHBOURS), -1, np.int32)
+    weights = np.zeros((n_items, NEIGHBOURS), np.float32)
+    for j in range(n_items):
+        others = rng.permutation(np.delete(np.arange(n_items), j))[:n]
+        keep = n - (j % 2)
+        ids[j, :keep] = others[:keep]
+        weights[j, :keep] = np.sort(rng.random(keep, dtype=np.float32))[::-1]
+    return ids, weights
 
 
 def _train_booster(rng: np.random.Generator, seed: int) -> lgb.Booster:

@@ -2,6 +2,7 @@
 
   fusionrec recommend --target 127.0.0.1:50050 --user 1 --k 10
   fusionrec recommend --target 127.0.0.1:50050 --history 1 260 1196 --k 5 --json
+  fusionrec recommend --target 127.0.0.1:50050 --user 1 --k 10 --explain   # why each item: a table
 """
 from __future__ import annotations
 
@@ -29,6 +30,31 @@ def format_response(response: pb.RecommendResponse) -> str:
     return "\n".join(lines)
 
 
+def _figure(message, field: str) -> str:
+    return f"{getattr(message, field):.3f}" if message.HasField(field) else "-"
+
+
+def format_explanation(response: pb.RecommendResponse) -> str:
+    """One row per item: channels (score #rank), fused score, re-ranker correction, diversity
+    penalty, final score; "-" where the stage that ordered the slate did not produce the figure."""
+    header = ("rank", "item", "channels (score #rank)", "fused", "correction", "penalty", "score")
+    rows = []
+    for item in response.items:
+        e = item.explanation
+        channels = " ".join(f"{c.channel} {c.score:.3f} #{c.rank}" for c in e.channels) or "-"
+        rows.append((str(item.rank), item.item_id, channels, _figure(e, "fused_score"),
+                     _figure(e, "rerank_correction"), _figure(e, "diversity_penalty"), f"{item.score:.3f}"))
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+    stages = sorted({pb.ExplainedStage.Name(i.explanation.stage).removeprefix("EXPLAINED_STAGE_").lower()
+                     for i in response.items})
+    lines = [f"explained  versions {dict(sorted(response.versions.items()))}  ordered by {', '.join(stages) or '-'}"]
+    lines += ["  ".join(cell.ljust(w) if j < 3 else cell.rjust(w) for j, (cell, w) in enumerate(zip(r, widths)))
+              for r in [header, *rows]]
+    if "reranker" in stages:
+        lines.append("score = fused + correction - penalty, kept non-increasing down the slate")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="gateway address host:port")
     parser.add_argument("--user", default="", help="user id (optional when --history is given)")
@@ -38,11 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--surface", default="", help="scenario name, e.g. home")
     parser.add_argument("--deadline-ms", type=float, default=1000.0, help="call deadline (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
+    parser.add_argument("--explain", action="store_true",
+                        help="ask for each item's explanation (channels, fused score, re-ranker correction, "
+                             "diversity penalty) and print it as a table (in --json: items[].explanation)")
 
 
 def run(args: argparse.Namespace) -> int:
     request = pb.RecommendRequest(user_id=args.user, k=args.k, history_item_ids=args.history,
-                                  exclude_item_ids=args.exclude, surface=args.surface)
+                                  exclude_item_ids=args.exclude, surface=args.surface, explain=args.explain)
     try:
         response = recommend(args.target, request, args.deadline_ms / 1000.0)
     except grpc.RpcError as e:
@@ -53,4 +82,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(MessageToDict(response), indent=2))
     else:
         print(format_response(response))
+        if args.explain:
+            print(format_explanation(response))
     return 0

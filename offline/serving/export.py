@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
+from core.features import FEATURE_SPEC_VERSION, FUSED_RANKER_NAME, TEXT_ENCODER_NAME
 from offline.serving.fused_ranker import FusedRanker
 from offline.serving.triton_config import fused_ranker_config, text_encoder_config, write_config
 from offline.text_encoder import TextEncoder
@@ -34,6 +34,7 @@ TRITON_MODELS = {FUSED_RANKER_NAME: HERE / "fused_ranker_triton.py",
                  TEXT_ENCODER_NAME: HERE / "text_encoder_triton.py"}
 SERVED_MODELS = tuple(TRITON_MODELS)
 RANKER_WEIGHTS = "model.pt"
+SPEC_FILE = "feature_spec.json"   # in each fused_ranker version: the spec it was exported for
 
 
 def script_ranker(model: FusedRanker, path: Path) -> torch.jit.ScriptModule:
@@ -55,10 +56,22 @@ def publish_fused_ranker(model_repo: Path, weights: Path, version: int) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_root))
     shutil.copy2(weights, tmp / RANKER_WEIGHTS)
     shutil.copy2(TRITON_MODELS[FUSED_RANKER_NAME], tmp / "model.py")
+    (tmp / SPEC_FILE).write_text(json.dumps({"feature_spec_version": FEATURE_SPEC_VERSION}))
     final = model_root / str(version)
     tmp.rename(final)
     write_config(fused_ranker_config(), model_root)
+    _drop_other_specs(model_root)
     return final
+
+
+def _drop_other_specs(model_root: Path) -> None:
+    """Remove versions exported for another feature spec: config.pbtxt is shared by every version
+    and names the new spec, so Triton would refuse to load them (and fail to start)."""
+    for folder in model_root.glob("[0-9]*"):
+        spec = folder / SPEC_FILE
+        known = json.loads(spec.read_text()).get("feature_spec_version") if spec.exists() else None
+        if folder.name.isdigit() and known != FEATURE_SPEC_VERSION:
+            shutil.rmtree(folder)
 
 
 def publish_text_encoder(model_repo: Path, encoder: TextEncoder) -> str:

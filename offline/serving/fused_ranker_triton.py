@@ -27,7 +27,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 # The feature spec versions (core/features.py) whose inputs this code scores; tests check that the
 # current one is listed, so bumping the spec means reviewing this file.
-KNOWN_FEATURE_SPEC_VERSIONS = ("3",)
+KNOWN_FEATURE_SPEC_VERSIONS = ("4",)
 INPUTS = ("history", "candidates", "features", "extra_text", "extra_category")   # forward_batch order
 
 

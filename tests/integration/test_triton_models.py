@@ -7,7 +7,10 @@ import torch
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from core.features import RETRIEVAL_FEATURES
 from offline.serving.export import load_ranker
+
+F = len(RETRIEVAL_FEATURES)   # retrieval features per candidate
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +58,7 @@ def test_fused_ranker_scores_equal_in_process(client, built, artifacts):
     for history_len in (0, 7, 80):
         history = rng.choice(n, history_len, replace=False).astype(np.int64)
         candidates = rng.choice(n, 300, replace=False).astype(np.int64)
-        features = rng.random((300, 6), dtype=np.float32)
+        features = rng.random((300, F), dtype=np.float32)
         served = _rank(client, version, history, candidates, features)
         np.testing.assert_allclose(served, _local(local, history, candidates, features), atol=1e-4)
 
@@ -70,7 +73,7 @@ def test_fused_ranker_scores_online_items_like_in_process(client, built, artifac
     extra_category = np.array([1, 0, 2], np.int64)
     history = np.array([1, 2, n + 2], np.int64)          # the user clicked an online item too
     candidates = np.array([5, n, n + 1, 7], np.int64)
-    features = rng.random((4, 6), dtype=np.float32)
+    features = rng.random((4, F), dtype=np.float32)
     served = _rank(client, version, history, candidates, features, extra_text, extra_category)
     expected = _local(local, history, candidates, features, extra_text, extra_category)
     np.testing.assert_allclose(served, expected, atol=1e-4)
@@ -80,7 +83,7 @@ def test_fused_ranker_rejects_out_of_range_ids(client, artifacts):
     n = artifacts.manifest["counts"]["items"]
     with pytest.raises(InferenceServerException, match="candidates: item index out of range"):
         _rank(client, artifacts.manifest["models"]["fused_ranker"], np.zeros(0, np.int64),
-              np.array([n], np.int64), np.zeros((1, 6), np.float32))
+              np.array([n], np.int64), np.zeros((1, F), np.float32))
 
 
 def _batch_counts(client, version):
@@ -101,7 +104,7 @@ def test_fused_ranker_batches_concurrent_users_and_scores_each_like_in_process(c
     for j in range(48):
         history = rng.choice(n, int(rng.integers(0, 60)), replace=False).astype(np.int64)
         candidates = rng.choice(n, int(rng.integers(1, 300)), replace=False).astype(np.int64)
-        features = rng.random((len(candidates), 6), dtype=np.float32)
+        features = rng.random((len(candidates), F), dtype=np.float32)
         extra = None
         if j % 3 == 0:   # online items: numbered from n in every request, each with its own vectors
             m = int(rng.integers(1, 4))

@@ -112,13 +112,16 @@ def _artifact_set(folder, text_index, cf_index, text, cf_items, cf_users):
     (folder / "cf_users.json").write_text(json.dumps([f"u{i}" for i in range(len(cf_users))]))
     # The item log names items by id: the retriever maps them through the catalog.
     (folder / "catalog.json").write_text(json.dumps({"item_ids": [f"i{j}" for j in range(len(text))]}))
+    np.savez(folder / "item_neighbours.npz", ids=np.full((len(text), 1), -1, np.int32),
+             weights=np.zeros((len(text), 1), np.float32))   # no item2item neighbours
     indexes = {}
     for name, index in (("text", text_index), ("cf", cf_index)):
         faiss.write_index(index, str(folder / f"index_{name}.faiss"))
         indexes[name] = {"kind": index_info(index).kind, "search": index_info(index).search}
     write_manifest(folder, {"version": 1, "counts": {"items": len(text), "cf_users": len(cf_users)},
                             "dims": {"text": text.shape[1], "cf": cf_items.shape[1]},
-                            "cf": {"alpha": 1.0, "regularization": 0.1}, "indexes": indexes})
+                            "cf": {"alpha": 1.0, "regularization": 0.1}, "indexes": indexes,
+                            "item2item": {"top_n": 1}})
     return open_artifacts(folder)
 
 

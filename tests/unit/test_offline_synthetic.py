@@ -6,6 +6,7 @@ import pytest
 
 from common.artifacts import open_artifacts
 from common.components import load_retriever
+from core.features import RETRIEVAL_FEATURES
 
 
 def test_bert_channel_follows_the_history_topic(synthetic_built):
@@ -66,6 +67,6 @@ def test_content_only_path_scores_online_items_by_topic(synthetic_built):
         extra_text = torch.from_numpy(vectors[online])
         extra_cat = torch.tensor([cat_index[c] for c in categories[online]])
         with torch.inference_mode():
-            scores = model(history, torch.arange(n, n + 20), torch.zeros(20, 6), extra_text, extra_cat).numpy()
+            scores = model(history, torch.arange(n, n + 20), torch.zeros(20, len(RETRIEVAL_FEATURES)), extra_text, extra_cat).numpy()
         wins += scores[:10].mean() > scores[10:].mean()
     assert wins == len(topics)

@@ -4,7 +4,9 @@ import torch
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from core.features import RERANK_FEATURES
+from core.features import RERANK_FEATURES, RETRIEVAL_FEATURES
+
+F = len(RETRIEVAL_FEATURES)   # retrieval features per candidate
 from core.rerank import DiversityReranker
 from offline.serving.export import load_ranker
 from offline.serving.triton_config import fused_ranker_config
@@ -16,14 +18,14 @@ def test_exported_torchscript_equals_eager(built, artifacts):
     scripted = load_ranker(built[1], m["version"])
     history = torch.tensor([1, 2, 3])
     candidates = torch.arange(100, 160)
-    features = torch.rand(60, 6)
+    features = torch.rand(60, F)
     no_text, no_cat = torch.zeros(0, 384), torch.zeros(0, dtype=torch.int64)
     with torch.inference_mode():
         scores = scripted(history, candidates, features, no_text, no_cat)
         empty = scripted(torch.zeros(0, dtype=torch.int64), candidates, features, no_text, no_cat)
         # Online items (indices past the table) go through the content-only path.
         n = scripted.item_text.shape[0]
-        online = scripted(torch.tensor([1, n]), torch.tensor([n, n + 1, 5]), torch.rand(3, 6),
+        online = scripted(torch.tensor([1, n]), torch.tensor([n, n + 1, 5]), torch.rand(3, F),
                           torch.nn.functional.normalize(torch.rand(2, 384), dim=-1), torch.tensor([1, 2]))
     assert scores.shape == (60,) and torch.isfinite(scores).all()
     assert empty.shape == (60,) and torch.isfinite(empty).all()   # anonymous user, no history
@@ -35,7 +37,7 @@ def test_config_pbtxt_comes_from_the_feature_spec():
     tensors = {t.name: t for t in [*config.input, *config.output]}
     for name in ("history", "candidates", "features", "scores"):
         assert name in tensors
-    assert list(tensors["features"].dims) == [-1, 6] and tensors["features"].allow_ragged_batch
+    assert list(tensors["features"].dims) == [-1, F] and tensors["features"].allow_ragged_batch
     assert config.max_batch_size == 16 and config.HasField("dynamic_batching")
     extra = tensors["extra_text"]
     assert (extra.data_type, list(extra.dims), extra.optional, extra.allow_ragged_batch) == (
@@ -56,7 +58,7 @@ def test_forward_batch_equals_one_user_at_a_time(built, artifacts):
         if length == 3:
             history = torch.tensor([4, n + 1, 4])   # repeated item, an online item
         candidates = torch.from_numpy(rng.integers(0, n + 4, int(rng.integers(1, 40))))
-        users.append((history, candidates, torch.rand(len(candidates), 6)))
+        users.append((history, candidates, torch.rand(len(candidates), F)))
     with torch.inference_mode():
         single = [scripted(h, c, f, extra_text, extra_category) for h, c, f in users]
         batched = scripted.forward_batch(
@@ -91,7 +93,7 @@ def test_slate_is_k_distinct_candidates():
     reranker, _ = _reranker(0.0)
     items = np.arange(200, dtype=np.int64)
     fused = np.linspace(1, 0, 200).astype(np.float32)
-    slate, scores = reranker.rerank(items, fused, np.zeros((200, 6), np.float32), 10)
+    slate, scores = reranker.rerank(items, fused, np.zeros((200, F), np.float32), 10)
     assert len(slate) == 10 == len(set(slate.tolist()))
     assert set(slate.tolist()) <= set(items.tolist())
     assert len(scores) == 10
@@ -101,6 +103,6 @@ def test_diversity_weight_mixes_clusters():
     items = np.arange(200, dtype=np.int64)
     # The fused model prefers cluster A (0..99) for its top 10; the pool (top 50) holds both.
     fused = np.r_[np.linspace(1, 0.5, 100), np.linspace(0.95, 0.45, 100)].astype(np.float32)
-    plain, _ = _reranker(0.0)[0].rerank(items, fused, np.zeros((200, 6), np.float32), 10)
-    diverse, _ = _reranker(50.0)[0].rerank(items, fused, np.zeros((200, 6), np.float32), 10)
+    plain, _ = _reranker(0.0)[0].rerank(items, fused, np.zeros((200, F), np.float32), 10)
+    diverse, _ = _reranker(50.0)[0].rerank(items, fused, np.zeros((200, F), np.float32), 10)
     assert (plain >= 100).sum() < (diverse >= 100).sum()

@@ -100,7 +100,7 @@ def test_load_retriever_retrieves(tiny_artifacts):
         assert len(items) == 20 and len(set(items.tolist())) == 20
         assert not set(items.tolist()) & {1, 2, 3, 4, 5}
         assert result.failed == [] and result.skipped == []
-        assert set(result.candidates.columns) == {"bert", "cf", "popular"}
+        assert set(result.candidates.columns) == {"bert", "cf", "popular", "item2item"}
 
 
 def test_ranker_loads_and_ranks(tiny_artifacts):

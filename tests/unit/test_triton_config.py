@@ -18,7 +18,7 @@ max_batch_size: 16
 input [
   { name: "history" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true },
   { name: "candidates" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true },
-  { name: "features" data_type: TYPE_FP32 dims: [ -1, 6 ] allow_ragged_batch: true },
+  { name: "features" data_type: TYPE_FP32 dims: [ -1, 8 ] allow_ragged_batch: true },
   { name: "extra_text" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true allow_ragged_batch: true },
   { name: "extra_category" data_type: TYPE_INT64 dims: [ -1 ] optional: true allow_ragged_batch: true }
 ]
@@ -29,7 +29,7 @@ dynamic_batching { max_queue_delay_microseconds: 0 }
 instance_group [ { kind: KIND_CPU count: 1 } ]
 version_policy: { latest: { num_versions: 2 } }
 parameters: { key: "torch_threads" value: { string_value: "1" } }
-parameters: { key: "feature_spec_version" value: { string_value: "3" } }
+parameters: { key: "feature_spec_version" value: { string_value: "4" } }
 parameters: { key: "max_candidates" value: { string_value: "1000" } }
 """
 
@@ -80,3 +80,23 @@ def test_triton_models_import_only_what_tritons_environment_has() -> None:
         imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom) and node.module}
         assert imported <= allowed, (name, imported - allowed)
+
+
+def test_publishing_drops_versions_exported_for_another_feature_spec(tmp_path):
+    """config.pbtxt is shared by all versions: a version exported for another spec would make Triton
+    refuse it (and fail to start), so publishing a new one removes it."""
+    import json
+
+    from core.features import FEATURE_SPEC_VERSION, FUSED_RANKER_NAME
+    from offline.serving.export import SPEC_FILE, publish_fused_ranker
+    root = tmp_path / "model_repository" / FUSED_RANKER_NAME
+    (root / "1").mkdir(parents=True)                       # before spec files existed
+    (root / "2").mkdir()
+    (root / "2" / SPEC_FILE).write_text(json.dumps({"feature_spec_version": "old"}))
+    (root / "3").mkdir()
+    (root / "3" / SPEC_FILE).write_text(json.dumps({"feature_spec_version": FEATURE_SPEC_VERSION}))
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"weights")
+    publish_fused_ranker(tmp_path / "model_repository", weights, 4)
+    assert sorted(p.name for p in root.glob("[0-9]*")) == ["3", "4"]
+    assert (root / "config.pbtxt").exists()

@@ -1,0 +1,158 @@
+"""Item-to-item neighbours (offline/item_neighbours.py) against an exact dense computation, and
+the item2item channel (core.channels.ItemToItemChannel) against brute force, on seeded data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.blocked_items import BlockedItems
+from core.channels import ItemToItemChannel
+from core.types import RetrievalQuery
+from offline import item_neighbours as neighbours_module
+from offline.item_neighbours import NeighbourConfig, item_neighbours, user_sequences_sorted
+
+N_ITEMS, N_USERS = 40, 30
+
+
+def seeded_interactions(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    users, items, stamps = [], [], []
+    for u in range(N_USERS):
+        n = int(rng.integers(2, 15))
+        # Skewed items, with a few repeats, and ties in time (the input order breaks them).
+        chosen = np.minimum(rng.zipf(1.3, n) - 1, N_ITEMS - 1)
+        users += [u] * n
+        items += chosen.tolist()
+        stamps += np.sort(rng.integers(0, 8, n)).tolist()
+    return np.array(users, np.int64), np.array(items, np.int64), np.array(stamps, np.int64)
+
+
+def dense_weights(users, items, stamps, config: NeighbourConfig) -> np.ndarray:
+    """The exact [n, n] weight matrix, by a plain loop over every user's sequence."""
+    seq_u, seq_i = user_sequences_sorted(users, items, stamps)
+    s = np.zeros((N_ITEMS, N_ITEMS))
+    for u in np.unique(seq_u):
+        seq = seq_i[seq_u == u]
+        for p, a in enumerate(seq):
+            for q, b in enumerate(seq):
+                if a == b:
+                    continue
+                if config.window is None:
+                    s[a, b] += 1
+                elif 0 < abs(q - p) <= config.window:
+                    w = 1.0 / abs(q - p) ** config.decay
+                    s[a, b] += w if q > p else config.backward * w
+    c = np.maximum(np.bincount(seq_i, minlength=N_ITEMS), 1).astype(np.float64)
+    return s / (c[:, None] ** (1 - config.alpha) * c[None, :] ** config.alpha)
+
+
+def dense_top(weights: np.ndarray, top_n: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((N_ITEMS, top_n), -1, np.int32)
+    out = np.zeros((N_ITEMS, top_n), np.float32)
+    for i in range(N_ITEMS):
+        nz = np.flatnonzero(weights[i] > 0)
+        order = nz[np.lexsort((nz, -weights[i, nz]))][:top_n]
+        ids[i, :len(order)] = order
+        out[i, :len(order)] = weights[i, order]
+    return ids, out
+
+
+@pytest.mark.parametrize("config", [
+    NeighbourConfig(top_n=5, window=None, alpha=0.5),
+    NeighbourConfig(top_n=7, window=3, backward=0.5, decay=0.3, alpha=0.4),
+    NeighbourConfig(top_n=50, window=1, backward=0.0, decay=1.0, alpha=0.5),
+], ids=["cosine", "window3", "next-only"])
+@pytest.mark.parametrize("max_pairs", [10**7, 7])   # one block, and many tiny blocks
+def test_neighbours_equal_the_exact_dense_computation(config, max_pairs, monkeypatch):
+    monkeypatch.setattr(neighbours_module, "MAX_PAIRS", max_pairs)
+    users, items, stamps = seeded_interactions()
+    got = item_neighbours(users, items, stamps, N_ITEMS, config)
+    ids, weights = dense_top(dense_weights(users, items, stamps, config), config.top_n)
+    np.testing.assert_allclose(got.weights, weights, rtol=1e-5, atol=1e-7)
+    # Ids must match wherever the weights are not tied with a neighbour (ties: the lower id first).
+    assert (got.ids == ids).mean() > 0.99 and np.array_equal(got.ids >= 0, ids >= 0)
+    assert got.ids.dtype == np.int32 and got.weights.dtype == np.float32
+    assert not (got.ids == np.arange(N_ITEMS)[:, None]).any()   # never an item's own neighbour
+
+
+def test_window_keeps_order_direction():
+    """a then b for everyone: b is a's best neighbour forward; backward=0 gives b no neighbour."""
+    users = np.repeat(np.arange(5), 2)
+    items = np.tile([3, 8], 5)
+    stamps = np.tile([0, 1], 5)
+    got = item_neighbours(users, items, stamps, 10, NeighbourConfig(top_n=3, window=2, backward=0.0))
+    assert got.ids[3, 0] == 8 and (got.ids[8] == -1).all()
+
+
+def test_empty_interactions_give_no_neighbours():
+    got = item_neighbours(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), 4, NeighbourConfig(top_n=2))
+    assert got.ids.shape == (4, 2) and (got.ids == -1).all() and got.filled == 0.0
+
+
+def brute_force(channel: ItemToItemChannel, history: np.ndarray, n_items: int) -> np.ndarray:
+    """Dense scores over the catalog: sum over recent items of recency weight x neighbour weight."""
+    recent = history[-channel.history:]
+    scores = np.zeros(n_items, np.float64)
+    for age, h in enumerate(recent[::-1]):
+        if h >= len(channel.ids):
+            continue
+        for j, w in zip(channel.ids[h], channel.weights[h]):
+            if j >= 0:
+                scores[j] += channel.decay ** age * w
+    return scores
+
+
+def test_channel_returns_the_exact_top_by_brute_force():
+    users, items, stamps = seeded_interactions(1)
+    nb = item_neighbours(users, items, stamps, N_ITEMS, NeighbourConfig(top_n=10, window=4))
+    channel = ItemToItemChannel(nb.ids, nb.weights, history=6, decay=0.8)
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        history = rng.choice(N_ITEMS + 3, size=int(rng.integers(1, 12)), replace=False).astype(np.int64)  # +3: online items
+        got = channel.retrieve(RetrievalQuery("u", history), 15)
+        scores = brute_force(channel, history, N_ITEMS)
+        reached = np.flatnonzero(scores > 0)
+        expected = reached[np.lexsort((reached, -scores[reached]))][:15]
+        np.testing.assert_allclose(got.scores, scores[got.items], rtol=1e-5)
+        assert np.allclose(np.sort(scores[got.items]), np.sort(scores[expected]), rtol=1e-5)
+        assert len(got) == len(expected) and (got.scores[:-1] >= got.scores[1:]).all()
+
+
+def test_channel_skips_blocked_items_and_empty_histories():
+    users, items, stamps = seeded_interactions(3)
+    nb = item_neighbours(users, items, stamps, N_ITEMS, NeighbourConfig(top_n=10))
+    channel = ItemToItemChannel(nb.ids, nb.weights)
+    history = np.array([0, 1, 2], np.int64)
+    full = channel.retrieve(RetrievalQuery("u", history), 50)
+    assert len(full) > 2
+    mask = np.zeros(N_ITEMS, bool)
+    mask[full.items[:2]] = True
+    channel.blocked = BlockedItems(mask)
+    assert np.array_equal(channel.retrieve(RetrievalQuery("u", history), 50).items, full.items[2:])
+    assert len(channel.retrieve(RetrievalQuery("u"), 50)) == 0
+    assert len(channel.retrieve(RetrievalQuery("u", np.array([N_ITEMS + 5], np.int64)), 50)) == 0
+
+
+def test_retriever_loads_the_item2item_channel_from_the_tiny_set(tiny_artifacts):
+    from common.components import load_retriever
+    retriever = load_retriever(tiny_artifacts)
+    assert "item2item" in retriever.generator.channels
+    out = retriever.retrieve("user0000", np.array([1, 2, 3], np.int64), np.zeros(0, np.int64), total=30)
+    assert "item2item" in out.candidates.columns and out.candidates.per_channel["item2item"] > 0
+    assert not set(out.candidates.items.tolist()) & {1, 2, 3}
+
+
+def test_a_neighbour_table_of_the_wrong_shape_is_refused(tiny_artifacts, tmp_path):
+    import shutil
+
+    from common.artifacts import ArtifactError, open_artifacts
+    from common.components import load_retriever
+    copy = tmp_path / "set"
+    shutil.copytree(tiny_artifacts.folder, copy)
+    with np.load(copy / "item_neighbours.npz") as z:
+        ids, weights = z["ids"], z["weights"]
+    np.savez(copy / "item_neighbours.npz", ids=ids[:-1], weights=weights[:-1])
+    from common.artifacts import write_manifest
+    write_manifest(copy, tiny_artifacts.manifest)
+    with pytest.raises(ArtifactError, match="item_neighbours.npz"):
+        load_retriever(open_artifacts(copy))
