@@ -199,3 +199,20 @@ class FakeServicerContext:
 
     def time_remaining(self) -> float | None:
         return self._time_remaining
+
+
+def ranking_servicer(artifacts, scorer: "FakeScorer", item_log):
+    """-> (RankingServicer, Ranker): a ranking replica whose only version followed `item_log`
+    before it was offered (as ranking/server.py does at start)."""
+    import asyncio
+
+    from common.followed_versions import offer_followed
+    from common.item_follower import ItemLogFollower
+    from common.versions import VersionSet
+    from ranking.ranker import Ranker
+    from ranking.server import RankingServicer
+    ranker = Ranker(artifacts, scorer)
+    versions: VersionSet[Ranker] = VersionSet()
+    follower = ItemLogFollower(item_log)
+    asyncio.run(offer_followed(versions, follower, ranker.version, ranker, ranker.apply, ranker.overlay.folded_seq))
+    return RankingServicer(versions, follower, 0.5), ranker

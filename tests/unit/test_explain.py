@@ -19,8 +19,6 @@ import numpy as np
 import pytest
 
 from common.config import GatewayConfig
-from common.followed_versions import offer_followed
-from common.item_follower import ItemLogFollower
 from common.item_log import SqliteItemLog
 from common.versions import VersionSet
 from core.features import RETRIEVAL_FEATURES
@@ -34,6 +32,7 @@ from protos import fusionrec_pb2 as pb
 from ranking.ranker import Ranker
 from ranking.server import RankingServicer
 from tests.tiny_artifacts import FakeScorer, FakeServicerContext, unavailable, user_id
+from tests.tiny_artifacts import ranking_servicer
 from tools import client
 
 K = 8
@@ -88,11 +87,7 @@ class FakeStore:
 
 
 def ranking_of(artifacts, item_log: SqliteItemLog, scorer: FakeScorer) -> tuple[RankingServicer, Ranker]:
-    ranker = Ranker(artifacts, scorer)
-    versions: VersionSet[Ranker] = VersionSet()
-    follower = ItemLogFollower(item_log)
-    asyncio.run(offer_followed(versions, follower, ranker.version, ranker, ranker.apply, ranker.overlay.folded_seq))
-    return RankingServicer(versions, follower, 0.5), ranker
+    return ranking_servicer(artifacts, scorer, item_log)
 
 
 @pytest.fixture

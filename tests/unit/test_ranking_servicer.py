@@ -14,10 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from common.artifacts import open_artifacts, write_manifest
-from common.followed_versions import offer_followed
-from common.item_follower import ItemLogFollower
 from common.item_log import SqliteItemLog
-from common.versions import VersionSet
 from common.wire import MAX_INDICES_AHEAD, candidates_to_proto
 from core.item_records import ItemOp, ItemRecord
 from core.rerank import POOL_SIZE
@@ -25,6 +22,7 @@ from protos import fusionrec_pb2 as pb
 from ranking.ranker import Ranker
 from ranking.server import RankingServicer
 from tests.tiny_artifacts import FakeScorer, FakeServicerContext, item_id, unavailable, write_tiny_artifacts
+from tests.tiny_artifacts import ranking_servicer
 
 HISTORY = [2, 3, 5]
 # Retrieval order: highest index first; the fake scorer prefers low indices, so the fused order
@@ -34,11 +32,7 @@ CANDIDATES = np.arange(49, 9, -1, dtype=np.int64)
 
 def servicer_of(artifacts, scorer: FakeScorer, item_log: SqliteItemLog) -> tuple[RankingServicer, Ranker]:
     """A ranking replica whose only version followed `item_log` before it was offered."""
-    ranker = Ranker(artifacts, scorer)
-    versions: VersionSet[Ranker] = VersionSet()
-    follower = ItemLogFollower(item_log)
-    asyncio.run(offer_followed(versions, follower, ranker.version, ranker, ranker.apply, ranker.overlay.folded_seq))
-    return RankingServicer(versions, follower, 0.5), ranker
+    return ranking_servicer(artifacts, scorer, item_log)
 
 
 @pytest.fixture
