@@ -70,11 +70,12 @@ def item_to_item_channel(artifacts: ArtifactSet) -> ItemToItemChannel:
     return ItemToItemChannel(ids, weights)
 
 
-def item_overlay(artifacts: ArtifactSet) -> ItemOverlay:
+def item_overlay(artifacts: ArtifactSet, catalog: dict | None = None) -> ItemOverlay:
     """An empty overlay for the set's items: the item log applies on top of it from the manifest's
-    `item_log_seq` (the log position the build folded in; 0 for a set built before the log)."""
+    `item_log_seq` (the log position the build folded in; 0 for a set built before the log).
+    catalog: catalog.json when the caller has read it already."""
     m = artifacts.manifest
-    catalog = artifacts.json("catalog.json")
+    catalog = artifacts.json("catalog.json") if catalog is None else catalog
     item_ids = catalog["item_ids"]
     if len(item_ids) != m["counts"]["items"]:
         raise ArtifactError(f"catalog.json: {len(item_ids)} item ids, the manifest counts {m['counts']['items']}")

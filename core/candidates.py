@@ -43,9 +43,6 @@ class CandidateGenerator:
         self.quotas = dict(quotas)
         self.merger = merger or CandidateMerger()
 
-    def channel(self, name: str) -> Channel:
-        return self.channels[name]
-
     def steps(self, names: list[str] | None = None) -> list[Step[Retrieval]]:
         channels = [self.channels[n] for n in (names or list(self.channels))]
         return [*(Step(f"channel_{c.name}", self._channel_step(c), fail_open=True, reason=c.name)

@@ -64,17 +64,6 @@ class ExcludedItemsFilter(_BlockListFilter):
         return query.exclude
 
 
-class DeletedItemsFilter(_BlockListFilter):
-    """Items deleted while serving; `deleted` is read at each call (the set changes online)."""
-    name = "deleted"
-
-    def __init__(self, deleted: Callable[[], Collection[int]]) -> None:
-        self.deleted = deleted
-
-    def blocked(self, query: RetrievalQuery) -> Collection[int]:
-        return self.deleted()
-
-
 class BlockedItemsFilter:
     """Items the channels already skip inside their search (retrieval's deleted items, a
     core.blocked_items.BlockedItems read at each call): nothing to over-fetch for, and the check
@@ -109,11 +98,6 @@ def apply_filters(filters: list[Filter], result: ChannelResult, query: Retrieval
             removed[f.name] = removed.get(f.name, 0) + len(out.removed)
         result = out.kept
     return result
-
-
-def standard_filters(deleted: Callable[[], Collection[int]]) -> list[Filter]:
-    """Seen, excluded, and deleted as a set (the gateway's fallbacks: over-fetches by its size)."""
-    return [SeenItemsFilter(), ExcludedItemsFilter(), DeletedItemsFilter(deleted)]
 
 
 def retrieval_filters(blocked: Callable[[], BlockedItems]) -> list[Filter]:

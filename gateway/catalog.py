@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from common.artifacts import ArtifactSet
-from core.item_overlay import ItemOverlay
+from common.components import item_overlay
 from core.item_records import ItemRecord
 
 
@@ -23,14 +23,10 @@ class Catalog:
         self.artifact_ids: list[str] = list(data["item_ids"])
         self.artifact_titles: list[str] = list(data["titles"])
         self.artifact_categories: list[str] = list(data["categories"])
-        self.category_index = {name: j for j, name in enumerate(data.get("category_names", [""]))}
         self.n_artifact_items = len(self.artifact_ids)
         self.popular = artifacts.npy("popular.npy").astype(np.int64)   # [n] item indices, most popular first
-        if self.n_artifact_items != artifacts.manifest["counts"]["items"]:
-            raise ValueError("catalog.json: item count differs from the manifest")
-        # The log position the build folded in (0 for a build that predates the item log).
-        self.overlay = ItemOverlay(self.artifact_ids, int(artifacts.manifest["dims"]["text"]),
-                                   self.category_index, folded_seq=int(artifacts.manifest.get("item_log_seq", 0)))
+        self.overlay = item_overlay(artifacts, data)   # checks the count against the manifest
+        self.category_index = self.overlay.category_index
 
     # -- the log
 

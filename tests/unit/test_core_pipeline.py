@@ -9,10 +9,17 @@ import pytest
 
 from core.candidates import CandidateGenerator
 from core.channels import BertChannel, ItemVectors, PopularChannel
-from core.filters import (DeletedItemsFilter, ExcludedItemsFilter, SeenItemsFilter, apply_filters,
-                          standard_filters)
+from core.blocked_items import BlockedItems
+from core.filters import (BlockedItemsFilter, ExcludedItemsFilter, SeenItemsFilter, apply_filters,
+                          retrieval_filters)
 from core.pipeline import Step, StepFailed, run_steps, run_steps_async
 from core.types import ChannelResult, RetrievalQuery
+
+
+def blocked(items: set[int], n: int = 200) -> BlockedItems:
+    mask = np.zeros(n, bool)
+    mask[list(items)] = True
+    return BlockedItems(mask)
 
 
 def ranked(items) -> ChannelResult:
@@ -29,13 +36,13 @@ def test_each_filter_reports_what_it_removed_and_why():
     assert seen.kept.scores.tolist() == pytest.approx(result.scores[[1, 2, 3, 5]].tolist())
     excluded = ExcludedItemsFilter().apply(seen.kept, query)
     assert excluded.kept.items.tolist() == [3, 7, 9] and excluded.reason == "excluded"
-    deleted = DeletedItemsFilter(lambda: {9}).apply(excluded.kept, query)
+    deleted = BlockedItemsFilter(lambda: blocked({9})).apply(excluded.kept, query)
     assert deleted.kept.items.tolist() == [3, 7] and deleted.removed.tolist() == [9]
 
 
 def test_apply_filters_counts_removals_per_filter():
     removed: dict[str, int] = {}
-    kept = apply_filters(standard_filters(lambda: {4}), ranked(range(8)),
+    kept = apply_filters(retrieval_filters(lambda: blocked({4})), ranked(range(8)),
                          RetrievalQuery("u", np.array([0, 1]), np.array([2])), removed)
     assert kept.items.tolist() == [3, 5, 6, 7]
     assert removed == {"seen": 2, "excluded": 1, "deleted": 1}
@@ -82,9 +89,11 @@ def _generator(deleted: set[int]) -> CandidateGenerator:
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(8))
     index.add_with_ids(vectors, np.arange(200, dtype=np.int64))
     counts = np.arange(200, 0, -1)
-    return CandidateGenerator([BertChannel(index, ItemVectors(vectors)),
-                               PopularChannel(np.arange(200), counts)],
-                              standard_filters(lambda: deleted), {"bert": 30, "popular": 20})
+    channels = [BertChannel(index, ItemVectors(vectors)), PopularChannel(np.arange(200), counts)]
+    deleted_items = blocked(deleted)
+    for channel in channels:   # as core.retriever.Retriever does: the searches skip deleted items
+        channel.blocked = deleted_items
+    return CandidateGenerator(channels, retrieval_filters(lambda: deleted_items), {"bert": 30, "popular": 20})
 
 
 def test_candidates_never_hold_seen_excluded_or_deleted_items_and_fill_the_list():
@@ -115,6 +124,8 @@ def test_a_failing_channel_is_skipped_not_fatal():
 
 
 def test_overfetch_counts_an_item_blocked_twice_once():
+    """Seen and excluded overlap in item 3: counted once. Deleted items (4, 5) add nothing: the
+    searches skip them inside FAISS, so a channel is asked for k + 4, not k + 6."""
     from core.filters import blocked_count
     query = RetrievalQuery("u", history=np.array([1, 2, 3]), exclude=np.array([3, 4]))
-    assert blocked_count(standard_filters(lambda: {4, 5}), query) == 5
+    assert blocked_count(retrieval_filters(lambda: blocked({4, 5})), query) == 4
