@@ -22,7 +22,9 @@ Erasing a user (DeleteUserData): erase() removes every recent-history entry of t
 an erased marker with its time, atomically (SQLite: one transaction on the writer thread, ordered
 with the adds queued before it; Redis: one Lua script). The marker stays: readers see it with the
 history (recent_state) and treat the user as unknown to the build (its user_history.npz and CF
-vector predate the erase); events the user sends after the erase are history again.
+vector predate the erase). add() keeps no event stamped at or before the user's erase time, so
+the result does not depend on whether an add racing the erase lands first (Redis gives no order
+between two clients' commands); events stamped after the erase are history again.
 
 User ids are stored, never logged: error messages name positions (`events[3].item_id`), not values.
 """
@@ -220,8 +222,9 @@ class SqliteUserStateStore(UserStateStore):
         db.executemany(
             "INSERT INTO history (user_id, item_id, ts) VALUES (?, ?, ?) "
             "ON CONFLICT (user_id, item_id) DO UPDATE SET ts = max(ts, excluded.ts)", events)
-        for user in dict.fromkeys(e[0] for e in events):   # trim each touched user: TTL, then cap
-            db.execute("DELETE FROM history WHERE user_id = ?1 AND (ts < ?2 OR item_id IN ("
+        for user in dict.fromkeys(e[0] for e in events):   # trim each touched user: erase, TTL, then cap
+            db.execute("DELETE FROM history WHERE user_id = ?1 AND (ts < ?2 "
+                       "OR ts <= (SELECT ts FROM erased WHERE user_id = ?1) OR item_id IN ("
                        "SELECT item_id FROM history WHERE user_id = ?1 "
                        "ORDER BY ts DESC, item_id DESC LIMIT -1 OFFSET ?3))", (user, cutoff, self.cap))
 
@@ -258,12 +261,14 @@ def _settle(done: asyncio.Future[Any], error: BaseException | None, result: Any 
 
 # Check everything, then write: a script runs without interleaving, and nothing is written unless
 # every key and score is good, so a batch is all or nothing. Errors name positions, not users.
-# KEYS: one per user. ARGV: cap, cutoff ('-inf' = no TTL), expire seconds (0 = none), then per key:
-# n, then n (score, member) pairs.
+# KEYS: one history key per user, then (same order) each user's erase-marker key. ARGV: cap,
+# cutoff ('-inf' = no TTL), expire seconds (0 = none), then per user: n, then n (score, member) pairs.
 _ADD_LUA = """
 local cap, cutoff, expire = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local users = #KEYS / 2
 local pos = 4
-for i, key in ipairs(KEYS) do
+for i = 1, users do
+  local key = KEYS[i]
   local kind = redis.call('TYPE', key)['ok']
   if kind ~= 'zset' and kind ~= 'none' then
     return redis.error_reply('state: key ' .. i .. ' of the batch holds a ' .. kind .. ', not a zset')
@@ -278,7 +283,8 @@ for i, key in ipairs(KEYS) do
   pos = pos + 1 + 2 * n
 end
 pos = 4
-for _, key in ipairs(KEYS) do
+for i = 1, users do
+  local key = KEYS[i]
   local n = tonumber(ARGV[pos])
   for first = 1, n, 500 do            -- chunks keep unpack() under Lua's stack limit
     local args = {}
@@ -288,12 +294,14 @@ for _, key in ipairs(KEYS) do
     end
     redis.call('ZADD', key, 'GT', unpack(args))   -- GT: a re-click moves the item, an older event does not
   end
+  local erased = redis.call('GET', KEYS[users + i])   -- nothing stamped at or before an erase stays
+  if erased then redis.call('ZREMRANGEBYSCORE', key, '-inf', erased) end
   if cutoff ~= '-inf' then redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. cutoff) end
   redis.call('ZREMRANGEBYRANK', key, 0, -cap - 1)
   if expire > 0 then redis.call('EXPIRE', key, expire) end
   pos = pos + 1 + 2 * n
 end
-return #KEYS
+return users
 """
 
 # Erase one user: count and drop the history, set the marker (the later time wins), in one script.
@@ -362,7 +370,8 @@ class RedisUserStateStore(UserStateStore):
             args.append(len(items))
             for item, ts in items.items():
                 args += [repr(ts), item]
-        await self._add_script(keys=[self.PREFIX + u for u in by_user], args=args)
+        await self._add_script(keys=[*(self.PREFIX + u for u in by_user), *(self.ERASED_PREFIX + u for u in by_user)],
+                               args=args)
 
     async def remove_items(self, item_ids: Sequence[str]) -> None:
         # Eager but not atomic across users: SCAN every history key, ZREM per page of keys.

@@ -226,6 +226,15 @@ def test_erase_survives_reopening_and_is_ordered_after_queued_adds(backend):
     assert state.items == [] and state.erased_at == T0 + 1
 
 
+def test_an_event_stamped_before_the_erase_is_not_history_even_if_added_after_it(backend):
+    """So an add racing the erase gives the same answer whichever lands first."""
+    async def go(store):
+        await store.erase("u", when=T0 + 1)
+        await store.add([("u", "old", T0), ("u", "new", T0 + 2), ("v", "other", T0)])
+        return await store.recent("u"), await store.recent("v")
+    assert run(backend.spec, go) == (["new"], ["other"])
+
+
 def test_erase_refuses_an_empty_user(backend):
     async def go(store):
         with pytest.raises(ValueError, match=r"events\[0\]\.user_id"):
