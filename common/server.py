@@ -7,7 +7,7 @@ import asyncio
 import functools
 import signal
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -48,18 +48,32 @@ def observed(service: str, method: str) -> Callable:
     return wrap
 
 
+def standard_interceptors(config: ServerConfig, service: str) -> list[grpc.aio.ServerInterceptor]:
+    """What every service runs on every call, outermost first. One line per concern; each
+    interceptor lives in its own module under common/."""
+    chain: list[grpc.aio.ServerInterceptor] = []
+    # [tracing] W3C trace context + request id in every log line (common/tracing.py)
+    # [strict-decode] undecodable requests -> INVALID_ARGUMENT (common/strict_decode.py)
+    # [admission] adaptive concurrency limit, RESOURCE_EXHAUSTED early (common/admission.py)
+    return chain
+
+
 async def serve(config: ServerConfig, service_names: list[str],
                 add_servicers: Callable[[grpc.aio.Server], None],
                 on_stop: Callable[[], Awaitable[None]] | None = None,
                 on_start: Callable[[], Awaitable[None]] | None = None,
-                health_servicer: health.aio.HealthServicer | None = None) -> None:
+                health_servicer: health.aio.HealthServicer | None = None,
+                service: str = "", interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
     """Run until SIGTERM/SIGINT: health says NOT_SERVING first, then in-flight calls get grace_s.
 
     on_start (e.g. the item-log replay) runs once the port is bound, while health says
     NOT_SERVING; the service reports SERVING only after it returns. If it raises, the server
     stops and the error propagates (the process fails at start). health_servicer: a service that
-    reports more health names of its own (the gateway's replicas) passes its servicer in."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    reports more health names of its own (the gateway's replicas) passes its servicer in.
+    service: the metrics/log name of the service; interceptors: the service's own (the gateway's
+    token check), run inside the standard ones."""
+    server = grpc.aio.server(interceptors=[*standard_interceptors(config, service), *interceptors],
+                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.so_reuseport", 0)])
     add_servicers(server)

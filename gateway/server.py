@@ -232,7 +232,7 @@ async def run(config: GatewayConfig) -> None:
     await health_servicer.set(REPLICAS_HEALTH, serving_health(False))   # unknown until the first check
     await serve(config, [pb.DESCRIPTOR.services_by_name["Recommender"].full_name],
                 lambda server: pb_grpc.add_RecommenderServicer_to_server(servicer, server),
-                on_stop=close, on_start=start, health_servicer=health_servicer)
+                on_stop=close, on_start=start, health_servicer=health_servicer, service=SERVICE)
 
 
 def main() -> None:

@@ -127,7 +127,7 @@ async def run(config: RankingConfig) -> None:
     try:
         await serve(config, [pb.DESCRIPTOR.services_by_name["Ranking"].full_name],
                     lambda server: pb_grpc.add_RankingServicer_to_server(servicer, server),
-                    on_stop=triton.close, on_start=start)
+                    on_stop=triton.close, on_start=start, service=SERVICE)
     finally:
         for task in tasks:
             task.cancel()

@@ -123,7 +123,8 @@ async def run(config: RetrievalConfig) -> None:
     servicer = RetrievalServicer(versions, follower, config.candidates)
     try:
         await serve(config, [pb.DESCRIPTOR.services_by_name["Retrieval"].full_name],
-                    lambda server: pb_grpc.add_RetrievalServicer_to_server(servicer, server), on_start=start)
+                    lambda server: pb_grpc.add_RetrievalServicer_to_server(servicer, server), on_start=start,
+                    service=SERVICE)
     finally:
         for task in tasks:
             task.cancel()
