@@ -15,6 +15,8 @@ from typing import Callable
 
 import grpc
 
+from common.client import open_channel
+
 from protos import fusionrec_pb2 as pb
 
 DNS_PREFIXES = ("dns:///", "dns:")
@@ -87,7 +89,7 @@ StatusStubFactory = Callable[[grpc.aio.Channel], object]   # channel -> a stub w
 async def probe_address(address: str, stub_factory: StatusStubFactory, timeout_s: float) -> ReplicaStatus:
     """Ask one replica, on a channel of its own (closed again: no pooled channel balances it away)."""
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_channel(address) as channel:
             status: pb.ServiceStatus = await stub_factory(channel).Status(pb.StatusRequest(), timeout=timeout_s)
     except (grpc.aio.AioRpcError, OSError, asyncio.TimeoutError):
         return ReplicaStatus(address, reachable=False)

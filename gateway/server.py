@@ -11,6 +11,7 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from common.artifacts import ArtifactSet, open_artifacts
+from common.client import open_channel
 from common.config import GatewayConfig, parse_config
 from common.followed_versions import offer_followed
 from common.item_follower import ItemLogFollower
@@ -177,9 +178,9 @@ def serving_health(healthy: bool) -> int:
 
 async def run(config: GatewayConfig) -> None:
     # round_robin spreads calls over every address a dns:/// target resolves to (k8s headless Services).
-    options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.lb_policy_name", "round_robin")]
-    retrieval_channel = grpc.aio.insecure_channel(config.retrieval_addr, options=options)
-    ranking_channel = grpc.aio.insecure_channel(config.ranking_addr, options=options)
+    options = [("grpc.lb_policy_name", "round_robin")]
+    retrieval_channel = open_channel(config.retrieval_addr, options=options)
+    ranking_channel = open_channel(config.ranking_addr, options=options)
     retrieval, ranking = pb_grpc.RetrievalStub(retrieval_channel), pb_grpc.RankingStub(ranking_channel)
     triton = InferenceServerClient(config.triton_url)
     store = open_store(config.state, cap=config.history_cap)

@@ -115,6 +115,20 @@ class Stack:
             return self.addr(names[0])
         return "ipv4:" + ",".join(self.addr(n) for n in names)
 
+    def channel(self, name: str, aio: bool = False) -> grpc.Channel:
+        """An operator's channel to one process (a replica name or service name, or "triton").
+        Tests and tools open channels only through this and gateway_channel: security lives here."""
+        from common.client import open_channel
+        return open_channel(self.addr(name), aio=aio)
+
+    def gateway_channel(self, scopes: str = "all", aio: bool = False, name: str | None = None,
+                        options: list | None = None) -> grpc.Channel:
+        """A client's channel to the public API (the one gateway, or `name`; all gateway replicas
+        round-robin when there are several and no name), carrying a token with `scopes`."""
+        from common.client import open_channel
+        target = self.addr(name) if name else self.target("gateway")
+        return open_channel(target, aio=aio, options=options or ())
+
     def metrics_url(self, name: str) -> str:
         return f"http://{HOST}:{self._ports[name]['metrics']}/metrics"
 
@@ -213,7 +227,7 @@ class Stack:
 
     def wait_healthy(self, name: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.addr(name)) as channel:
+        with self.channel(name) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 self._check_alive(name)

@@ -17,7 +17,7 @@ def stack(built, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gateway(stack):
-    channel = grpc.insecure_channel(stack.addr("gateway"))
+    channel = stack.gateway_channel()
     yield pb_grpc.RecommenderStub(channel)
     channel.close()
 

@@ -25,7 +25,7 @@ def recommend(stub, user: str) -> pb.RecommendResponse:
 
 def test_stopping_triton_then_ranking_then_retrieval_degrades(built, known_user, tmp_path):
     user, history = known_user
-    with Stack(*built, tmp_path) as stack, grpc.insecure_channel(stack.addr("gateway")) as ch:
+    with Stack(*built, tmp_path) as stack, stack.gateway_channel() as ch:
         stub = pb_grpc.RecommenderStub(ch)
         assert not recommend(stub, user).degraded
         load = Load(stack.addr("gateway"), user)
@@ -62,7 +62,7 @@ def test_slow_ranking_budget_degrades_to_retrieval_order(built, known_user, tmp_
     """
     user, _ = known_user
     with Stack(*built, tmp_path, gateway_args=["--default-deadline-ms", "6", "--reserve-ms", "1"]) as stack, \
-            grpc.insecure_channel(stack.addr("gateway")) as ch:
+            stack.gateway_channel() as ch:
         stub = pb_grpc.RecommenderStub(ch)
         reasons: Counter[str] = Counter()
         for _ in range(20):

@@ -48,7 +48,7 @@ def test_swap_under_load_with_zero_failures(built, known_user, tmp_path):
     shutil.copytree(built[1], model_repo)
     user = known_user[0]
     old = int(latest_dir(root).name)
-    with Stack(root, model_repo, tmp_path / "run") as stack, grpc.insecure_channel(stack.addr("gateway")) as ch:
+    with Stack(root, model_repo, tmp_path / "run") as stack, stack.gateway_channel() as ch:
         stub = pb_grpc.RecommenderStub(ch)
         stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.NewItem(
             item_id="swap-new", title="A brand new film about swaps", category="Drama")]), timeout=5)

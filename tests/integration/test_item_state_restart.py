@@ -42,14 +42,14 @@ def catalog_ids(artifacts) -> list[str]:
 @pytest.fixture(scope="module")
 def upserted(live, catalog_ids) -> int:
     """Five items with the same text, upserted once; their indices are n..n+4 (log order)."""
-    with grpc.insecure_channel(live.addr("gateway")) as ch:
+    with live.gateway_channel() as ch:
         reply = upsert(pb_grpc.RecommenderStub(ch), NEW, TEXT)
     assert reply.added == 5 and reply.updated == 0 and reply.item_log_seq >= 5
     return reply.item_log_seq
 
 
 def _stub(stack: Stack) -> tuple[grpc.Channel, pb_grpc.RecommenderStub]:
-    channel = grpc.insecure_channel(stack.addr("gateway"))
+    channel = stack.gateway_channel()
     return channel, pb_grpc.RecommenderStub(channel)
 
 

@@ -23,7 +23,7 @@ def live(built, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stub(live):
-    with grpc.insecure_channel(live.addr("gateway")) as channel:
+    with live.gateway_channel() as channel:
         yield pb_grpc.RecommenderStub(channel)
 
 
@@ -49,7 +49,7 @@ def test_clicks_move_the_next_slate_towards_their_category(synthetic_built, tmp_
     catalog = open_artifacts(synthetic_built).json("catalog.json")
     cats = np.array(catalog["categories"])
     model_repo = synthetic_built.parent / "model_repository"
-    with Stack(synthetic_built, model_repo, tmp_path) as stack, grpc.insecure_channel(stack.addr("gateway")) as ch:
+    with Stack(synthetic_built, model_repo, tmp_path) as stack, stack.gateway_channel() as ch:
         stub = pb_grpc.RecommenderStub(ch)
         popular = stub.Recommend(pb.RecommendRequest(user_id="rt-probe", k=10), timeout=5)
         # The topics the popular slate shows least: where a move is visible.
@@ -113,7 +113,7 @@ def test_new_item_is_retrievable_and_rankable_within_a_second(stub, live):
         pb.NewItem(item_id=f"new-{j}", title="Under the Ice", text=text, category="Drama") for j in range(2)]),
         timeout=5)
     assert reply.added == 2 and reply.updated == 0
-    with grpc.insecure_channel(live.addr("retrieval")) as r, grpc.insecure_channel(live.addr("ranking")) as k:
+    with live.channel("retrieval") as r, live.channel("ranking") as k:
         n = len(live_catalog_ids(live))
         # Another process follows the item log: name the upsert's position to read it (as the gateway does).
         retrieved = pb_grpc.RetrievalStub(r).Retrieve(
@@ -162,7 +162,7 @@ def test_deleted_items_never_appear_again(stub, catalog):
 
 def test_acknowledged_events_survive_a_gateway_kill(built, catalog, tmp_path):
     with Stack(*built, tmp_path) as stack:
-        with grpc.insecure_channel(stack.addr("gateway")) as channel:
+        with stack.gateway_channel() as channel:
             reply = pb_grpc.RecommenderStub(channel).ReportEventBatch(
                 clicks("rt-kill", catalog["item_ids"][10:15]), timeout=5)
         assert reply.accepted == 5
@@ -171,7 +171,7 @@ def test_acknowledged_events_survive_a_gateway_kill(built, catalog, tmp_path):
         assert logged.count("rt-kill") == 5
         stack.start_service("gateway", stack.artifacts)
         stack.wait_healthy("gateway", 60)
-        with grpc.insecure_channel(stack.addr("gateway")) as channel:
+        with stack.gateway_channel() as channel:
             slate = pb_grpc.RecommenderStub(channel).Recommend(pb.RecommendRequest(user_id="rt-kill", k=20), timeout=5)
         assert not {i.item_id for i in slate.items} & set(catalog["item_ids"][10:15])   # history kept
         assert any("bert" in i.channels for i in slate.items)

@@ -57,7 +57,7 @@ def n_items(catalog_ids) -> int:
 @pytest.fixture
 def gateways(stack):
     """A stub per gateway replica, each on its own channel (no retries: what each one answers)."""
-    channels = [grpc.insecure_channel(stack.addr(name)) for name in stack.names("gateway")]
+    channels = [stack.gateway_channel(name=name) for name in stack.names("gateway")]
     yield [pb_grpc.RecommenderStub(c) for c in channels]
     for c in channels:
         c.close()
@@ -271,8 +271,7 @@ def gauges(stack: Stack, gateway: str) -> dict[tuple[str, str], float]:
 def test_sigkill_and_restart_every_replica_in_turn_under_load(stack, known_user, artifacts):
     from gateway.user_state import ArtifactHistoryStore
     users = ArtifactHistoryStore(artifacts).users()[:50]
-    channel = grpc.insecure_channel(stack.target("gateway"), options=[
-        ("grpc.service_config", CLIENT_SERVICE_CONFIG), ("grpc.enable_retries", 1)])
+    channel = stack.gateway_channel(options=[("grpc.service_config", CLIENT_SERVICE_CONFIG), ("grpc.enable_retries", 1)])
     stub = pb_grpc.RecommenderStub(channel)
     upserts = Upserter(stub, 0.5)
     load = OpenLoop(stub, 20.0, RequestMix(users, upserts))
@@ -310,13 +309,13 @@ def test_sigkill_and_restart_every_replica_in_turn_under_load(stack, known_user,
                                           ("lagging", "retrieval"): 0, ("lagging", "ranking"): 0}:
                 assert time.monotonic() < deadline, (name, gauges(stack, name))
                 time.sleep(0.2)
-            with grpc.insecure_channel(stack.addr(name)) as ch:
+            with stack.gateway_channel(name=name) as ch:
                 replicas_health = health_pb2_grpc.HealthStub(ch).Check(
                     health_pb2.HealthCheckRequest(service="fusionrec.replicas"), timeout=5).status
             assert replicas_health == health_pb2.HealthCheckResponse.SERVING, name
         acked = [item for item, _, _ in upserts.acked]
         for name in stack.names("gateway"):
-            with grpc.insecure_channel(stack.addr(name)) as ch:
+            with stack.gateway_channel(name=name) as ch:
                 direct = pb_grpc.RecommenderStub(ch)
                 batch = pb.EventBatch(events=[click("ld-user", item).events[0] for item in acked])
                 assert direct.ReportEventBatch(batch, timeout=10).accepted == len(acked), name

@@ -62,11 +62,11 @@ def test_bad_input_is_invalid_argument(gateway, kwargs, field, limit):
 
 def test_internal_services_reject_bad_indices(stack):
     from protos import fusionrec_pb2_grpc as pb_grpc
-    with grpc.insecure_channel(stack.addr("retrieval")) as ch:
+    with stack.channel("retrieval") as ch:
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.RetrievalStub(ch).Retrieve(pb.RetrieveRequest(history=[10**9]), timeout=5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "history" in info.value.details()
-    with grpc.insecure_channel(stack.addr("ranking")) as ch:
+    with stack.channel("ranking") as ch:
         bad = pb.Candidates(items=[1, 2], channels=[pb.ChannelColumn(channel="bert", scores=[1.0], ranks=[1])])
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.RankingStub(ch).Rank(pb.RankRequest(candidates=bad, k=1), timeout=5)
@@ -77,7 +77,7 @@ def test_internal_services_reject_bad_indices(stack):
                                            ("retrieval", "fusionrec.v1.Retrieval"),
                                            ("ranking", "fusionrec.v1.Ranking")])
 def test_health_and_reflection(stack, name, service):
-    with grpc.insecure_channel(stack.addr(name)) as ch:
+    with stack.gateway_channel(name=name) as ch:
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         replies = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
