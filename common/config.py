@@ -30,6 +30,9 @@ class ServerConfig:
     grace_s: float = _flag(5.0, "seconds in-flight calls get to finish on SIGTERM")
     item_log: str = _flag("sqlite:run/state.db", "item log shared by every replica of every service: "
                                                  "sqlite:<path> (one machine) or redis://host:port/db")
+    # Security (issue 13): TLS on every port, mTLS between services; --insecure-dev is the only way
+    # to run without TLS and tokens, and it logs a warning at start.
+    insecure_dev: bool = _flag(False, "run without TLS and tokens (development only; logs a warning)")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class GatewayConfig(ServerConfig):
     state: str = _flag("sqlite:run/state.db", "user state store: sqlite:<path> or redis://host:port/db")
     event_log: Path = _flag(Path("run/events"), "folder of the durable event log")
     history_cap: int = _flag(100, "recent history kept per user")
+    tokens: Path = _flag(Path(""), "file of hashed bearer tokens with scopes (required unless --insecure-dev)")
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
@@ -68,7 +72,12 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str =
     for f in dataclasses.fields(cls):
         env = os.environ.get(f"FUSIONREC_{f.name.upper()}")
         kind = f.type if not isinstance(f.type, str) else {"int": int, "float": float, "str": str,
-                                                            "Path": Path}[f.type]
+                                                            "Path": Path, "bool": bool}[f.type]
+        if kind is bool:   # a switch: --insecure-dev, or FUSIONREC_INSECURE_DEV=1/true/yes
+            on = env.strip().lower() in ("1", "true", "yes", "on") if env is not None else f.default
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=on,
+                                help=f"{f.metadata.get('help', '')} (env FUSIONREC_{f.name.upper()}=1)")
+            continue
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind,
                             default=kind(env) if env is not None else f.default,
                             help=f"{f.metadata.get('help', '')} (env FUSIONREC_{f.name.upper()}, default: %(default)s)")
