@@ -12,7 +12,7 @@ MODEL_REPO ?= model_repository
 TRITON_SITE = $(TRITON_VENV)/lib/python3.11/site-packages
 TRITON_HOME = $(TRITON_SITE)/pytriton/tritonserver
 
-.PHONY: help setup venv triton protos system-packages artifacts run test test-unit bench bench-batching loadtest eval clean
+.PHONY: help setup venv triton protos system-packages artifacts run test test-unit bench bench-batching bench-scale loadtest loadtest-overload eval clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -86,6 +86,12 @@ bench: setup $(ARTIFACTS)/LATEST  ## open-loop benchmark of the gateway, empty v
 bench-batching: setup $(ARTIFACTS)/LATEST  ## fused ranker on Triton, dynamic batching on vs off; writes reports/bench/triton_batching.json
 	$(FUSIONREC) bench-batching --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO)
 
+# SIZES=10000,100000 limits it (the 1M-item catalog takes the longest: see README "Scale benchmark").
+SIZES ?= 10000,100000,1000000
+
+bench-scale: setup  ## synthetic catalogs (brought embeddings) built and served per size; reports/bench/scale.json + .png (SIZES=...)
+	$(FUSIONREC) bench-scale --sizes $(SIZES)
+
 eval: setup $(ARTIFACTS)/LATEST  ## offline quality report on the held-out test split -> reports/<dataset>/
 	$(FUSIONREC) eval --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) $(if $(EVAL_USERS),--max-users $(EVAL_USERS))
 
@@ -93,6 +99,13 @@ LOADTEST_ARGS ?= --ramp --rate 25 --ramp-step 25 --ramp-max 300 --duration 10 --
 
 loadtest: setup $(ARTIFACTS)/LATEST  ## open-loop ramp against a fresh stack; reports/loadtest/<time>.json + .png (LOADTEST_ARGS=...)
 	$(FUSIONREC) loadtest --stack --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) $(LOADTEST_ARGS)
+
+# Overload: the highest rate holding p99 <= 100 ms, then 1x/2x/3x/6x of it (10 s each, 200 ms client
+# deadline), test users replayed: goodput, shed share, p50/p99, nDCG@10 -> reports/loadtest/overload.json
+OVERLOAD_ARGS ?= --rate 50 --ramp-step 50 --ramp-max 600 --search-duration 4 --duration 10 --warmup 2
+
+loadtest-overload: setup $(ARTIFACTS)/LATEST  ## overload mode on a fresh stack: goodput, shed share and nDCG@10 at 1x..6x the held rate (OVERLOAD_ARGS=...)
+	$(FUSIONREC) loadtest --stack --overload --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) $(OVERLOAD_ARGS)
 
 clean:
 	rm -rf $(ARTIFACTS) $(MODEL_REPO)/*/[0-9]* $(MODEL_REPO)/*/config.pbtxt reports .cache

@@ -33,6 +33,17 @@ class ServerConfig:
     # Security (issue 13): TLS on every port, mTLS between services; --insecure-dev is the only way
     # to run without TLS and tokens, and it logs a warning at start.
     insecure_dev: bool = _flag(False, "run without TLS and tokens (development only; logs a warning)")
+    tls_ca: str = _flag("", "PEM bundle of the service CA: the peers this process trusts (required unless --insecure-dev)")
+    tls_cert: str = _flag("", "PEM certificate of this process, signed by the service CA (required unless --insecure-dev)")
+    tls_key: str = _flag("", "PEM private key of --tls-cert (required unless --insecure-dev)")
+    # Overload (issue 13): an adaptive concurrency limit per method (common/admission.py); calls over
+    # it wait at most queue_ms, then get RESOURCE_EXHAUSTED.
+    no_admission: bool = _flag(False, "no adaptive concurrency limit: every call is admitted")
+    min_concurrency: int = _flag(4, "floor of the adaptive concurrency limit (calls in flight per method)")
+    max_concurrency: int = _flag(64, "ceiling of the adaptive concurrency limit (calls in flight per method)")
+    queue_ms: float = _flag(2.0, "longest wait for a slot under the limit before RESOURCE_EXHAUSTED")
+    otlp_endpoint: str = _flag("", "OTLP/gRPC collector that receives trace spans, e.g. http://otel-collector:4317 "
+                                   "(empty = no export; trace context and request ids still propagate)")
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,8 @@ class RankingConfig(ServerConfig):
     triton_timeout_ms: float = _flag(60.0, "upper bound on one Triton call")
     reranker_threads: int = _flag(1, "LightGBM threads, set once at load")
     diversity_weight: float = _flag(0.1, "re-ranker penalty on max similarity to the slate so far")
+    triton_admin_secret_file: str = _flag("", "file holding the header secret Triton's model-control API "
+                                              "requires (--grpc-restricted-protocol); empty = send none")
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,8 @@ class GatewayConfig(ServerConfig):
     retrieval_addr: str = _flag("127.0.0.1:50051", "retrieval service address")
     ranking_addr: str = _flag("127.0.0.1:50052", "ranking service address")
     default_deadline_ms: float = _flag(250.0, "budget when the caller sets no deadline")
-    retrieval_share: float = _flag(0.4, "share of the remaining budget given to retrieval")
+    retrieval_share: float = _flag(0.4, "share of the remaining budget given to retrieval until both hops' "
+                                        "latency is measured (then: all but ranking's latency tail)")
     reserve_ms: float = _flag(3.0, "budget kept back for the gateway's own work and fallbacks")
     candidates: int = _flag(DEFAULT_CANDIDATES, "candidates asked of retrieval")
     triton_url: str = _flag("127.0.0.1:8001", "Triton gRPC address (text_encoder for UpsertItems)")
@@ -64,6 +78,13 @@ class GatewayConfig(ServerConfig):
     event_log: Path = _flag(Path("run/events"), "folder of the durable event log")
     history_cap: int = _flag(100, "recent history kept per user")
     tokens: Path = _flag(Path(""), "file of hashed bearer tokens with scopes (required unless --insecure-dev)")
+    tls_client_ca: str = _flag("", "PEM bundle: when given, the public port requires a client certificate "
+                                   "signed by one of these CAs (tokens still authorize)")
+    token_rate_per_s: float = _flag(1000.0, "calls/s allowed per token at this gateway process when the "
+                                            "tokens file sets no rate_per_s for it (0 = no limit)")
+    token_burst: float = _flag(0.0, "token bucket size per token when the file sets no burst (0 = one second of its rate)")
+    write_deadline_ms: float = _flag(30_000.0, "budget of a write RPC (UpsertItems, DeleteItems, ReportEvents, "
+                                               "ReportEventBatch, DeleteUserData) when the caller sets no deadline")
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:

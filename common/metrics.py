@@ -47,6 +47,18 @@ REPLICAS_LAGGING = Gauge(
     "are behind on the item log, as seen by the gateway", ["service"])
 REPLICAS_REACHABLE = Gauge(
     "fusionrec_replicas_reachable", "Replicas that answered the gateway's last Status probe", ["service"])
+# -- public API auth (gateway/auth.py): method is a mapped name or "other"; token is the token's
+# NAME from the tokens file (operator-chosen, bounded by the file), "" when none matched.
+AUTH_DECISIONS = Counter(
+    "fusionrec_auth_total", "Public API auth decisions, by method, outcome (ok, unauthenticated, "
+    "permission_denied, rate_limited) and token name", ["method", "outcome", "token"])
+# -- admission control (common/admission.py): method is one the service implements
+ADMISSION_LIMIT = Gauge(
+    "fusionrec_admission_limit", "Adaptive concurrency limit: calls admitted in flight, by method",
+    ["service", "method"])
+ADMISSION_SHED = Counter(
+    "fusionrec_admission_shed", "Calls refused early with RESOURCE_EXHAUSTED (over the concurrency "
+    "limit), by method", ["service", "method"])
 
 # Fixed vocabularies: anything else is mapped to "other" so a label can never explode.
 DEGRADED_REASONS = frozenset({*(r.value for r in PRODUCED), "other"})

@@ -13,9 +13,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common import tracing
+from common.admission import admission_interceptors
 from common.config import ServerConfig
 from common.logs import get_logger
 from common.metrics import GRPC_LATENCY, GRPC_REQUESTS, start_metrics_server
+from common.security import add_port, process_security
+from common.strict_decode import StrictDecodeInterceptor
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 log = get_logger("server")
@@ -52,9 +56,9 @@ def standard_interceptors(config: ServerConfig, service: str) -> list[grpc.aio.S
     """What every service runs on every call, outermost first. One line per concern; each
     interceptor lives in its own module under common/."""
     chain: list[grpc.aio.ServerInterceptor] = []
-    # [tracing] W3C trace context + request id in every log line (common/tracing.py)
-    # [strict-decode] undecodable requests -> INVALID_ARGUMENT (common/strict_decode.py)
-    # [admission] adaptive concurrency limit, RESOURCE_EXHAUSTED early (common/admission.py)
+    chain.append(tracing.server_interceptor(config, service))   # W3C trace context + request id in logs
+    chain.append(StrictDecodeInterceptor(service))   # undecodable requests -> INVALID_ARGUMENT
+    chain.extend(admission_interceptors(config, service))   # over the limit -> RESOURCE_EXHAUSTED early
     return chain
 
 
@@ -83,8 +87,9 @@ async def serve(config: ServerConfig, service_names: list[str],
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
     address = f"{config.host}:{config.port}"
-    if server.add_insecure_port(address) == 0:
-        raise RuntimeError(f"cannot bind {address}")
+    # TLS (mTLS for internal services: only service-CA certs may call them); plaintext only with
+    # --insecure-dev. The gateway (service "gateway") is the public port: client certs optional.
+    add_port(server, address, process_security(config), require_client_auth=service != "gateway")
     if config.metrics_port:
         start_metrics_server(config.metrics_port, config.host)
     names = ["", *service_names]

@@ -6,6 +6,10 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.security import Security
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -14,9 +18,24 @@ def triton_venv() -> Path:
     return Path(os.environ.get("FUSIONREC_TRITON_VENV", REPO / ".venv-triton"))
 
 
-def triton_command(model_repo: Path, grpc_port: int, http_port: int, metrics_port: int,
-                   models: list[str], host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
-    """-> (argv, environment) for a tritonserver bound to `host` with explicit model control."""
+# The gRPC metadata key Triton's model-control API (load/unload) requires, with the per-stack
+# secret as value (--grpc-restricted-protocol): only the ranking service is given the secret.
+ADMIN_HEADER = "fusionrec-triton-admin"
+
+
+def admin_headers(secret: str | None) -> dict[str, str] | None:
+    """The `headers=` of a tritonclient model-control call (Triton expects the key prefixed)."""
+    return {f"triton-grpc-protocol-{ADMIN_HEADER}": secret} if secret else None
+
+
+def triton_command(model_repo: Path, grpc_port: int, metrics_port: int, models: list[str],
+                   host: str = "127.0.0.1", *, security: "Security | None" = None,
+                   admin_secret: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """-> (argv, environment) for a tritonserver bound to `host` with explicit model control.
+
+    gRPC only (HTTP off: nothing here needs it); metrics on `host`. security (not insecure): mTLS,
+    clients need a cert signed by its CA. admin_secret: the model-repository API (load, unload,
+    index) answers only calls carrying ADMIN_HEADER with this value."""
     site = next((triton_venv() / "lib").glob("python3*/site-packages"), None)
     if site is None or not (site / "pytriton" / "tritonserver" / "bin" / "tritonserver").exists():
         raise FileNotFoundError(f"{triton_venv()}: no nvidia-pytriton install; run `make triton`")
@@ -24,10 +43,15 @@ def triton_command(model_repo: Path, grpc_port: int, http_port: int, metrics_por
     argv = [str(home / "bin" / "tritonserver"), f"--model-repository={Path(model_repo).resolve()}",
             f"--backend-directory={home / 'backends'}",
             f"--grpc-address={host}", f"--grpc-port={grpc_port}",
-            f"--http-address={host}", f"--http-port={http_port}",
+            "--allow-http=false",
             f"--metrics-address={host}", f"--metrics-port={metrics_port}",
             "--model-control-mode=explicit", *[f"--load-model={m}" for m in models],
             "--log-verbose=0", "--exit-timeout-secs=5"]
+    if security is not None and not security.insecure:
+        argv += ["--grpc-use-ssl-mutual=true", f"--grpc-server-cert={security.cert}",
+                 f"--grpc-server-key={security.key}", f"--grpc-root-cert={security.ca}"]
+    if admin_secret:
+        argv.append(f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER}={admin_secret}")
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(site / "nvidia_pytriton.libs"),
                                                           env.get("LD_LIBRARY_PATH")]))

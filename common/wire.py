@@ -23,9 +23,9 @@ def candidates_from_proto(msg: pb.Candidates) -> tuple[np.ndarray, dict[str, tup
     """
     items = np.array(msg.items, dtype=np.int64)
     columns = {}
-    for col in msg.channels:
-        if len(col.scores) != len(items) or len(col.ranks) != len(items):
-            raise ValueError(f"candidates.channels[{col.channel!r}]: scores/ranks must have "
+    for c, col in enumerate(msg.channels):
+        if len(col.scores) != len(items) or len(col.ranks) != len(items):   # by index: the name is the caller's
+            raise ValueError(f"candidates.channels[{c}]: scores/ranks must have "
                              f"{len(items)} entries like candidates.items")
         columns[col.channel] = (np.array(col.scores, np.float32), np.array(col.ranks, np.int32))
     return items, columns

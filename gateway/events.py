@@ -26,7 +26,7 @@ from gateway.catalog import Catalog
 from gateway.event_log import Event, EventLog
 from gateway.serving_state import ServingState
 from gateway.state_store import UserStateStore
-from gateway.validation import InvalidArgument
+from gateway.validation import InvalidArgument, check_event_fields
 
 
 log = get_logger("gateway.events")
@@ -47,8 +47,7 @@ def validate_batch(events: Sequence[Event], catalog: Catalog, now: float) -> lis
     for i, e in enumerate(events):
         if not 1 <= len(e.user_id) <= MAX_USER_ID:
             raise InvalidArgument(f"events[{i}].user_id: must be 1..{MAX_USER_ID} characters")
-        if any(c in e.user_id + e.item_id for c in "\r\n"):   # one log record per line
-            raise InvalidArgument(f"events[{i}].user_id: must not contain line breaks")
+        check_event_fields(i, e)   # one log record per line, finite numbers
         if not catalog.knows(e.item_id):
             raise InvalidArgument(f"events[{i}].item_id: unknown or deleted item")
         if e.type not in EVENT_TYPES:

@@ -21,9 +21,11 @@ Explain (query.explain, off by default: nothing below is built or asked for with
 gets the channel columns of its candidate row (rank > 0), and from ranking's packed
 RankExplanation its fused score, re-ranker correction and diversity penalty; `stage` says which
 of them are known (retrieval order: channels only; popular fallback: the popular channel only).
-Budget: retrieval gets `retrieval_share` of what remains (after a reserve for the gateway's own
-work), ranking gets the rest. The response's stage_ms reports the stages that did work (retrieve,
-fallback, rank: the dashboards' stage names) and the services' own stages (retrieval.*, ranking.*).
+Budget: what remains after a reserve for the gateway's own work is split by the hops' measured
+latency (gateway.budget.HopBudget: retrieval may use all but ranking's latency tail;
+`retrieval_share` until both hops are measured), ranking gets the rest. The response's stage_ms
+reports the stages that did work (retrieve, fallback, rank: the dashboards' stage names) and the
+services' own stages (retrieval.*, ranking.*).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from core.limits import MAX_RETRIEVE_EXCLUDE
 from core.pipeline import Step, StepFailed, run_steps_async
 from core.reasons import DegradedReason
 from core.types import EMPTY, ChannelResult, RetrievalQuery
+from gateway.budget import HopBudget, LatencyEstimate
 from gateway.catalog import Catalog
 from gateway.serving_state import ServingState
 from gateway.state_store import UserStateStore
@@ -123,6 +126,13 @@ RETRIEVAL = HopReasons(DegradedReason.RETRIEVAL_TIMEOUT, DegradedReason.RETRIEVA
                        DegradedReason.RETRIEVAL_ERROR)
 RANKING = HopReasons(DegradedReason.RANKING_TIMEOUT, DegradedReason.RANKING_UNAVAILABLE,
                      DegradedReason.RANKING_ERROR)
+
+
+def observe_hop(estimate: LatencyEstimate, error: grpc.aio.AioRpcError, seconds: float) -> None:
+    """A late call needed more than the time it had: counted when that is above the estimate (a
+    short deadline says nothing). A fast failure (down, shed) says nothing of latency either."""
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and seconds > estimate.mean:
+        estimate.observe(seconds)
 
 
 def in_order(items: np.ndarray) -> ChannelResult:
@@ -264,6 +274,7 @@ class RecommendPipeline:
         self.ranking = ranking
         self.config = config
         self.reserve_s = config.reserve_ms / 1000.0
+        self.budget = HopBudget(config.retrieval_share)
         self.steps: list[Step[RecommendRun]] = [
             Step("user_state", self.user_state, fail_open=True, reason=DegradedReason.USER_STATE_UNAVAILABLE),
             Step("retrieve", self.retrieve, fail_open=True, reason=DegradedReason.RETRIEVAL_ERROR),
@@ -316,7 +327,8 @@ class RecommendPipeline:
 
     async def retrieve(self, run: RecommendRun) -> None:
         run.stages.append("retrieve")
-        budget = (run.deadline - time.monotonic() - self.reserve_s) * self.config.retrieval_share
+        budget = self.budget.retrieval_timeout(run.deadline - time.monotonic() - self.reserve_s)
+        started = time.monotonic()
         # Only the caller's exclusions: deleted items are retrieval's own bitmap (same log).
         try:
             retrieved = await self.retrieval.Retrieve(pb.RetrieveRequest(
@@ -325,7 +337,9 @@ class RecommendPipeline:
                 artifact_version=run.state.version, min_item_log_seq=run.catalog.applied_seq),
                 timeout=max(budget, MIN_TIMEOUT_S))
         except grpc.aio.AioRpcError as e:
+            observe_hop(self.budget.retrieve, e, time.monotonic() - started)
             raise StepFailed(RETRIEVAL.of(e), e.details() or "") from e
+        self.budget.retrieve.observe(time.monotonic() - started)
         candidates = retrieved.candidates
         run.candidates = select_candidates(candidates, drop_unknown(run.catalog, np.asarray(candidates.items,
                                                                                            np.int64), "candidates"))
@@ -367,13 +381,16 @@ class RecommendPipeline:
         if remaining <= MIN_TIMEOUT_S:
             raise StepFailed(DegradedReason.RANKING_TIMEOUT, "no budget left for ranking")
         run.stages.append("rank")
+        started = time.monotonic()
         try:
             ranked = await self.ranking.Rank(pb.RankRequest(
                 history=run.history.tolist(), candidates=run.candidates, k=run.query.k,
                 artifact_version=run.state.version, min_item_log_seq=run.catalog.applied_seq,
                 explain=run.query.explain), timeout=remaining)
         except grpc.aio.AioRpcError as e:
+            observe_hop(self.budget.rank, e, time.monotonic() - started)
             raise StepFailed(RANKING.of(e), e.details() or "") from e
+        self.budget.rank.observe(time.monotonic() - started)
         run.versions["fused_ranker"] = ranked.model_version
         run.reasons.extend(reasons_from_proto(ranked.reasons))
         run.remote_ms.update({f"ranking.{k}": v for k, v in ranked.stage_ms.items()})

@@ -12,6 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from common.artifacts import ArtifactSet, open_artifacts
 from common.client import open_channel
+from common.security import process_security
 from common.config import GatewayConfig, parse_config
 from common.followed_versions import offer_followed
 from common.item_follower import ItemLogFollower
@@ -73,17 +74,22 @@ def ingested_to_proto(r: IngestResult) -> pb.ReportEventsResponse:
 
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(self, recommender: RecommendPipeline, events: EventIngester, items: ItemWriter,
-                 default_deadline_s: float, users: UserEraser | None = None) -> None:
+                 default_deadline_s: float, users: UserEraser | None = None,
+                 write_deadline_s: float = 30.0) -> None:
         self.recommender = recommender
         self.events = events
         self.items = items
         self.users = users
         self.default_deadline_s = default_deadline_s
+        self.write_deadline_s = write_deadline_s
 
-    def budget(self, context: grpc.aio.ServicerContext) -> float:
-        """The caller's remaining time; no deadline means the gateway's default, never "infinite"."""
+    def budget(self, context: grpc.aio.ServicerContext, write: bool = False) -> float:
+        """The caller's remaining time; no deadline means the gateway's default, never "infinite":
+        default_deadline_ms for Recommend, write_deadline_ms for the write RPCs (embedding 256
+        items takes seconds; a read's 250 ms would fail every upsert)."""
         remaining = context.time_remaining()
-        return self.default_deadline_s if remaining is None or remaining > 3600 else remaining
+        default = self.write_deadline_s if write else self.default_deadline_s
+        return default if remaining is None or remaining > 3600 else remaining
 
     @observed(SERVICE, "Recommend")
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:
@@ -121,7 +127,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     @observed(SERVICE, "UpsertItems")
     async def UpsertItems(self, request: pb.UpsertItemsRequest, context: grpc.aio.ServicerContext) -> pb.UpsertItemsResponse:
         try:
-            done = await self.items.upsert(validate_upsert(request), self.budget(context))
+            done = await self.items.upsert(validate_upsert(request), self.budget(context, write=True))
             return pb.UpsertItemsResponse(added=done.added, updated=done.updated, item_log_seq=done.item_log_seq)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -178,11 +184,12 @@ def serving_health(healthy: bool) -> int:
 
 async def run(config: GatewayConfig) -> None:
     # round_robin spreads calls over every address a dns:/// target resolves to (k8s headless Services).
+    security = process_security(config)   # TLS to retrieval/ranking/Triton; fails here without files
     options = [("grpc.lb_policy_name", "round_robin")]
     retrieval_channel = open_channel(config.retrieval_addr, options=options)
     ranking_channel = open_channel(config.ranking_addr, options=options)
     retrieval, ranking = pb_grpc.RetrievalStub(retrieval_channel), pb_grpc.RankingStub(ranking_channel)
-    triton = InferenceServerClient(config.triton_url)
+    triton = InferenceServerClient(config.triton_url, **security.triton_client_kwargs())
     store = open_store(config.state, cap=config.history_cap)
     item_log = open_item_log(config.item_log)
     follower = ItemLogFollower(item_log)
@@ -210,7 +217,8 @@ async def run(config: GatewayConfig) -> None:
     events = EventIngester(states, EventLog(config.event_log), store)
     items = ItemWriter(states, triton, item_log, follower)
     users = UserEraser(store, events.log, events.log_lock)
-    servicer = RecommenderServicer(recommender, events, items, config.default_deadline_ms / 1000.0, users=users)
+    servicer = RecommenderServicer(recommender, events, items, config.default_deadline_ms / 1000.0, users=users,
+                                     write_deadline_s=config.write_deadline_ms / 1000.0)
     tasks: list[asyncio.Task] = []
 
     async def start() -> None:

@@ -2,13 +2,15 @@
 field and the limit (core.limits)."""
 from __future__ import annotations
 
-import unicodedata
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Sequence
 
+from common.logs import current_request_id   # the call's id (common.tracing): the one its log lines carry
 from core.limits import (MAX_CATEGORY, MAX_DELETE, MAX_EXCLUDE, MAX_HISTORY, MAX_ITEM_ID, MAX_K,
                          MAX_REQUEST_ID, MAX_SURFACE, MAX_TEXT, MAX_TITLE, MAX_UPSERT, MAX_USER_ID)
+from core.text_rules import FINITE, has_control, plain_error, plain_ids_error
 from gateway.event_log import Event
 from gateway.items import NewItem
 from protos import fusionrec_pb2 as pb
@@ -29,22 +31,10 @@ class RecommendQuery:
     explain: bool = False            # per-item explanations (RecommendRequest.explain)
 
 
-def has_control(text: str, allow_breaks: bool = False) -> bool:
-    """Control characters (NUL, line breaks, tabs, ...; Unicode category Cc) or the Unicode line
-    and paragraph separators: they would split a log record or a CSV row. Free text may keep
-    tabs and line breaks (allow_breaks), never NUL or other controls."""
-    for c in text:
-        if c in "\u2028\u2029" and not allow_breaks:
-            return True
-        if unicodedata.category(c) == "Cc" and not (allow_breaks and c in "\t\n\r"):
-            return True
-    return False
-
-
 def _check_plain(field: str, value: str, allow_breaks: bool = False) -> None:
-    if has_control(value, allow_breaks):
-        what = "NUL or control characters" if allow_breaks else "control characters, NUL or line breaks"
-        raise InvalidArgument(f"{field}: must not contain {what}")
+    error = plain_error(field, value, allow_breaks)
+    if error:
+        raise InvalidArgument(error)
 
 
 def _check_ids(field: str, ids: Sequence[str], limit: int) -> None:
@@ -53,6 +43,9 @@ def _check_ids(field: str, ids: Sequence[str], limit: int) -> None:
     for i, item in enumerate(ids):
         if not item or len(item) > MAX_ITEM_ID:
             raise InvalidArgument(f"{field}[{i}]: item ids must be 1..{MAX_ITEM_ID} characters")
+    error = plain_ids_error(field, ids)
+    if error:
+        raise InvalidArgument(error)
 
 
 def validate_recommend(req: pb.RecommendRequest) -> RecommendQuery:
@@ -62,14 +55,17 @@ def validate_recommend(req: pb.RecommendRequest) -> RecommendQuery:
         raise InvalidArgument(f"user_id: {len(req.user_id)} characters exceeds the limit of {MAX_USER_ID}")
     if not req.user_id and not req.history_item_ids:
         raise InvalidArgument("user_id: required unless history_item_ids is given")
+    _check_plain("user_id", req.user_id)
     _check_ids("exclude_item_ids", req.exclude_item_ids, MAX_EXCLUDE)
     _check_ids("history_item_ids", req.history_item_ids, MAX_HISTORY)
     if len(req.surface) > MAX_SURFACE:
         raise InvalidArgument(f"surface: {len(req.surface)} characters exceeds the limit of {MAX_SURFACE}")
+    _check_plain("surface", req.surface)
     if len(req.request_id) > MAX_REQUEST_ID:
         raise InvalidArgument(f"request_id: {len(req.request_id)} characters exceeds the limit of {MAX_REQUEST_ID}")
+    _check_plain("request_id", req.request_id)
     return RecommendQuery(req.user_id, req.k, tuple(req.exclude_item_ids), tuple(req.history_item_ids),
-                          req.surface, req.request_id or uuid.uuid4().hex, req.explain)
+                          req.surface, req.request_id or current_request_id() or uuid.uuid4().hex, req.explain)
 
 
 def validate_upsert(request: pb.UpsertItemsRequest) -> list[NewItem]:
@@ -115,6 +111,18 @@ def validate_user_id(user_id: str, field: str = "user_id") -> str:
 
 def validate_delete_user(request: pb.DeleteUserDataRequest) -> str:
     return validate_user_id(request.user_id)
+
+
+def check_event_fields(i: int, event: Event) -> None:
+    """What an event must be before anything else is asked of it (gateway.events.validate_batch
+    adds the catalog and the clock): ids that fit on one log line and numbers that are numbers.
+    A NaN or infinite value or timestamp would poison the event log and every build that reads it."""
+    _check_plain(f"events[{i}].user_id", event.user_id)
+    _check_plain(f"events[{i}].item_id", event.item_id)
+    if not math.isfinite(event.timestamp):
+        raise InvalidArgument(f"events[{i}].timestamp: {FINITE}")
+    if not math.isfinite(event.value):
+        raise InvalidArgument(f"events[{i}].value: {FINITE}")
 
 
 def events_from_proto(events: Sequence[pb.Event]) -> list[Event]:

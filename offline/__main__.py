@@ -24,16 +24,33 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--item-log", default=None, metavar="SPEC",
                    help="fold the online item log in: sqlite:<path> or redis://host:port/db (default: none)")
+    b.add_argument("--item-vectors", type=Path, default=None, metavar="FILE",
+                   help="bring your own item embeddings instead of encoding the texts: FILE.npy ([items, dim] "
+                        "floats, ids in FILE.ids.txt) or FILE.parquet (item_id + one vector column; needs "
+                        "pyarrow). dim must equal the text model's; rows are L2-normalised")
+    b.add_argument("--item-vector-ids", type=Path, default=None, metavar="FILE",
+                   help="ids of --item-vectors .npy rows, one per line (default: FILE.ids.txt beside it)")
+    b.add_argument("--item-vectors-same-encoder", action="store_true",
+                   help="the brought vectors were made by --text-model-dir's model with the build's recipe: "
+                        "items without one are encoded, and online UpsertItems stays in the same space "
+                        "(default: a catalog item without a vector fails the build; text_space=brought)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
     from offline.build import BuildOptions, build
-    final = build(BuildOptions(
+    from offline.item_vectors import ItemVectorsError
+    opts = BuildOptions(
         data=args.data, artifacts=args.artifacts, model_repo=args.model_repo, cache_dir=args.cache_dir,
         text_model_dir=args.text_model_dir, max_items=args.max_items, max_users=args.max_users,
         epochs=args.epochs, seed=args.seed, progress=not args.no_progress,
-        item_log=args.item_log))
+        item_log=args.item_log, item_vectors=args.item_vectors, item_vector_ids=args.item_vector_ids,
+        item_vectors_same_encoder=args.item_vectors_same_encoder)
+    try:
+        final = build(opts)
+    except ItemVectorsError as e:   # a broken rule of the brought vectors: the message says which
+        print(f"build refused: {e}", file=sys.stderr)
+        return 2
     print(f"artifact set written: {final}")
     return 0
 

@@ -30,6 +30,7 @@ from common.logs import get_logger
 from offline import datasets
 from offline.cf import train_als
 from offline.item_log_fold import fold_item_log, read_item_log
+from offline.item_vectors import load_brought_vectors
 from offline.index import RECALL_K, build_index, recall_at_k
 from offline.item_neighbours import NeighbourConfig, item_neighbours, save_neighbours
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
@@ -64,6 +65,10 @@ class BuildOptions:
     seed: int = 0
     progress: bool = True
     item_log: str | None = None      # sqlite:<path> or redis://...: fold online item changes in
+    # Bring your own embeddings (offline/item_vectors.py): these replace the text encoding.
+    item_vectors: Path | None = None          # .npy (+ ids file) or .parquet
+    item_vector_ids: Path | None = None       # default: <item_vectors>.ids.txt beside it
+    item_vectors_same_encoder: bool = False   # made by text_model_dir's model: encode missing ones, online upserts match
 
 
 @dataclass
@@ -179,9 +184,25 @@ def build(opts: BuildOptions) -> Path:
 
     with stages.stage("text", figures := {}):
         encoder = TextEncoder(opts.text_model_dir, cache_dir=opts.cache_dir / "embeddings")
-        texts = [embedding_text(it.title, it.text, it.category) for it in ds.items]
-        item_text = encoder.encode(texts, progress="bert" if opts.progress else None)
-        figures.update(model=encoder.name, dim=str(encoder.dim))
+        bert_bar = "bert" if opts.progress else None
+        brought = None
+        if opts.item_vectors:
+            def encode_rows(rows: list[int]) -> np.ndarray:
+                return encoder.encode([embedding_text(ds.items[j].title, ds.items[j].text, ds.items[j].category)
+                                       for j in rows], progress=bert_bar)
+            brought = load_brought_vectors(opts.item_vectors, item_ids, encoder.dim, encoder.name,
+                                           opts.item_vector_ids,
+                                           encode_rows if opts.item_vectors_same_encoder else None)
+            item_text = brought.vectors
+            figures.update(brought=Path(brought.file).name, encoded=str(brought.encoded),
+                           unknown=str(brought.unknown))
+        else:
+            texts = [embedding_text(it.title, it.text, it.category) for it in ds.items]
+            item_text = encoder.encode(texts, progress=bert_bar)
+        # "brought": the vectors come from a model the online text_encoder is not, so an item added
+        # online cannot be embedded into this space by Triton (README "Bring your own embeddings").
+        text_space = "brought" if brought is not None and not opts.item_vectors_same_encoder else "encoder"
+        figures.update(model=encoder.name, dim=str(encoder.dim), space=text_space)
 
     with stages.stage("cf", figures := {}):
         tr = split.train
@@ -260,6 +281,8 @@ def build(opts: BuildOptions) -> Path:
                        "interactions": len(ds), "categories": len(categories)},
             "dims": {"text": int(item_text.shape[1]), "cf": int(cf.item_factors.shape[1])},
             "text_encoder": encoder.name,
+            "text_space": text_space,   # "encoder": text_encoder's space; "brought": vectors from elsewhere
+            "item_vectors": brought.describe() if brought is not None else None,
             "cf": {"alpha": cf.alpha, "regularization": cf.regularization, "factors": opts.cf_factors},
             "models": {FUSED_RANKER_NAME: str(version), "reranker": str(version)},
             "indexes": indexes,   # kind and tuned search parameters; retrieval applies them at load

@@ -18,11 +18,14 @@ from common.item_follower import ItemLogFollower
 from common.item_log import open_item_log
 from common.metrics import ARTIFACT_INFO, UNKNOWN_ITEMS
 from common.server import observed, serve
+from common.security import process_security, read_secret
+from common.triton import admin_headers
 from common.versions import VersionSet, version_or_abort, watch_versions
 from common.wire import candidates_from_proto, known_indices, reasons_to_proto
 from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
 from core.limits import MAX_RANK_CANDIDATES, MAX_RANK_HISTORY, MAX_RANK_K
 from core.rerank import SlateExplanation
+from core.text_rules import FINITE, VERSION_FORM
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 from ranking.ranker import SERVICE, Ranker
@@ -40,6 +43,16 @@ def known_candidates(items: np.ndarray, columns: dict[str, tuple[np.ndarray, np.
     UNKNOWN_ITEMS.labels(SERVICE, "candidates").inc(len(items) - len(kept))
     rows = items < known
     return kept, {c: (scores[rows], ranks[rows]) for c, (scores, ranks) in columns.items()}, None
+
+
+def scores_error(candidates: pb.Candidates) -> str | None:
+    """NaN or an infinity in a channel's scores would reach the fused model and the re-ranker as a
+    feature (and the slate's order): an INVALID_ARGUMENT message naming the column and entry, or None."""
+    for c, column in enumerate(candidates.channels):
+        bad = np.flatnonzero(~np.isfinite(np.asarray(column.scores, np.float32)))
+        if len(bad):
+            return f"candidates.channels[{c}].scores[{bad[0]}]: {FINITE}"
+    return None
 
 
 def explanation_to_proto(explained: SlateExplanation | None) -> pb.RankExplanation:
@@ -62,6 +75,8 @@ class RankingServicer(pb_grpc.RankingServicer):
 
     @observed(SERVICE, "Rank")
     async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
+        if not VERSION_FORM.fullmatch(request.artifact_version):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "artifact_version: must be empty or 1..20 decimal digits")
         if request.min_item_log_seq > self.follower.applied_seq:   # read the caller's writes first
             await catch_up(self.follower, request.min_item_log_seq, context.time_remaining())
         ranker = await version_or_abort(self.versions, request.artifact_version, context)
@@ -69,6 +84,9 @@ class RankingServicer(pb_grpc.RankingServicer):
             items, columns = candidates_from_proto(request.candidates)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        error = scores_error(request.candidates)
+        if error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         ids = np.array(request.history, np.int64)
         history, error = known_indices("history", ids, ranker.total, MAX_RANK_HISTORY)
         if not error and len(history) < len(ids):
@@ -96,8 +114,10 @@ class RankingServicer(pb_grpc.RankingServicer):
 
 
 async def run(config: RankingConfig) -> None:
+    security = process_security(config)   # no TLS files and no --insecure-dev: fails here
+    admin = admin_headers(read_secret(config.triton_admin_secret_file)) if config.triton_admin_secret_file else None
     # The asyncio Triton client must be created inside the running event loop.
-    triton = InferenceServerClient(config.triton_url)
+    triton = InferenceServerClient(config.triton_url, **security.triton_client_kwargs())
     item_log = open_item_log(config.item_log)
     follower = ItemLogFollower(item_log)
     versions: VersionSet[Ranker] = VersionSet()
@@ -108,7 +128,7 @@ async def run(config: RankingConfig) -> None:
                   if name in (FUSED_RANKER_NAME, TEXT_ENCODER_NAME)}
         serving = {FUSED_RANKER_NAME: {r.model_version for r in versions.loaded.values()},
                    TEXT_ENCODER_NAME: {r.encoder_version for r in versions.loaded.values() if r.encoder_version}}
-        await ensure_loaded(triton, models, serving)
+        await ensure_loaded(triton, models, serving, headers=admin)
         ranker = await asyncio.to_thread(Ranker, artifacts, TritonScorer(triton, models[FUSED_RANKER_NAME]),
                                          config.reranker_threads, config.diversity_weight)
         await ranker.warm_up()

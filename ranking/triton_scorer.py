@@ -8,6 +8,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from common.tracing import outgoing_headers
 from core.reasons import DegradedReason
 from core.scoring import ScorerUnavailable
 from core.features import FUSED_RANKER_INPUTS, FUSED_RANKER_NAME, FUSED_RANKER_OUTPUTS
@@ -44,7 +45,8 @@ class TritonScorer:
             inputs.append(tensor)
         try:
             result = await self.client.infer(self.model_name, inputs, model_version=self.model_version,
-                                             outputs=self._outputs, client_timeout=max(timeout_s, 0.001))
+                                             outputs=self._outputs, client_timeout=max(timeout_s, 0.001),
+                                             headers=outgoing_headers())   # traceparent + x-request-id
         except InferenceServerException as e:
             status = (e.status() or "").upper()
             reason = DegradedReason.RANKING_TIMEOUT if "DEADLINE" in status else DegradedReason.TRITON_UNAVAILABLE
@@ -59,12 +61,13 @@ class TritonScorer:
 
 
 async def ensure_loaded(client: InferenceServerClient, models: dict[str, str],
-                        keep: dict[str, set[str]] | None = None) -> None:
+                        keep: dict[str, set[str]] | None = None, headers: dict[str, str] | None = None) -> None:
     """Ask Triton (explicit model control) to load what a new artifact version needs.
 
     The load names the exact versions to hold: the new one plus those still serving (`keep`), so a
     swap never unloads a version that requests are still naming. Raises RuntimeError if the new
-    version does not come up.
+    version does not come up. headers: what Triton's restricted model-control API requires
+    (common.triton.admin_headers).
     """
     keep = keep or {}
     for name, version in models.items():
@@ -74,7 +77,7 @@ async def ensure_loaded(client: InferenceServerClient, models: dict[str, str],
             config = (await client.get_model_config(name, as_json=True))["config"]
             versions = sorted({version, *keep.get(name, set())}, key=int)
             config["version_policy"] = {"specific": {"versions": [int(v) for v in versions]}}
-            await client.load_model(name, config=json.dumps(config))
+            await client.load_model(name, config=json.dumps(config), headers=headers)
             ready = await client.is_model_ready(name, version)
         except InferenceServerException as e:
             raise RuntimeError(f"triton: loading {name} failed: {e.message()}") from e

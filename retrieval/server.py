@@ -20,11 +20,13 @@ from common.item_follower import ItemLogFollower
 from common.item_log import open_item_log
 from common.metrics import ARTIFACT_INFO, CANDIDATES, INDEX_ITEMS, STAGE_LATENCY, UNKNOWN_ITEMS
 from common.server import observed, serve
+from common.security import process_security
 from common.versions import VersionSet, version_or_abort, watch_versions
 from common.wire import candidates_to_proto, known_indices
 from core.channel_names import MERGED
-from core.limits import MAX_RETRIEVE_CANDIDATES, MAX_RETRIEVE_EXCLUDE, MAX_RETRIEVE_HISTORY
+from core.limits import MAX_RETRIEVE_CANDIDATES, MAX_RETRIEVE_EXCLUDE, MAX_RETRIEVE_HISTORY, MAX_USER_ID
 from core.retriever import Retriever
+from core.text_rules import VERSION_FORM, plain_error
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 
@@ -49,7 +51,19 @@ def validate(request: pb.RetrieveRequest, known: int) -> tuple[np.ndarray, np.nd
         error = f"num_candidates: must be in 0..{MAX_RETRIEVE_CANDIDATES} (0 = default)"
     elif any(q < 0 for q in request.quotas.values()):
         error = "quotas: must be >= 0"
+    elif any(q > MAX_RETRIEVE_CANDIDATES for q in request.quotas.values()):   # each channel fetches its quota
+        error = f"quotas: each must be <= {MAX_RETRIEVE_CANDIDATES}"
     return fields["history"], fields["exclude"], error
+
+
+def strings_error(request: pb.RetrieveRequest) -> str | None:
+    """The request's strings, checked before anything uses them (the CF lookup, the version
+    lookup, metric labels): an INVALID_ARGUMENT message naming the field, or None."""
+    if len(request.user_id) > MAX_USER_ID:
+        return f"user_id: {len(request.user_id)} characters exceeds the limit of {MAX_USER_ID}"
+    if not VERSION_FORM.fullmatch(request.artifact_version):
+        return "artifact_version: must be empty or 1..20 decimal digits"
+    return plain_error("user_id", request.user_id)
 
 
 class RetrievalServicer(pb_grpc.RetrievalServicer):
@@ -60,6 +74,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
 
     @observed(SERVICE, "Retrieve")
     async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> pb.RetrieveResponse:
+        error = strings_error(request)
+        if error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         if request.min_item_log_seq > self.follower.applied_seq:   # read the caller's writes first
             await catch_up(self.follower, request.min_item_log_seq, context.time_remaining())
         retriever = await version_or_abort(self.versions, request.artifact_version, context)
@@ -97,6 +114,7 @@ def follow(retriever: Retriever):
 
 
 async def run(config: RetrievalConfig) -> None:
+    process_security(config)   # no TLS files and no --insecure-dev: fails at once, naming the flags
     faiss.omp_set_num_threads(config.faiss_threads)
     gpu = resolve_faiss_gpu(config.faiss_gpu)   # faiss_gpu=on without a GPU stops here
     item_log = open_item_log(config.item_log)

@@ -66,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="catalog items never deleted; deletes beyond the rest go to extra online items "
                         "upserted for the purpose (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("reports/bench/serving.json"))
+    p.add_argument("--insecure-dev", action="store_true",
+                   help="start the stack without TLS and tokens (to measure what security costs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +80,8 @@ def measure(stack: Stack, args: argparse.Namespace, make_request) -> tuple[dict,
     cpu_before = {name: tree_total(cpu_seconds, pid) for name, pid in stack.pids().items()}
     result = asyncio.run(run_open_loop(stack.addr("gateway"), args.rate, args.duration, make_request,
                                        warmup=args.warmup, deadline_s=args.deadline_ms / 1000.0,
-                                       progress=sys.stderr))
+                                       progress=sys.stderr,
+                                       connect=lambda target: stack.gateway_channel("recommend", aio=True)))
     memory = {name: round(tree_total(rss_mib, pid), 1) for name, pid in stack.pids().items()}
     answered = max(len([x for x in result.samples if x.latency is not None]), 1)
     # Includes warm-up requests' CPU, so divide by everything sent.
@@ -123,13 +126,12 @@ def generated_item(item_id: str, j: int) -> pb.NewItem:
                       text=f"A generated story about a {picked}, number {j}, for the store benchmark.")
 
 
-def seed_store(target: str, plan: SeedPlan, timeout_s: float = 120.0) -> dict:
+def seed_store(stack: Stack, plan: SeedPlan, timeout_s: float = 120.0) -> dict:
     """Upsert then delete through the gateway, in the API's batch sizes; the seconds each took."""
-    import grpc
     from core.limits import MAX_DELETE, MAX_UPSERT
     from protos import fusionrec_pb2_grpc as pb_grpc
     upserts = plan.online + plan.extra
-    with grpc.insecure_channel(target) as channel:
+    with stack.gateway_channel("items") as channel:
         stub = pb_grpc.RecommenderStub(channel)
         started = time.monotonic()
         for lo in range(0, len(upserts), MAX_UPSERT):
@@ -158,18 +160,20 @@ def run_bench(args: argparse.Namespace) -> dict:
     store = args.run_dir.resolve() / "bench-state.db"
     for stale in (store, store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
         stale.unlink(missing_ok=True)
-    with Stack(args.artifacts, args.model_repo, args.run_dir, store=f"sqlite:{store}") as stack:
+    with Stack(args.artifacts, args.model_repo, args.run_dir, store=f"sqlite:{store}",
+               insecure_dev=args.insecure_dev) as stack:
         empty, result = measure(stack, args, make_request)
         rows = {"empty_store": empty}
         if seeding:
             plan = plan_seed(artifacts.json("catalog.json")["item_ids"], args.deleted, args.online,
                              args.keep_catalog)
             print(f"seeding the store through the API: {plan.describe()} ...", file=sys.stderr, flush=True)
-            seeded_with = seed_store(stack.addr("gateway"), plan)
+            seeded_with = seed_store(stack, plan)
             rows["seeded_store"], result = measure(stack, args, make_request)
             rows["seeded_store"]["seed"] = seeded_with
     config = {"rate": args.rate, "duration_s": args.duration, "k": args.k, "deadline_ms": args.deadline_ms,
-              "candidates": 300, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "candidates": 300, "security": "off (--insecure-dev)" if args.insecure_dev else "TLS/mTLS + tokens",
+              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for name, summary in rows.items():
         summary["config"] = config
         print(f"\n== {name.replace('_', ' ')}" + (f": {summary['seed']}" if "seed" in summary else ""))

@@ -29,11 +29,12 @@ async def _executions(client: InferenceServerClient, version: str) -> tuple[int,
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
-async def _set_batching(client: InferenceServerClient, version: str, enabled: bool, config: dict) -> None:
+async def _set_batching(client: InferenceServerClient, version: str, enabled: bool, config: dict,
+                        headers: dict[str, str] | None = None) -> None:
     config = dict(config, version_policy={"specific": {"versions": [int(version)]}})
     if not enabled:
         config.pop("dynamic_batching", None)
-    await client.load_model(FUSED_RANKER_NAME, config=json.dumps(config))
+    await client.load_model(FUSED_RANKER_NAME, config=json.dumps(config), headers=headers)
 
 
 async def _closed_loop(scorer: TritonScorer, requests: list[tuple[np.ndarray, ...]], concurrency: int,
@@ -54,7 +55,7 @@ async def _closed_loop(scorer: TritonScorer, requests: list[tuple[np.ndarray, ..
     return latencies
 
 
-async def _measure(args: argparse.Namespace, triton_addr: str) -> list[dict]:
+async def _measure(args: argparse.Namespace, stack: Stack) -> list[dict]:
     artifacts = open_artifacts(args.artifacts)
     version = str(artifacts.manifest["models"][FUSED_RANKER_NAME])
     n_items = int(artifacts.manifest["counts"]["items"])
@@ -63,13 +64,13 @@ async def _measure(args: argparse.Namespace, triton_addr: str) -> list[dict]:
                  rng.choice(n_items, min(args.candidates, n_items), replace=False).astype(np.int64),
                  rng.random((min(args.candidates, n_items), len(RETRIEVAL_FEATURES)), dtype=np.float32))
                 for _ in range(64)]
-    client = InferenceServerClient(triton_addr)
+    client = stack.triton_client(aio=True)   # mTLS; model control needs the stack's admin header
     rows = []
     try:
         config = (await client.get_model_config(FUSED_RANKER_NAME, version, as_json=True))["config"]
         scorer = TritonScorer(client, version)
         for batching in (True, False):
-            await _set_batching(client, version, batching, config)
+            await _set_batching(client, version, batching, config, stack.triton_admin_headers())
             for concurrency in args.concurrency:
                 await _closed_loop(scorer, requests, concurrency, 1.0)   # warm up
                 before = await _executions(client, version)
@@ -101,7 +102,7 @@ def measure_batching(args: argparse.Namespace) -> list[dict]:
     stack.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         stack.start_triton()
-        rows = asyncio.run(_measure(args, stack.addr("triton")))
+        rows = asyncio.run(_measure(args, stack))
     finally:
         stack.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,11 +31,15 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("run", "start the whole system on loopback and serve until Ctrl-C", "tools.run"),
     CommandSpec("bench", "open-loop benchmark of the gateway on a fresh stack", "tools.bench"),
     CommandSpec("bench-batching", "fused ranker on Triton, dynamic batching on vs off", "tools.bench_batching"),
+    CommandSpec("bench-scale", "build and serve synthetic 10k/100k/1M-item catalogs with brought embeddings",
+                "tools.bench_scale"),
     CommandSpec("loadtest", "open-loop load test of a gateway, or of a fresh stack with --stack",
                 "tools.loadtest"),
     CommandSpec("recommend", "call a running gateway's Recommend", "tools.client"),
     CommandSpec("export-events", "join the gateways' event logs into one interactions.csv, erased users left out",
                 "tools.export_events"),
+    CommandSpec("tokens", "mint a bearer token (hashed into the gateway's --tokens file) or list them",
+                "tools.tokens"),
     CommandSpec("gpu-check", "FAISS index build and search on GPU vs CPU (needs faiss-gpu)", "tools.gpu_check"),
 )
 BY_NAME = {c.name: c for c in COMMANDS}

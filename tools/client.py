@@ -1,14 +1,19 @@
 """Call a running gateway's Recommend and print the slate (`fusionrec recommend`).
 
-  fusionrec recommend --target 127.0.0.1:50050 --user 1 --k 10
-  fusionrec recommend --target 127.0.0.1:50050 --history 1 260 1196 --k 5 --json
-  fusionrec recommend --target 127.0.0.1:50050 --user 1 --k 10 --explain   # why each item: a table
+  fusionrec recommend --credentials run/credentials.json --user 1 --k 10
+  fusionrec recommend --credentials run/credentials.json --history 1 260 1196 --k 5 --json
+  fusionrec recommend --credentials run/credentials.json --user 1 --k 10 --explain   # why each item: a table
+  fusionrec recommend --insecure-dev --target 127.0.0.1:50050 --user 1    # a stack run with --insecure-dev
+
+TLS and the `recommend` token come from the credentials file `fusionrec run` writes; its gateway
+address is used unless --target is given.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -16,9 +21,9 @@ from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 
 
-def recommend(target: str, request: pb.RecommendRequest, timeout_s: float = 1.0) -> pb.RecommendResponse:
-    with grpc.insecure_channel(target) as channel:
-        return pb_grpc.RecommenderStub(channel).Recommend(request, timeout=timeout_s)
+def recommend(channel: grpc.Channel, request: pb.RecommendRequest, timeout_s: float = 1.0) -> pb.RecommendResponse:
+    """One Recommend on an open channel (tools.credentials.client_channel, Stack.gateway_channel)."""
+    return pb_grpc.RecommenderStub(channel).Recommend(request, timeout=timeout_s)
 
 
 def format_response(response: pb.RecommendResponse) -> str:
@@ -56,7 +61,12 @@ def format_explanation(response: pb.RecommendResponse) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, help="gateway address host:port")
+    parser.add_argument("--target", default=None,
+                        help="gateway address host:port (default: the credentials file's gateway)")
+    parser.add_argument("--credentials", type=Path, default=Path("run/credentials.json"),
+                        help="CA, client cert and tokens written by `fusionrec run` (default: %(default)s)")
+    parser.add_argument("--insecure-dev", action="store_true",
+                        help="plaintext, no token: for a stack started with --insecure-dev (needs --target)")
     parser.add_argument("--user", default="", help="user id (optional when --history is given)")
     parser.add_argument("--k", type=int, default=10, help="items to return, 1..100 (default: %(default)s)")
     parser.add_argument("--history", nargs="*", default=[], help="explicit history item ids, oldest first")
@@ -72,8 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     request = pb.RecommendRequest(user_id=args.user, k=args.k, history_item_ids=args.history,
                                   exclude_item_ids=args.exclude, surface=args.surface, explain=args.explain)
+    from tools.credentials import CredentialsError, client_channel
     try:
-        response = recommend(args.target, request, args.deadline_ms / 1000.0)
+        with client_channel(args.target, args.credentials, args.insecure_dev) as channel:
+            response = recommend(channel, request, args.deadline_ms / 1000.0)
+    except CredentialsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

@@ -14,11 +14,11 @@ In process, on the same artifact set (same code and FAISS indexes the retrieval 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import lightgbm as lgb
-import grpc
 import numpy as np
 from threadpoolctl import threadpool_limits
-from tritonclient.grpc.aio import InferenceServerClient
 
 from common.artifacts import ArtifactSet
 from common.components import load_retriever
@@ -32,6 +32,9 @@ from core.rerank import DiversityReranker
 from ranking.triton_scorer import TritonScorer
 from core.limits import BERT_HISTORY, DEFAULT_CANDIDATES, MAX_HISTORY
 
+if TYPE_CHECKING:
+    from tools.stack import Stack
+
 DEPTH = DEFAULT_CANDIDATES   # per-channel depth = the retrieval service's default candidate count
 CALL_TIMEOUT_S = 10.0   # generous: the replay measures quality, not latency
 
@@ -39,10 +42,10 @@ CALL_TIMEOUT_S = 10.0   # generous: the replay measures quality, not latency
 class StackReplayer:
     """One async session against a running stack; use `async with`."""
 
-    def __init__(self, artifacts: ArtifactSet, addrs: dict[str, str], served_weight: float,
+    def __init__(self, artifacts: ArtifactSet, stack: "Stack", served_weight: float,
                  sweep_weights: tuple[float, ...], k: int = SLATE_K) -> None:
         self.artifacts = artifacts
-        self.addrs = addrs                      # gateway, retrieval, triton -> host:port
+        self.stack = stack                      # channels to its gateway, retrieval and Triton
         self.served_weight = served_weight
         self.sweep_weights = sweep_weights
         self.k = k
@@ -59,11 +62,11 @@ class StackReplayer:
         self.requests = 0
 
     async def __aenter__(self) -> "StackReplayer":
-        self._gateway_channel = grpc.aio.insecure_channel(self.addrs["gateway"])
-        self._retrieval_channel = grpc.aio.insecure_channel(self.addrs["retrieval"])
+        self._gateway_channel = self.stack.gateway_channel("recommend", aio=True)
+        self._retrieval_channel = self.stack.channel("retrieval", aio=True)
         self.gateway = pb_grpc.RecommenderStub(self._gateway_channel)
         self.retrieval = pb_grpc.RetrievalStub(self._retrieval_channel)
-        self._triton = InferenceServerClient(self.addrs["triton"])
+        self._triton = self.stack.triton_client(aio=True)
         self.scorer = TritonScorer(self._triton, str(self.artifacts.manifest["models"][FUSED_RANKER_NAME]))
         return self
 

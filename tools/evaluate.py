@@ -57,6 +57,7 @@ class EvalOptions:
     progress: bool = True
     references: bool = True               # fit and score the reference recommenders
     reference_max_items: int | None = DEFAULT_MAX_ITEMS   # EASE / ItemKNN keep the most popular N items
+    insecure_dev: bool = False            # start the stack without TLS and tokens
 
 
 def evaluate(opts: EvalOptions) -> Path:
@@ -82,9 +83,9 @@ def evaluate(opts: EvalOptions) -> Path:
     # raises with the failing process's last log lines anyway).
     with tempfile.TemporaryDirectory(prefix="fusionrec-eval-") as scratch, \
             Stack(opts.artifacts, opts.model_repo, opts.run_dir or Path(scratch),
-                  ranking_args=["--diversity-weight", str(opts.diversity_weight)]) as stack:
-        addrs = {name: stack.addr(name) for name in ("gateway", "retrieval", "triton")}
-        main, cold, scored = asyncio.run(_replay(artifacts, addrs, evalset, users, cases, opts))
+                  ranking_args=["--diversity-weight", str(opts.diversity_weight)],
+                  insecure_dev=opts.insecure_dev) as stack:
+        main, cold, scored = asyncio.run(_replay(artifacts, stack, evalset, users, cases, opts))
     if fitted is not None:
         add_reference_slates(fitted, users, main, None, opts.progress)
         add_reference_slates(fitted, users, cold, opts.cold_history, opts.progress)
@@ -97,10 +98,10 @@ def evaluate(opts: EvalOptions) -> Path:
     return out
 
 
-async def _replay(artifacts, addrs: dict[str, str], evalset: EvalSet, users: list, cases: list[ImpressionCase],
+async def _replay(artifacts, stack: Stack, evalset: EvalSet, users: list, cases: list[ImpressionCase],
                   opts: EvalOptions) -> tuple[list[agg.UserResult], list[agg.UserResult], list]:
     weights = tuple(sorted({*opts.sweep_weights, opts.diversity_weight}))
-    async with StackReplayer(artifacts, addrs, opts.diversity_weight, weights) as replayer:
+    async with StackReplayer(artifacts, stack, opts.diversity_weight, weights) as replayer:
         main = [await replayer.user(u, evalset.train_counts)
                 for u in tqdm(users, desc="test users", unit="user", disable=not opts.progress)]
         cold = [await replayer.user(u, evalset.train_counts, history_len=opts.cold_history, anonymous=True,
@@ -248,6 +249,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-max-items", type=_non_negative, default=DEFAULT_MAX_ITEMS,
                    help="EASE / ItemKNN keep the N most popular items of a larger catalog "
                         "(default: %(default)s; 0 = the whole catalog)")
+    p.add_argument("--insecure-dev", action="store_true", help="start the stack without TLS and tokens")
 
 
 def options_from(a: argparse.Namespace) -> EvalOptions:
@@ -256,7 +258,7 @@ def options_from(a: argparse.Namespace) -> EvalOptions:
                        max_users=a.max_users or None, max_impressions=a.max_impressions or None,
                        cold_history=a.cold_history, diversity_weight=a.diversity_weight,
                        run_dir=a.run_dir, progress=not a.no_progress, references=not a.no_references,
-                       reference_max_items=a.reference_max_items or None)
+                       reference_max_items=a.reference_max_items or None, insecure_dev=a.insecure_dev)
 
 
 def run(args: argparse.Namespace) -> int:

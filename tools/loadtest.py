@@ -23,11 +23,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import grpc
 
 from protos import fusionrec_pb2, fusionrec_pb2_grpc
+from tools import loadtest_overload as overload
 from tools import loadtest_report as report
 from tools.stack_args import add_stack_arguments
 
@@ -61,15 +62,38 @@ class LoadResult:
         return report.summarize(self)
 
 
+# How a channel to the gateway is opened: (target) -> aio channel. The CLI sets it from
+# --credentials / --insecure-dev, or to a started stack's gateway_channel; None = plaintext.
+_connect: Callable[[str], grpc.aio.Channel] | None = None
+
+
+def set_connector(connect: Callable[[str], grpc.aio.Channel] | None) -> None:
+    global _connect
+    _connect = connect
+
+
+def _connector(args: argparse.Namespace) -> Callable[[str], grpc.aio.Channel]:
+    """TLS + the recommend token from --credentials (its gateway unless --target), or plaintext
+    with --insecure-dev; sets args.target when the credentials name the gateway."""
+    from tools.credentials import Credentials, client_channel
+    if not args.insecure_dev and not args.target:
+        args.target = Credentials.load(args.credentials).gateway
+    return lambda target: client_channel(target, args.credentials, args.insecure_dev, aio=True)
+
+
 async def run_open_loop(target: str, rate: float, duration: float,
                         make_request: Callable[[int], RecommendRequest], warmup: float = 0,
                         deadline_s: float | None = None, *, drain_s: float = 10.0,
-                        progress: TextIO | None = None) -> LoadResult:
+                        progress: TextIO | None = None,
+                        connect: Callable[[str], grpc.aio.Channel] | None = None,
+                        on_answer: Callable[[int, Any], None] | None = None) -> LoadResult:
     """Offer `rate` requests/s for warmup + duration seconds; only the last `duration` count.
 
     make_request(i) builds request number i (i counts from 0, warm-up included). Sending stops at
     the end of the window even if the client fell behind (the rest is `not_sent`); calls still in
     flight get up to max(drain_s, deadline_s) to finish, then are cancelled as NOT_ANSWERED.
+    on_answer(i, response) is called for each OK answer inside the window (the overload mode
+    scores them).
     """
     if rate <= 0 or duration <= 0 or warmup < 0:
         raise ValueError("rate and duration must be > 0 and warmup >= 0")
@@ -77,7 +101,8 @@ async def run_open_loop(target: str, rate: float, duration: float,
     n_warm = int(round(warmup * rate))
     n_total = n_warm + int(round(duration * rate))
     samples: list[Sample] = []
-    async with grpc.aio.insecure_channel(target) as channel:
+    connect = connect or _connect or (lambda t: grpc.aio.insecure_channel(t))
+    async with connect(target) as channel:
         stub = fusionrec_pb2_grpc.RecommenderStub(channel)
         # Connect before the clock starts: the first sends must not pay for the handshake.
         try:
@@ -101,6 +126,8 @@ async def run_open_loop(target: str, rate: float, duration: float,
                 sample.latency, sample.code = done - sent, code
                 sample.degraded, sample.stage_ms = degraded, stage
                 last_done[0] = max(last_done[0], done)
+                if on_answer is not None and code == "OK":
+                    on_answer(i, resp)
 
         sent_count = [0]  # all sends, warm-up included, for the progress line
         ticker = asyncio.create_task(_progress(progress, samples, sent_count, lambda: len(pending),
@@ -185,7 +212,11 @@ def request_factory(users: Sequence[str], k: int, surface: str,
 # ---------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="127.0.0.1:50051", help="gateway host:port")
+    p.add_argument("--target", default=None, help="gateway host:port (default: the --credentials file's gateway)")
+    p.add_argument("--credentials", type=Path, default=Path("run/credentials.json"),
+                   help="CA, client cert and tokens written by `fusionrec run` (default: %(default)s)")
+    p.add_argument("--insecure-dev", action="store_true",
+                   help="plaintext, no token (a gateway run with --insecure-dev; with --stack: start it so)")
     p.add_argument("--rate", type=float, default=100.0, help="requests/s (ramp: start rate)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds (per ramp step)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds sent first and not counted")
@@ -204,7 +235,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "highest rate whose p99 and error rate hold")
     p.add_argument("--ramp-step", type=float, default=25.0)
     p.add_argument("--ramp-max", type=float, default=500.0)
-    p.add_argument("--p99-target-ms", type=float, default=40.0)
+    p.add_argument("--p99-target-ms", type=float, default=None,
+                   help="p99 a ramp step must hold (default 40; with --overload 100)")
     p.add_argument("--max-error-rate", type=float, default=0.01,
                    help="largest share of non-OK answers a ramp step may have")
     p.add_argument("--selfcheck", action="store_true",
@@ -212,6 +244,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stack", action="store_true",
                    help="start Triton, retrieval, ranking and gateway on loopback first (--target is "
                         "ignored); users come from the artifact's histories unless --users-file")
+    overload.add_arguments(p)
     add_stack_arguments(p, Path("run/loadtest"), "process logs and user state", note="with --stack: ")
 
 
@@ -229,6 +262,7 @@ def _run_mode(args: argparse.Namespace) -> int:
         return selfcheck()
     if args.stack:
         return _on_fresh_stack(args)
+    set_connector(_connector(args))
     return _drive(args, load_users(args.users_file))
 
 
@@ -238,20 +272,25 @@ def _on_fresh_stack(args: argparse.Namespace) -> int:
     from gateway.user_state import ArtifactHistoryStore
     from tools.stack import Stack
 
-    users = (load_users(args.users_file) if args.users_file
+    users = (load_users(args.users_file) if args.users_file or args.overload
              else ArtifactHistoryStore(open_artifacts(args.artifacts)).users())
     if not users:
         raise SystemExit(f"{args.artifacts}: the artifact set has no users; pass --users-file")
     print(f"starting Triton, retrieval, ranking and gateway (logs in {args.run_dir}/) ...",
           file=sys.stderr, flush=True)
-    with Stack(args.artifacts, args.model_repo, args.run_dir) as stack:
+    with Stack(args.artifacts, args.model_repo, args.run_dir, insecure_dev=args.insecure_dev) as stack:
         args.target = stack.addr("gateway")
+        set_connector(lambda target: stack.gateway_channel("recommend", aio=True))
         print(f"gateway at {args.target}; {len(users)} users from "
               f"{args.users_file or 'the artifact histories'}", file=sys.stderr, flush=True)
         return _drive(args, users)
 
 
 def _drive(args: argparse.Namespace, users: Sequence[str]) -> int:
+    if args.overload:   # its requests replay the build's test users (--artifacts), not `users`
+        return overload.drive(args)
+    if args.p99_target_ms is None:
+        args.p99_target_ms = 40.0
     make = request_factory(users, args.k, args.surface, args.seed)
     deadline = args.deadline_ms / 1000.0 if args.deadline_ms else None
     progress = None if args.quiet else sys.stderr

@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_stack_arguments(p, Path("run"), "process logs")
     p.add_argument("--samples", type=int, default=3, help="sample users to print (default: %(default)s)")
     p.add_argument("--k", type=int, default=5, help="items per sample (default: %(default)s)")
+    p.add_argument("--insecure-dev", action="store_true",
+                   help="no TLS, no tokens: every port plaintext and open (development only; logs a warning)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,8 +24,9 @@ def run(args: argparse.Namespace) -> int:
     from protos import fusionrec_pb2 as pb
     from tools.client import format_response, recommend
     from tools.stack import Stack
+    from tools.supervisor import Supervisor
 
-    stack = Stack(args.artifacts, args.model_repo, args.run_dir)
+    stack = Stack(args.artifacts, args.model_repo, args.run_dir, insecure_dev=args.insecure_dev)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     print("starting Triton, retrieval, ranking and gateway on 127.0.0.1 ...", flush=True)
@@ -35,17 +38,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name:<10} pid {proc.popen.pid:<7} ports {proc.ports}")
         gateway = stack.addr("gateway")
         users = ArtifactHistoryStore(open_artifacts(args.artifacts)).users()[:args.samples]
-        for user in users:
-            print(f"\nRecommend(user_id={user!r}, k={args.k}):")
-            print(format_response(recommend(gateway, pb.RecommendRequest(user_id=user, k=args.k))))
-        print(f"\nGateway: {gateway}   try: .venv/bin/fusionrec recommend --target {gateway} --user 1")
-        print("Serving until Ctrl-C ...", flush=True)
-        while not stop["now"]:
-            for name, proc in stack.processes.items():
-                if proc.popen.poll() is not None:
-                    print(f"{name} exited ({proc.popen.returncode}); stopping. Last lines:\n{proc.tail()}")
-                    return 1
-            time.sleep(0.5)
+        with stack.gateway_channel("recommend") as channel:
+            for user in users:
+                print(f"\nRecommend(user_id={user!r}, k={args.k}):")
+                print(format_response(recommend(channel, pb.RecommendRequest(user_id=user, k=args.k))))
+        if args.insecure_dev:
+            print("\nWARNING: --insecure-dev: plaintext, no tokens")
+            print(f"Gateway: {gateway}   try: .venv/bin/fusionrec recommend --insecure-dev --target {gateway} --user 1")
+        else:
+            print(f"\nGateway: {gateway} (TLS + tokens); credentials: {stack.credentials_path}")
+            print(f"  try: .venv/bin/fusionrec recommend --credentials {stack.credentials_path} --user 1")
+        print("Serving until Ctrl-C (a child that exits is restarted: tools/supervisor.py) ...", flush=True)
+        Supervisor(stack).run(until=lambda: stop["now"])
     except KeyboardInterrupt:
         pass
     finally:

@@ -17,7 +17,9 @@ them round-robin; each gateway writes its own event-log folder (one writer per f
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -32,9 +34,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.artifacts import latest_dir
+from common.pki import Pki, ensure_pki
+from common.security import Security
 from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
 from common.logs import get_logger
-from common.triton import REPO, triton_command
+from common.triton import REPO, admin_headers, triton_command
 
 log = get_logger("stack")
 HOST = "127.0.0.1"
@@ -52,6 +56,14 @@ def free_port() -> int:
 # forces fork(), and gRPC's fork handlers can block fork() forever while its threads are busy
 # (seen in the test suite); without one, subprocess uses vfork and no fork handler runs.
 SETPRIV = shutil.which("setpriv")
+
+
+def write_secret(path: Path, text: str) -> None:
+    """A file only its owner can read (created 0600, then filled)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _die_with_parent() -> None:
@@ -81,7 +93,7 @@ class Stack:
     def __init__(self, artifacts: Path, model_repo: Path, run_dir: Path,
                  gateway_args: list[str] | None = None, ranking_args: list[str] | None = None,
                  retrieval_args: list[str] | None = None, replicas: dict[str, int] | None = None,
-                 store: str | None = None) -> None:
+                 store: str | None = None, insecure_dev: bool = False) -> None:
         self.artifacts = Path(artifacts).resolve()
         self.model_repo = Path(model_repo).resolve()
         self.run_dir = Path(run_dir).resolve()
@@ -97,6 +109,12 @@ class Stack:
         self.store = store or f"sqlite:{self.run_dir / 'state.db'}"
         self.processes: dict[str, Process] = {}
         self._ports: dict[str, dict[str, int]] = {}   # kept across restarts of a process
+        # Security (on unless insecure_dev): a throwaway PKI in run_dir/pki, a Triton admin secret,
+        # one bearer token per scope; made once per Stack, on first start (see _secure).
+        self.insecure_dev = insecure_dev
+        self.pki: Pki | None = None
+        self.tokens: dict[str, str] = {}
+        self._admin_secret: str | None = None
 
     # -- names and addresses
     def names(self, service: str) -> list[str]:
@@ -116,18 +134,85 @@ class Stack:
         return "ipv4:" + ",".join(self.addr(n) for n in names)
 
     def channel(self, name: str, aio: bool = False) -> grpc.Channel:
-        """An operator's channel to one process (a replica name or service name, or "triton").
-        Tests and tools open channels only through this and gateway_channel: security lives here."""
+        """An operator's channel to one process (a replica name or service name, or "triton"):
+        mTLS with the operator's service-CA cert. Tests and tools open channels only through this
+        and gateway_channel: security lives here."""
         from common.client import open_channel
-        return open_channel(self.addr(name), aio=aio)
+        return open_channel(self.addr(name), aio=aio, security=self.security("operator"))
 
-    def gateway_channel(self, scopes: str = "all", aio: bool = False, name: str | None = None,
+    def gateway_channel(self, scopes: str | None = "all", aio: bool = False, name: str | None = None,
                         options: list | None = None) -> grpc.Channel:
         """A client's channel to the public API (the one gateway, or `name`; all gateway replicas
-        round-robin when there are several and no name), carrying a token with `scopes`."""
+        round-robin when there are several and no name), with the API caller's client cert
+        (client CA) and a bearer token with `scopes` (recommend, events, items, admin or all;
+        None: no token). With insecure_dev: plaintext, no token."""
         from common.client import open_channel
         target = self.addr(name) if name else self.target("gateway")
-        return open_channel(target, aio=aio, options=options or ())
+        token = None
+        if scopes and not self.insecure_dev:
+            self._secure()
+            if scopes not in self.tokens:
+                raise ValueError(f"scopes: one of {', '.join(sorted(self.tokens))}, got {scopes!r}")
+            token = self.tokens[scopes]
+        return open_channel(target, aio=aio, options=options or (), security=self.security("client"),
+                            token=token)
+
+    def security(self, component: str) -> Security:
+        """The TLS files of one component of this stack (gateway, retrieval, ranking, triton,
+        operator, or client: the API caller's cert); plaintext with insecure_dev."""
+        if self.insecure_dev:
+            return Security.plaintext()
+        pki = self._secure()
+        return Security(pki.service_ca, pki.cert(component), pki.key(component))
+
+    def triton_client(self, aio: bool = False):
+        """An operator's tritonclient (gRPC, mTLS) to this stack's Triton."""
+        if aio:
+            from tritonclient.grpc.aio import InferenceServerClient
+        else:
+            from tritonclient.grpc import InferenceServerClient
+        return InferenceServerClient(self.addr("triton"), **self.security("operator").triton_client_kwargs())
+
+    def triton_admin_headers(self) -> dict[str, str] | None:
+        """What Triton's model-control API (load/unload) requires of a caller; None when open."""
+        self._secure()
+        return admin_headers(self._admin_secret)
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.run_dir / "credentials.json"
+
+    def _secure(self) -> Pki | None:
+        """Once per Stack: the PKI (reused from run_dir/pki when complete), the Triton admin secret
+        and the tokens file (fresh tokens each time). None with insecure_dev."""
+        if self.insecure_dev:
+            return None
+        if self.pki is None:
+            from gateway.auth import issue_tokens
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            pki = ensure_pki(self.run_dir / "pki")
+            self._admin_secret = secrets.token_urlsafe(24)
+            write_secret(pki.root / "triton-admin.secret", self._admin_secret)
+            self.tokens = issue_tokens(self.run_dir / "tokens.json")
+            self.pki = pki
+        return self.pki
+
+    def _tls_args(self, component: str) -> list[str]:
+        if self.insecure_dev:
+            return ["--insecure-dev"]
+        sec = self.security(component)
+        return ["--tls-ca", str(sec.ca), "--tls-cert", str(sec.cert), "--tls-key", str(sec.key)]
+
+    def write_credentials(self) -> Path | None:
+        """run_dir/credentials.json for API callers (tools/credentials.py): the gateway address, the
+        CA, the client cert and key, a token per scope. None with insecure_dev (nothing to write)."""
+        if self.insecure_dev:
+            return None
+        client = self.security("client")
+        doc = {"gateway": self.target("gateway"), "ca": str(client.ca), "cert": str(client.cert),
+               "key": str(client.key), "tokens": dict(self.tokens)}
+        write_secret(self.credentials_path, json.dumps(doc, indent=2))
+        return self.credentials_path
 
     def metrics_url(self, name: str) -> str:
         return f"http://{HOST}:{self._ports[name]['metrics']}/metrics"
@@ -149,17 +234,21 @@ class Stack:
             for name in self.names("gateway"):
                 self.start_service(name, self.artifacts)
             self.wait_all_healthy(self.names("gateway"), timeout_s)
+            self.write_credentials()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def start_triton(self, timeout_s: float = 180.0) -> None:
-        ports = self._ports.setdefault("triton", {"grpc": free_port(), "http": free_port(), "metrics": free_port()})
-        argv, env = triton_command(self.model_repo, ports["grpc"], ports["http"], ports["metrics"],
-                                   list(TRITON_MODELS), HOST)
+    def start_triton(self, timeout_s: float = 180.0, wait: bool = True) -> None:
+        """Start Triton (again: same ports); wait=False returns once spawned (the supervisor)."""
+        ports = self._ports.setdefault("triton", {"grpc": free_port(), "metrics": free_port()})
+        self._secure()
+        argv, env = triton_command(self.model_repo, ports["grpc"], ports["metrics"], list(TRITON_MODELS), HOST,
+                                   security=self.security("triton"), admin_secret=self._admin_secret)
         self._spawn("triton", argv, env, ports)
-        self.wait_triton(timeout_s)
+        if wait:
+            self.wait_triton(timeout_s)
 
     def start_service(self, name: str, artifacts: Path | None = None) -> None:
         """Start one replica (again: with the ports it had before). Does not wait for SERVING."""
@@ -171,12 +260,18 @@ class Stack:
         argv = [sys.executable, "-m", f"{service}.server", "--port", str(ports["grpc"]),
                 "--metrics-port", str(ports["metrics"]), "--artifacts", str(artifacts or self.artifacts),
                 "--item-log", store]
+        argv += self._tls_args(service)
         if service == "ranking":
             argv += ["--triton-url", self.addr("triton")]
+            if self._admin_secret:
+                argv += ["--triton-admin-secret-file", str(self.pki.root / "triton-admin.secret")]
         if service == "gateway":
             argv += ["--retrieval-addr", self.target("retrieval"), "--ranking-addr", self.target("ranking"),
                      "--triton-url", self.addr("triton"), "--state", store,
                      "--event-log", str(self.event_dir(name))]
+            if not self.insecure_dev:
+                argv += ["--tokens", str(self.run_dir / "tokens.json"),
+                         "--tls-client-ca", str(self.pki.root / "gateway-clients-ca.pem")]
         argv += self.extra_args[service]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         self._spawn(name, argv, env, ports)
@@ -209,8 +304,7 @@ class Stack:
             raise RuntimeError(f"{name} exited with {proc.popen.returncode}; last log lines:\n{proc.tail()}")
 
     def wait_triton(self, timeout_s: float) -> None:
-        import tritonclient.grpc as triton_grpc
-        client = triton_grpc.InferenceServerClient(self.addr("triton"))
+        client = self.triton_client()
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:

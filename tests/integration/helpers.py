@@ -12,11 +12,14 @@ from protos import fusionrec_pb2_grpc as pb_grpc
 
 
 class Load(threading.Thread):
-    """A steady trickle of requests; records every outcome."""
+    """A steady trickle of requests on `channel` (e.g. stack.gateway_channel(); closed by stop());
+    records every outcome."""
 
-    def __init__(self, target: str, user: str, deadline_s: float = 5.0) -> None:
+    def __init__(self, channel: grpc.Channel, user: str, deadline_s: float = 5.0) -> None:
         super().__init__(daemon=True)
-        self.channel = grpc.insecure_channel(target)
+        if isinstance(channel, str):
+            raise TypeError("Load takes a channel (stack.gateway_channel()), not an address: TLS + tokens are on")
+        self.channel = channel
         self.stub = pb_grpc.RecommenderStub(self.channel)
         self.user = user
         self.deadline_s = deadline_s
@@ -51,26 +54,28 @@ def upsert(stub: pb_grpc.RecommenderStub, ids: list[str], text: str, category: s
         pb.NewItem(item_id=i, title=title, text=text, category=category) for i in ids]), timeout=10)
 
 
-def bert_top(retrieval_addr: str, history: list[int], n: int, min_seq: int = 0) -> set[int]:
-    """The internal indices the BERT channel ranks 1..n for a history (asked of one replica)."""
-    with grpc.insecure_channel(retrieval_addr) as ch:
+def bert_top(stack, name: str, history: list[int], n: int, min_seq: int = 0) -> set[int]:
+    """The internal indices the BERT channel ranks 1..n for a history (asked of one retrieval
+    replica `name`, over the stack's operator channel)."""
+    with stack.channel(name) as ch:
         reply = pb_grpc.RetrievalStub(ch).Retrieve(pb.RetrieveRequest(history=history, min_item_log_seq=min_seq),
                                                    timeout=10)
     bert = next(c for c in reply.candidates.channels if c.channel == "bert")
     return {item for item, rank in zip(reply.candidates.items, bert.ranks) if 1 <= rank <= n}
 
 
-def service_status(addr: str, service: str) -> pb.ServiceStatus:
-    stub_class = pb_grpc.RetrievalStub if service == "retrieval" else pb_grpc.RankingStub
-    with grpc.insecure_channel(addr) as ch:
+def service_status(stack, name: str) -> pb.ServiceStatus:
+    """Status of one retrieval or ranking process (`retrieval`, `ranking-1`, ...)."""
+    stub_class = pb_grpc.RetrievalStub if name.startswith("retrieval") else pb_grpc.RankingStub
+    with stack.channel(name) as ch:
         return stub_class(ch).Status(pb.StatusRequest(), timeout=5)
 
 
-def rank(ranking_addr: str, history: list[int], items: list[int], min_seq: int = 0) -> pb.RankResponse:
+def rank(stack, name: str, history: list[int], items: list[int], min_seq: int = 0) -> pb.RankResponse:
     """Rank exactly `items` (as if retrieval had proposed them by BERT) on one ranking replica."""
     column = pb.ChannelColumn(channel="bert", scores=[1.0 - 0.001 * j for j in range(len(items))],
                               ranks=list(range(1, len(items) + 1)))
-    with grpc.insecure_channel(ranking_addr) as ch:
+    with stack.channel(name) as ch:
         return pb_grpc.RankingStub(ch).Rank(pb.RankRequest(
             history=history, candidates=pb.Candidates(items=items, channels=[column]), k=len(items),
             min_item_log_seq=min_seq), timeout=10)

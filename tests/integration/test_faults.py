@@ -28,7 +28,7 @@ def test_stopping_triton_then_ranking_then_retrieval_degrades(built, known_user,
     with Stack(*built, tmp_path) as stack, stack.gateway_channel() as ch:
         stub = pb_grpc.RecommenderStub(ch)
         assert not recommend(stub, user).degraded
-        load = Load(stack.addr("gateway"), user)
+        load = Load(stack.gateway_channel(), user)
         load.start()
         try:
             time.sleep(0.5)

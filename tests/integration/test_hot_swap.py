@@ -52,7 +52,7 @@ def test_swap_under_load_with_zero_failures(built, known_user, tmp_path):
         stub = pb_grpc.RecommenderStub(ch)
         stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.NewItem(
             item_id="swap-new", title="A brand new film about swaps", category="Drama")]), timeout=5)
-        load = Load(stack.addr("gateway"), user)
+        load = Load(stack.gateway_channel(), user)
         load.start()
         try:
             republish(root, model_repo, old + 1, corrupt=True)

@@ -102,9 +102,9 @@ def test_a_restarted_backend_replays_the_items_before_serving(live, upserted, ca
     live.restart(service, signal.SIGKILL)
     # Straight after SERVING, before any request reached it: the replica has replayed the log.
     if service == "retrieval":
-        assert bert_top(live.addr("retrieval"), [n], 4) == {n + 1, n + 2, n + 3, n + 4}
+        assert bert_top(live, "retrieval", [n], 4) == {n + 1, n + 2, n + 3, n + 4}
     else:
-        ranked = rank(live.addr("ranking"), [n], [n + 1, n + 2, 0, 1])
+        ranked = rank(live, "ranking", [n], [n + 1, n + 2, 0, 1])
         assert not ranked.degraded and set(ranked.items) == {n + 1, n + 2, 0, 1}
         assert np.isfinite(ranked.scores).all()
     channel, stub = _stub(live)

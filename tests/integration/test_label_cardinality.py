@@ -66,8 +66,8 @@ def _strings(req: pb.RecommendRequest) -> list[str]:
     return [req.user_id, req.surface, req.request_id, *req.exclude_item_ids, *req.history_item_ids[:1]]
 
 
-async def _send(target: str, start: int, stop: int, sent: list[str], codes: Counter) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def _send(stack, start: int, stop: int, sent: list[str], codes: Counter) -> None:
+    async with stack.gateway_channel(aio=True) as channel:
         stub = pb_grpc.RecommenderStub(channel)
         limit = asyncio.Semaphore(IN_FLIGHT)
 
@@ -120,13 +120,12 @@ def _assert_no_leak(bodies: dict[str, str], sent: list[str]) -> None:
 
 
 def test_random_ids_do_not_grow_series_or_reach_metrics(stack):
-    target = stack.addr("gateway")
     sent: list[str] = []
     codes: Counter[str] = Counter()
-    asyncio.run(_send(target, 0, CHECKPOINT, sent, codes))
+    asyncio.run(_send(stack, 0, CHECKPOINT, sent, codes))
     early_bodies = _bodies(stack)
     early = _families(early_bodies)
-    asyncio.run(_send(target, CHECKPOINT, TOTAL, sent, codes))
+    asyncio.run(_send(stack, CHECKPOINT, TOTAL, sent, codes))
     bodies = _bodies(stack)
     late = _families(bodies)
 

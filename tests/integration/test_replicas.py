@@ -84,9 +84,9 @@ def test_an_upsert_through_one_gateway_is_recommendable_through_the_other_within
     # Every replica retrieves it (BERT: same text, rank 1) and scores it (content-only path); asked
     # directly, so the request names the upsert's log position as the gateway's do.
     for name in stack.names("retrieval"):
-        assert bert_top(stack.addr(name), [n_items], 1, reply.item_log_seq) == {n_items + 1}, name
+        assert bert_top(stack, name, [n_items], 1, reply.item_log_seq) == {n_items + 1}, name
     for name in stack.names("ranking"):
-        ranked = rank(stack.addr(name), [n_items], [n_items + 1, 0, 1], reply.item_log_seq)
+        ranked = rank(stack, name, [n_items], [n_items + 1, 0, 1], reply.item_log_seq)
         assert not ranked.degraded and n_items + 1 in ranked.items, name
     print(f"rp-1 recommended through gateway B {seen * 1000:.0f} ms after gateway A acknowledged it")
 
@@ -108,7 +108,7 @@ def test_deletes_hold_on_every_gateway(stack, gateways, known_user, n_items):
                 assert not set(ids(stub.Recommend(request, timeout=5))) & set(doomed)
         assert code_of(stub.ReportEventBatch, click("rp-user", "rp-1"), timeout=5) == "INVALID_ARGUMENT"
     for name in stack.names("retrieval"):
-        assert n_items + 1 not in bert_top(stack.addr(name), [n_items], 50, deleted.item_log_seq), name
+        assert n_items + 1 not in bert_top(stack, name, [n_items], 50, deleted.item_log_seq), name
 
 
 def test_store_down_refuses_upserts_whole_and_recommend_degrades(stack, gateways, own_redis, known_user):
@@ -117,7 +117,7 @@ def test_store_down_refuses_upserts_whole_and_recommend_degrades(stack, gateways
     gateway/events.py's rule. Redis restarts from its AOF: every replica catches up."""
     a, b = gateways
     user, _ = known_user
-    before = service_status(stack.addr("retrieval-0"), "retrieval").item_log_seq
+    before = service_status(stack, "retrieval-0").item_log_seq
     own_redis.kill()
     try:
         codes = Counter(code_of(a.UpsertItems, pb.UpsertItemsRequest(items=[pb.NewItem(
@@ -147,7 +147,7 @@ def test_store_down_refuses_upserts_whole_and_recommend_degrades(stack, gateways
     assert reply.item_log_seq == before + 1 + 3              # sd-probe, then this batch
     deadline = time.monotonic() + 5.0
     while True:
-        statuses = {n: service_status(stack.addr(n), n.split("-")[0]) for n in
+        statuses = {n: service_status(stack, n) for n in
                     stack.names("retrieval") + stack.names("ranking")}
         if all(s.item_log_ok and s.item_log_seq >= reply.item_log_seq for s in statuses.values()):
             break
@@ -301,7 +301,7 @@ def test_sigkill_and_restart_every_replica_in_turn_under_load(stack, known_user,
         # both gateways (restarted last) resolve every acknowledged id.
         last_seq = max(seq for _, seq, _ in upserts.acked)
         for name in stack.names("retrieval") + stack.names("ranking"):
-            status = service_status(stack.addr(name), name.split("-")[0])
+            status = service_status(stack, name)
             assert status.item_log_ok and status.item_log_seq >= last_seq, (name, status)
         for name in stack.names("gateway"):   # each gateway sees both replicas of each tier, none lagging
             deadline = time.monotonic() + 10.0

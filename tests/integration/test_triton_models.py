@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def client(stack):
-    c = triton.InferenceServerClient(stack.addr("triton"))
+    c = stack.triton_client()   # mTLS, the operator cert
     yield c
     c.close()
 

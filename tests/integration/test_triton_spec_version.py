@@ -12,6 +12,8 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from common.pki import ensure_pki
+from common.security import Security
 from common.triton import triton_command
 from offline.serving.export import TRITON_MODELS
 from offline.serving.triton_config import fused_ranker_config, text_encoder_config, write_config
@@ -39,10 +41,13 @@ def _repository_naming_spec(root: Path, spec_version: str) -> Path:
 def test_triton_refuses_a_feature_spec_version_the_model_does_not_know(tmp_path: Path) -> None:
     repo = _repository_naming_spec(tmp_path / "model_repository", "0")
     grpc_port = _free_port()
-    argv, env = triton_command(repo, grpc_port, _free_port(), _free_port(), models=[])
+    pki = ensure_pki(tmp_path / "pki")   # as in every stack: mTLS, the operator's cert calls it
+    argv, env = triton_command(repo, grpc_port, _free_port(), models=[],
+                               security=Security(pki.service_ca, pki.cert("triton"), pki.key("triton")))
     with open(tmp_path / "triton.log", "wb") as log:
         server = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    operator = Security(pki.service_ca, pki.cert("operator"), pki.key("operator"))
+    client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}", **operator.triton_client_kwargs())
     try:
         deadline = time.monotonic() + 60
         while True:

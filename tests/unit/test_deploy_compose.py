@@ -173,3 +173,110 @@ def test_every_service_follows_the_item_log_in_redis_and_gateways_share_state() 
         assert {v for v in env if v.startswith("FUSIONREC_")} <= flags, name
     assert services["gateway"]["environment"]["FUSIONREC_STATE"] == "redis://redis:6379/0"
     assert "--appendonly" in services["redis"]["command"]   # the item log survives a Redis restart
+
+
+# -- security: secrets, networks standing in for NetworkPolicies, the health check over mTLS
+
+SECRET_DIR = "/run/secrets/"
+# Who shares a network with whom (compose isolates by network membership, not by port).
+EXPECTED_NEIGHBOURS = {
+    "gateway": {"retrieval", "ranking", "triton", "redis", "prometheus", "grafana"},
+    "retrieval": {"gateway", "redis", "prometheus"},
+    "ranking": {"gateway", "triton", "redis", "prometheus"},
+    "triton": {"ranking", "gateway", "prometheus"},
+    "redis": {"gateway", "retrieval", "ranking"},
+}
+
+
+def _neighbours(services: dict, name: str) -> set[str]:
+    mine = set(services[name].get("networks", ["default"]))
+    return {other for other, svc in services.items()
+            if other != name and mine & set(svc.get("networks", ["default"]))}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_NEIGHBOURS))
+def test_networks_let_each_service_reach_only_its_peers(name: str) -> None:
+    doc = _compose()
+    services = doc["services"]
+    assert _neighbours(services, name) == EXPECTED_NEIGHBOURS[name]
+    for network in services[name]["networks"]:
+        assert network in doc["networks"], network
+        assert doc["networks"][network].get("internal") is (None if network == "public" else True), network
+    if name != "gateway":
+        assert "ports" not in services[name], f"{name} publishes a port on the host"
+
+
+def _secret_path(services: dict, doc: dict, name: str, path: str) -> str:
+    """The source file of the secret mounted at `path` in service `name` (which must mount it)."""
+    assert path.startswith(SECRET_DIR), path
+    secret = path[len(SECRET_DIR):]
+    assert secret in services[name]["secrets"], f"{name} does not mount {secret}"
+    return doc["secrets"][secret]["file"]
+
+
+@pytest.mark.parametrize("name", ["gateway", "retrieval", "ranking"])
+def test_each_service_gets_tls_files_from_its_own_secrets(name: str) -> None:
+    doc = _compose()
+    services = doc["services"]
+    env = services[name]["environment"]
+    assert _secret_path(services, doc, name, env["FUSIONREC_TLS_CA"]) == "./secrets/service-ca.pem"
+    assert _secret_path(services, doc, name, env["FUSIONREC_TLS_CERT"]) == f"./secrets/{name}.pem"
+    assert _secret_path(services, doc, name, env["FUSIONREC_TLS_KEY"]) == f"./secrets/{name}.key"
+    others = {s for s in ("gateway", "retrieval", "ranking", "triton") if s != name}
+    assert not {f"{o}.key" for o in others} & set(services[name]["secrets"]), "another component's key"
+    assert "--insecure-dev" not in services[name]["command"] and "FUSIONREC_INSECURE_DEV" not in env
+
+
+def test_gateway_tokens_triton_secret_and_triton_tls() -> None:
+    doc = _compose()
+    services = doc["services"]
+    gw = _flags(services["gateway"]["command"])
+    assert _secret_path(services, doc, "gateway", gw["--tokens"]) == "./secrets/tokens.json"
+    assert gw["--triton-url"] == "triton:8001"     # text_encoder for UpsertItems
+    admin = services["ranking"]["environment"]["FUSIONREC_TRITON_ADMIN_SECRET_FILE"]
+    assert _secret_path(services, doc, "ranking", admin) == "./secrets/triton-admin-secret"
+    triton = services["triton"]
+    args = dict(a.split("=", 1) for a in triton["command"] if a.startswith("--") and "=" in a)
+    assert args["--grpc-use-ssl-mutual"] == "true" and args["--http-address"] == "127.0.0.1"
+    assert args["--metrics-address"] == "0.0.0.0"
+    for flag, source in (("--grpc-server-cert", "triton.pem"), ("--grpc-server-key", "triton.key"),
+                         ("--grpc-root-cert", "service-ca.pem")):
+        assert _secret_path(services, doc, "triton", args[flag]) == f"./secrets/{source}"
+    script = triton["entrypoint"][2]
+    for flag in ("--grpc-restricted-protocol", "--http-restricted-api"):
+        assert f'{flag}=model-repository:fusionrec-triton-admin="$$(cat /run/secrets/triton-admin-secret)"' in script
+    assert "triton-admin-secret" in triton["secrets"]
+    ignore = (DEPLOY / "secrets" / ".gitignore").read_text().split()
+    assert "*" in ignore and "!.gitignore" in ignore
+    for secret in doc["secrets"].values():
+        assert secret["file"].startswith("./secrets/")
+
+
+def test_grpc_health_check_script_speaks_mtls(tmp_path: Path) -> None:
+    """The exec probe / healthcheck against a server that requires a client cert of the service CA."""
+    import importlib.util
+    from common.pki import ensure_pki
+    spec = importlib.util.spec_from_file_location("grpc_health_check", DEPLOY / "grpc_health_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pki = ensure_pki(tmp_path / "pki", components=("retrieval",))
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [(pki.key("retrieval").read_bytes(), pki.cert("retrieval").read_bytes())],
+        root_certificates=pki.service_ca.read_bytes(), require_client_auth=True)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    tls = ["--tls-ca", str(pki.service_ca), "--tls-cert", str(pki.cert("retrieval")),
+           "--tls-key", str(pki.key("retrieval"))]
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert module.main([*tls, f"127.0.0.1:{port}"]) == 0
+        assert module.main([f"127.0.0.1:{port}", "--timeout-s", "1"]) == 1           # plaintext: refused
+        assert module.main(["--tls-ca", str(pki.service_ca), f"127.0.0.1:{port}", "--timeout-s", "1"]) == 1  # no client cert
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert module.main([*tls, f"127.0.0.1:{port}"]) == 1
+    finally:
+        server.stop(None)

@@ -1,6 +1,7 @@
 """deploy/k8s manifests: schema-valid (kubernetes-validate, offline, strict) and wired together."""
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_manifests_validate_strictly_offline(version: str, no_network: None) -> 
 
 def test_validation_rejects_a_broken_manifest() -> None:
     _, deploy = next((n, d) for n, d in _docs() if d["kind"] == "Deployment")
-    deploy["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "grpc"
+    deploy["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"] = "python"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deploy, K8S_VERSIONS[-1], strict=True)
 
@@ -67,15 +68,31 @@ def test_expected_objects_exist() -> None:
     assert {d["metadata"].get("namespace") for _, d in _docs() if d["kind"] != "Namespace"} == {"fusionrec"}
 
 
+def _flags(c: dict) -> dict[str, str]:
+    """--flag value pairs and --flag=value arguments of a container."""
+    args, out = c.get("args", []), {}
+    for i, arg in enumerate(args):
+        if arg.startswith("--") and "=" in arg:
+            out.update([arg.split("=", 1)])
+        elif arg.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[arg] = args[i + 1]
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(GRPC_TIERS))
-def test_grpc_tiers_probe_with_grpc_on_their_port(name: str) -> None:
+def test_grpc_tiers_probe_health_over_tls_on_their_port(name: str) -> None:
+    """kubelet's native gRPC probe cannot speak TLS: the probes exec the health check with the
+    pod's own cert, against the port the service binds."""
     (c,) = _by_kind("Deployment")[name]["spec"]["template"]["spec"]["containers"]
     port = GRPC_TIERS[name]
     assert {"name": "grpc", "containerPort": port} in c["ports"]
+    flags = _flags(c)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"] == {"port": port}, probe
+        assert c[probe]["exec"]["command"] == [
+            "python", "deploy/grpc_health_check.py", "--tls-ca", flags["--tls-ca"], "--tls-cert", flags["--tls-cert"],
+            "--tls-key", flags["--tls-key"], f"127.0.0.1:{port}"], probe
+        assert c[probe]["timeoutSeconds"] >= 2, probe   # a python start under load takes more than 1 s
     assert c["command"] == ["python", "-m", f"{name}.server"]
-    flags = dict(zip(c["args"][::2], c["args"][1::2]))
     assert flags["--port"] == str(port) and "--metrics-port" in flags and "--artifacts" in flags
     assert flags["--host"] == "0.0.0.0"  # probes and other pods connect to the pod IP
 
@@ -107,13 +124,30 @@ def test_env_from_configmap_uses_existing_keys_and_every_arg_variable_is_defined
                     assert arg[2:-1] in env, f"{name}: {arg} is not an env var of the container"
 
 
-def test_triton_uses_http_health_and_a_gpu() -> None:
-    (c,) = _by_kind("Deployment")["triton"]["spec"]["template"]["spec"]["containers"]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+def test_triton_grpc_is_mtls_http_loopback_and_model_control_restricted() -> None:
+    d = _by_kind("Deployment")["triton"]
+    (c,) = d["spec"]["template"]["spec"]["containers"]
+    flags = _flags(c)
+    for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
+        assert f"'http://127.0.0.1:8000{path}'" in " ".join(c[probe]["exec"]["command"])
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "--model-repository=/models" in c["args"]
     assert {"--load-model=fused_ranker", "--load-model=text_encoder"} <= set(c["args"])
+    assert flags["--grpc-use-ssl-mutual"] == "true" and flags["--grpc-port"] == "8001"
+    assert flags["--allow-http"] == "true" and flags["--http-address"] == "127.0.0.1"
+    assert flags["--metrics-address"] == "0.0.0.0" and flags["--metrics-port"] == "8002"
+    # HTTP is neither a container port nor a Service port: nothing outside the pod reaches it
+    assert 8000 not in {p["containerPort"] for p in c["ports"]}
+    assert 8000 not in {p["port"] for p in _by_kind("Service")["triton"]["spec"]["ports"]}
+    restricted = "model-repository:fusionrec-triton-admin=$(TRITON_ADMIN_SECRET)"
+    assert flags["--grpc-restricted-protocol"] == flags["--http-restricted-api"] == restricted
+    (env,) = [e for e in c["env"] if e["name"] == "TRITON_ADMIN_SECRET"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "fusionrec-triton-admin", "key": "secret"}
+    # ranking holds the same secret (its model-control calls send the header)
+    ranking = _by_kind("Deployment")["ranking"]["spec"]["template"]["spec"]
+    (rc,) = ranking["containers"]
+    mounted = _secret_mounts(ranking, rc)
+    assert Path(_flags(rc)["--triton-admin-secret-file"]) == mounted["fusionrec-triton-admin"] / "secret"
 
 
 def test_every_container_has_requests_and_limits() -> None:
@@ -204,3 +238,168 @@ def test_every_fusionrec_variable_is_a_flag_of_its_service() -> None:
         for var in _env(name):
             if var.startswith("FUSIONREC_"):
                 assert var in fields, f"{name}: {var} is no flag of {cls}"
+
+
+# -- security: secrets, NetworkPolicies
+
+SECRETS = K8S / "secrets"
+PROMETHEUS = "prometheus"   # the peer name _peers() gives the monitoring namespace's Prometheus pods
+# Each pod's allowed ingress: (peer, port); peer "any" = every source.
+EXPECTED_INGRESS = {
+    "gateway": {("any", 50051), (PROMETHEUS, 9101)},
+    "retrieval": {("gateway", 50052), (PROMETHEUS, 9102)},
+    "ranking": {("gateway", 50053), (PROMETHEUS, 9103)},
+    "triton": {("ranking", 8001), ("gateway", 8001), (PROMETHEUS, 8002)},
+}
+
+
+def _secret_mounts(pod_spec: dict, c: dict) -> dict[str, Path]:
+    """secret name -> where the container mounts it (read-only)."""
+    volumes = {v["name"]: v["secret"] for v in pod_spec["volumes"] if "secret" in v}
+    out = {}
+    for m in c["volumeMounts"]:
+        if m["name"] in volumes:
+            assert m.get("readOnly") is True, f"{c['name']}: secret {m['name']} mounted writable"
+            out[volumes[m["name"]]["secretName"]] = Path(m["mountPath"])
+    return out
+
+
+def _generated_secrets() -> dict[str, dict[str, str]]:
+    """secretGenerator: name -> {key in the secret: source file}."""
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return {g["name"]: dict(f.split("=", 1) for f in g["files"]) for g in kust["secretGenerator"]}
+
+
+def _tls_files(name: str, c: dict) -> tuple[str, str, str]:
+    flags = _flags(c)
+    if name == "triton":
+        return flags["--grpc-root-cert"], flags["--grpc-server-cert"], flags["--grpc-server-key"]
+    return flags["--tls-ca"], flags["--tls-cert"], flags["--tls-key"]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_INGRESS))
+def test_every_deployment_mounts_its_cert_and_the_ca_from_secrets(name: str) -> None:
+    spec = _by_kind("Deployment")[name]["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    mounts = _secret_mounts(spec, c)
+    ca, cert, key = map(Path, _tls_files(name, c))
+    assert ca == mounts["fusionrec-ca"] / "ca.crt"
+    assert cert == mounts[f"fusionrec-tls-{name}"] / "tls.crt"
+    assert key == mounts[f"fusionrec-tls-{name}"] / "tls.key"
+    generated = _generated_secrets()
+    assert set(generated[f"fusionrec-tls-{name}"]) == {"tls.crt", "tls.key"}
+    assert set(generated["fusionrec-ca"]) == {"ca.crt"}
+    modes = {v["secret"]["secretName"]: v["secret"]["defaultMode"] for v in spec["volumes"] if "secret" in v}
+    assert modes[f"fusionrec-tls-{name}"] & 0o007 == 0, "a private key readable by every user of the node's pod"
+    assert set(mounts) <= set(generated), f"{name} mounts a secret nothing creates"
+
+
+def test_gateway_reads_hashed_tokens_and_ranking_the_triton_secret_from_secrets() -> None:
+    deployments = _by_kind("Deployment")
+    gw = deployments["gateway"]["spec"]["template"]["spec"]
+    (c,) = gw["containers"]
+    assert Path(_flags(c)["--tokens"]) == _secret_mounts(gw, c)["fusionrec-tokens"] / "tokens.json"
+    generated = _generated_secrets()
+    assert generated["fusionrec-tokens"] == {"tokens.json": "secrets/tokens.json"}
+    assert generated["fusionrec-triton-admin"] == {"secret": "secrets/triton-admin-secret"}
+    for name in ("retrieval", "triton"):   # the token hashes and Triton's admin header stay where needed
+        spec = deployments[name]["spec"]["template"]["spec"]
+        assert not {"fusionrec-tokens", "fusionrec-triton-admin"} & set(_secret_mounts(spec, spec["containers"][0]))
+
+
+def test_secret_material_is_never_committed() -> None:
+    """The generator's sources live under secrets/, whose .gitignore ignores everything but itself."""
+    for files in _generated_secrets().values():
+        for source in files.values():
+            assert source.startswith("secrets/") and "/" not in source[len("secrets/"):], source
+    ignore = (SECRETS / ".gitignore").read_text().split()
+    assert "*" in ignore and "!.gitignore" in ignore
+
+
+def test_every_flag_in_args_is_a_flag_of_its_service() -> None:
+    """A misspelt flag (--token, --tls-certs) would stop the pod at start; an embedded $(VAR) must be defined."""
+    import dataclasses
+    from common import config as service_config
+    for name, cls in CONFIGS.items():
+        (c,) = _by_kind("Deployment")[name]["spec"]["template"]["spec"]["containers"]
+        known = {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(getattr(service_config, cls))}
+        assert set(_flags(c)) <= known, f"{name}: {sorted(set(_flags(c)) - known)}"
+    for name, d in _by_kind("Deployment").items():
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            env = {e["name"] for e in c.get("env", [])}
+            for arg in c.get("args", []):
+                for var in re.findall(r"\$\(([A-Z_]+)\)", arg):
+                    assert var in env, f"{name}: $({var}) is not an env var of the container"
+
+
+def _selects(policy: dict, labels: dict) -> bool:
+    return policy["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+
+
+def _peers(rule: dict) -> set[str]:
+    """A rule's sources as names: "any", a pod name of this namespace, or "prometheus"."""
+    if "from" not in rule:
+        return {"any"}
+    out = set()
+    for peer in rule["from"]:
+        assert set(peer) <= {"podSelector", "namespaceSelector"}, f"unexpected peer {peer}"
+        pods = peer.get("podSelector", {}).get("matchLabels", {})
+        if "namespaceSelector" in peer:
+            assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+            assert pods == {"app.kubernetes.io/name": "prometheus"}
+            out.add(PROMETHEUS)
+        else:
+            assert set(pods) == {"app.kubernetes.io/name"}, f"peer must name one pod kind: {peer}"
+            out.add(pods["app.kubernetes.io/name"])
+    return out
+
+
+def _allowed(labels: dict) -> set[tuple[str, int]] | None:
+    """Union of the ingress the policies selecting these labels allow (None: no policy isolates them)."""
+    policies = [p for p in _by_kind("NetworkPolicy").values() if _selects(p, labels)]
+    if not policies:
+        return None
+    allowed = set()
+    for p in policies:
+        assert p["spec"]["policyTypes"] == ["Ingress"]
+        for rule in p["spec"].get("ingress", []):
+            ports = [port["port"] for port in rule["ports"]]   # every rule names its ports
+            assert all(isinstance(port, int) for port in ports)
+            allowed |= {(peer, port) for peer in _peers(rule) for port in ports}
+    return allowed
+
+
+def test_default_deny_isolates_every_pod_of_the_namespace() -> None:
+    assert set(_by_kind("NetworkPolicy")) == {"default-deny-ingress", "redis-ingress",
+                                              *(f"{n}-ingress" for n in EXPECTED_INGRESS)}
+    deny = _by_kind("NetworkPolicy")["default-deny-ingress"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    assert _allowed({"app.kubernetes.io/name": "build-artifacts"}) == set()   # the Job: nothing reaches it
+    assert _allowed({"app.kubernetes.io/name": "anything-else"}) == set()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_INGRESS))
+def test_each_service_admits_exactly_the_expected_peers(name: str) -> None:
+    d = _by_kind("Deployment")[name]
+    labels = d["spec"]["template"]["metadata"]["labels"]
+    allowed = _allowed(labels)
+    assert allowed == EXPECTED_INGRESS[name]
+    (c,) = d["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert {port for _, port in allowed} == set(ports.values()), "a port open to no one, or a policy for a closed one"
+    scraped = int(d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
+    assert {port for peer, port in allowed if peer == PROMETHEUS} == {scraped} == {ports["metrics"]}
+
+
+def test_internal_services_are_reached_only_by_the_gateway_and_triton_also_by_ranking() -> None:
+    """The issue's rule in words: no one but the gateway reaches retrieval or ranking gRPC; Triton's
+    gRPC only ranking and the gateway (text_encoder for UpsertItems); nothing reaches another's metrics."""
+    for name, grpc_port in (("retrieval", 50052), ("ranking", 50053), ("triton", 8001)):
+        labels = _by_kind("Deployment")[name]["spec"]["template"]["metadata"]["labels"]
+        callers = {peer for peer, port in _allowed(labels) if port == grpc_port}
+        assert "any" not in callers and PROMETHEUS not in callers
+        assert callers == ({"gateway", "ranking"} if name == "triton" else {"gateway"})
+
+
+def test_redis_in_the_namespace_is_reachable_by_the_services_only() -> None:
+    assert _allowed({"app.kubernetes.io/name": "redis"}) == {(s, 6379) for s in GRPC_TIERS}

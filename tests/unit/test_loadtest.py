@@ -187,7 +187,8 @@ def trivial_server() -> str:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tools.cli", "loadtest", *args], cwd=REPO,
+    # --insecure-dev: the trivial server is plaintext (TLS and tokens are tested elsewhere)
+    return subprocess.run([sys.executable, "-m", "tools.cli", "loadtest", "--insecure-dev", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -140,3 +140,23 @@ def test_a_swap_waits_for_every_reachable_replica():
     with pytest.raises(RuntimeError, match="ranking: no reachable replica"):
         probe.by_target["k"] = [status("k1", reachable=False)]
         asyncio.run(monitor.wait_for_version("2", timeout_s=0.05, interval_s=0.01))
+
+
+def test_monitor_probes_faster_while_a_replica_is_down(monkeypatch):
+    """A replica down (or lagging): probed every recovering_s, not interval_s, until it is back."""
+    import gateway.replica_monitor as replica_monitor
+    probe = FakeProbe({"r": [status("r1"), status("r2", reachable=False)], "k": [status("k1")]})
+    monitor = monitor_for(probe, [0], [])
+    slept: list[float] = []
+
+    async def fake_sleep(s: float) -> None:
+        slept.append(s)
+        if len(slept) == 2:
+            probe.by_target["r"][1] = status("r2")   # back up
+        if len(slept) == 4:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(replica_monitor.asyncio, "sleep", fake_sleep)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(monitor.run(interval_s=2.0, recovering_s=0.5))
+    assert slept == [0.5, 0.5, 2.0, 2.0]

@@ -425,7 +425,8 @@ def test_the_service_reports_serving_only_after_the_replay_then_tails_the_log(ti
     gated = GatedLog(SqliteItemLog(path))
     monkeypatch.setattr(retrieval.server, "open_item_log", lambda spec: gated)
     port = _free_port()
-    config = RetrievalConfig(port=port, artifacts=tiny_artifacts.folder, item_log=f"sqlite:{path}", grace_s=0.1)
+    config = RetrievalConfig(port=port, artifacts=tiny_artifacts.folder, item_log=f"sqlite:{path}", grace_s=0.1,
+                             insecure_dev=True)   # plaintext: this test is about the replay
 
     async def health(stub) -> int | None:
         try:

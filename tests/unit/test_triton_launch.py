@@ -7,8 +7,9 @@ from common.triton import triton_command
 
 
 def test_triton_binds_loopback_and_pins_the_stub_python_home(tmp_path):
-    argv, env = triton_command(tmp_path, 1001, 1002, 1003, ["fused_ranker"])
-    assert {"--grpc-address=127.0.0.1", "--http-address=127.0.0.1", "--metrics-address=127.0.0.1"} <= set(argv)
+    argv, env = triton_command(tmp_path, 1001, 1003, ["fused_ranker"])
+    assert {"--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1", "--allow-http=false"} <= set(argv)
+    assert not any(a.startswith("--http-") for a in argv)   # HTTP off: nothing here needs it
     assert "--grpc-port=1001" in argv and "--load-model=fused_ranker" in argv
     # The stub's interpreter must read the standard library of the libpython it is linked with,
     # whatever `python3` comes first on PATH (an activated venv would point it at another build).

@@ -1,0 +1,210 @@
+"""Admission control: an adaptive concurrency limit per method, and RESOURCE_EXHAUSTED at once for
+what is over it (issue 13, overload).
+
+Without it an overloaded service queues everything: every request waits, most of them past their
+deadline, and goodput collapses (300 rps offered: 106 good answers/s; 600 rps: 58/s). With it the
+calls over the limit are refused within milliseconds, so the caller can back off or go elsewhere,
+and the admitted ones keep the latency they have at capacity.
+
+The limit (GradientLimit) is Envoy's adaptive-concurrency gradient controller:
+  * min_rtt: the latency (p90) of `probe_samples` calls with at most min_concurrency in flight —
+    the service's latency without queueing, as the machine is now. Measured at start, every
+    `probe_interval_s` (jittered), and again as soon as the limit has sat at its floor for
+    `stale_windows` windows (then the baseline is stale: the machine got slower, e.g. from the
+    cost of shedding itself; re-measuring at the floor costs nothing there).
+  * every `window_s`: sample = p90 latency of the calls finished in the window,
+    gradient = clamp(min_rtt * (1 + buffer) / sample, 0.5, 2),
+    limit = clamp(limit * gradient + sqrt(limit), min_concurrency, max_concurrency).
+    At equilibrium gradient = 1 - 1/sqrt(limit): latency stays within ~2x of min_rtt.
+  * the limit grows only when the window used at least half of it: a quiet service has no
+    evidence that more concurrency is fine.
+Over the limit a call waits at most `queue_ms` for a slot (FIFO), then is refused.
+
+Never limited: health checks, reflection, the replicas' Status probes (the gateway must see an
+overloaded replica as alive) and streaming methods (a ReportEvents stream lives long; its
+latency says nothing about load).
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import random
+import time
+from collections import deque
+from typing import Any, Awaitable, Callable
+
+import grpc
+
+from common.config import ServerConfig
+from common.metrics import ADMISSION_LIMIT, ADMISSION_SHED, GRPC_REQUESTS
+
+SHED_MESSAGE = "overloaded; retry with backoff"
+EXEMPT_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+EXEMPT_METHODS = frozenset({"Status"})
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of a non-empty list, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+class GradientLimit:
+    """The concurrency limit, from latencies only (no gRPC, no asyncio); clock injectable."""
+
+    def __init__(self, min_limit: int = 4, max_limit: int = 64, *, window_s: float = 0.1,
+                 q: float = 0.9, buffer: float = 0.25, probe_samples: int = 50,
+                 probe_interval_s: float = 60.0, stale_windows: int = 5,
+                 clock: Callable[[], float] = time.monotonic,
+                 jitter: Callable[[], float] = random.random) -> None:
+        if not 1 <= min_limit <= max_limit:
+            raise ValueError(f"concurrency limits: need 1 <= min ({min_limit}) <= max ({max_limit})")
+        self.min_limit, self.max_limit = min_limit, max_limit
+        self.window_s, self.q, self.buffer = window_s, q, buffer
+        self.probe_samples, self.probe_interval_s, self.stale_windows = probe_samples, probe_interval_s, stale_windows
+        self.clock, self.jitter = clock, jitter
+        self.min_rtt: float | None = None
+        self._limit = float(min_limit)
+        self._probe: list[float] | None = []        # not None while measuring min_rtt
+        self._window: list[float] = []
+        self._window_start = clock()
+        self._window_peak = 0
+        self._at_floor = 0
+        self._next_probe = math.inf
+
+    @property
+    def probing(self) -> bool:
+        return self._probe is not None
+
+    @property
+    def limit(self) -> int:
+        """Calls allowed in flight now (the floor while min_rtt is being measured)."""
+        return self.min_limit if self.probing else int(self._limit)
+
+    def on_sample(self, latency_s: float, inflight: int) -> None:
+        """One admitted call finished after latency_s, with `inflight` calls (itself included) in flight."""
+        now = self.clock()
+        if self._probe is not None:
+            self._probe.append(latency_s)
+            if len(self._probe) >= self.probe_samples:
+                self.min_rtt = max(percentile(self._probe, self.q), 1e-6)
+                self._probe = None
+                self._next_probe = now + self.probe_interval_s * (1.0 + 0.15 * self.jitter())
+                self._reset_window(now)
+            return
+        self._window.append(latency_s)
+        self._window_peak = max(self._window_peak, inflight)
+        if now - self._window_start >= self.window_s:
+            self._update()
+            self._reset_window(now)
+            if self._at_floor >= self.stale_windows or now >= self._next_probe:
+                self._start_probe()
+
+    def _update(self) -> None:
+        assert self.min_rtt is not None
+        sample = percentile(self._window, self.q)
+        gradient = min(2.0, max(0.5, self.min_rtt * (1.0 + self.buffer) / max(sample, 1e-9)))
+        new = self._limit * gradient + math.sqrt(self._limit)
+        if new > self._limit and self._window_peak < self._limit / 2:
+            new = self._limit   # not using the limit: no evidence that more is fine
+        self._limit = min(float(self.max_limit), max(float(self.min_limit), new))
+        self._at_floor = self._at_floor + 1 if self._limit <= self.min_limit else 0
+
+    def _reset_window(self, now: float) -> None:
+        self._window, self._window_start, self._window_peak = [], now, 0
+
+    def _start_probe(self) -> None:
+        self._probe, self._at_floor = [], 0   # the limit itself is kept for after the probe
+
+
+class Admission:
+    """In-flight count against a GradientLimit, with a bounded FIFO wait for a slot (one event loop)."""
+
+    def __init__(self, limit: GradientLimit, queue_s: float) -> None:
+        self.limiter = limit
+        self.queue_s = queue_s
+        self.inflight = 0
+        self._waiters: deque[asyncio.Future] = deque()
+
+    async def acquire(self) -> bool:
+        """True: admitted (call release() when done). False: refuse the call."""
+        if self.inflight < self.limiter.limit and not self._waiters:
+            self.inflight += 1
+            return True
+        if self.queue_s <= 0:
+            return False
+        slot = asyncio.get_running_loop().create_future()
+        self._waiters.append(slot)
+        await asyncio.wait((slot,), timeout=self.queue_s)
+        if slot.done():   # release() handed its slot over (and counted it)
+            return True
+        slot.cancel()
+        try:
+            self._waiters.remove(slot)
+        except ValueError:
+            pass
+        return False
+
+    def release(self, latency_s: float) -> None:
+        self.limiter.on_sample(latency_s, self.inflight)
+        self.inflight -= 1
+        while self._waiters and self.inflight < self.limiter.limit:
+            slot = self._waiters.popleft()
+            if not slot.done():
+                self.inflight += 1
+                slot.set_result(None)
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    """One Admission per unary method of the service, created at its first call."""
+
+    def __init__(self, service: str, min_concurrency: int = 4, max_concurrency: int = 64,
+                 queue_ms: float = 2.0, make_limit: Callable[[], GradientLimit] | None = None) -> None:
+        if queue_ms < 0:
+            raise ValueError(f"--queue-ms must be >= 0, got {queue_ms}")
+        GradientLimit(min_concurrency, max_concurrency)   # fail at start on bad bounds
+        self.service = service
+        self.queue_s = queue_ms / 1000.0
+        self.make_limit = make_limit or (lambda: GradientLimit(min_concurrency, max_concurrency))
+        self.admissions: dict[str, Admission] = {}
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None or details.method.startswith(EXEMPT_PREFIXES):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        if method in EXEMPT_METHODS:
+            return handler
+        admission = self.admissions.get(method)
+        if admission is None:   # a method the servicer implements: the label set stays bounded
+            admission = self.admissions[method] = Admission(self.make_limit(), self.queue_s)
+            ADMISSION_SHED.labels(self.service, method)   # exported at 0 from the first call
+        return handler._replace(unary_unary=self._guard(handler.unary_unary, admission, method))
+
+    def _guard(self, behaviour: Callable, admission: Admission, method: str) -> Callable:
+        gauge = ADMISSION_LIMIT.labels(self.service, method)
+        shed = ADMISSION_SHED.labels(self.service, method)
+        refused = GRPC_REQUESTS.labels(self.service, method, "RESOURCE_EXHAUSTED")
+
+        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if not await admission.acquire():
+                shed.inc()
+                refused.inc()   # never reaches the servicer's own request metrics
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, SHED_MESSAGE)
+            start = time.perf_counter()
+            try:
+                result = behaviour(request, context)
+                return await result if inspect.isawaitable(result) else result
+            finally:
+                admission.release(time.perf_counter() - start)
+                gauge.set(admission.limiter.limit)
+        return admitted
+
+
+def admission_interceptors(config: ServerConfig, service: str) -> list[grpc.aio.ServerInterceptor]:
+    """The admission interceptor for a service, or none with --no-admission."""
+    if config.no_admission:
+        return []
+    return [AdmissionInterceptor(service, config.min_concurrency, config.max_concurrency, config.queue_ms)]

@@ -1,0 +1,197 @@
+"""common.admission: the gradient limit on a fake clock, the bounded wait, and the interceptor on a
+real in-process grpc.aio server (shed answers come back as RESOURCE_EXHAUSTED, fast)."""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.admission import SHED_MESSAGE, Admission, AdmissionInterceptor, GradientLimit, percentile
+from protos import fusionrec_pb2 as pb
+from protos import fusionrec_pb2_grpc as pb_grpc
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def limiter(clock: Clock, **kwargs) -> GradientLimit:
+    kwargs = {"min_limit": 4, "max_limit": 64, "probe_samples": 10, "probe_interval_s": 1e9,
+              "jitter": lambda: 0.0, **kwargs}
+    return GradientLimit(clock=clock, **kwargs)
+
+
+def feed(limit: GradientLimit, clock: Clock, latency_s: float, windows: int, per_window: int = 20,
+         inflight: int | None = None) -> list[int]:
+    """`windows` windows of `per_window` calls of latency_s each, the limit fully used; the limit after each."""
+    seen = []
+    for _ in range(windows):
+        for _ in range(per_window):
+            clock.t += limit.window_s / per_window * 1.0001   # the window closes on its last call
+            limit.on_sample(latency_s, limit.limit if inflight is None else inflight)
+        seen.append(limit.limit)
+    return seen
+
+
+def test_percentile_nearest_rank():
+    assert percentile([5.0], 0.9) == 5.0
+    assert percentile(list(map(float, range(1, 11))), 0.9) == 9.0
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+
+
+def test_probe_first_then_grows_while_latency_is_flat_up_to_max():
+    clock = Clock()
+    limit = limiter(clock)
+    assert limit.probing and limit.limit == 4
+    feed(limit, clock, 0.010, windows=1, per_window=10)        # the probe: min_rtt = 10 ms
+    assert not limit.probing and limit.min_rtt == pytest.approx(0.010)
+    seen = feed(limit, clock, 0.010, windows=30)
+    assert seen[0] > 4 and all(b >= a for a, b in zip(seen, seen[1:]))   # grows, never shrinks
+    assert seen[-1] == 64                                               # and stops at max
+
+
+def test_shrinks_when_latency_rises_and_never_below_min():
+    clock = Clock()
+    limit = limiter(clock, stale_windows=10 ** 6)
+    feed(limit, clock, 0.010, windows=1, per_window=10)
+    feed(limit, clock, 0.010, windows=30)
+    assert limit.limit == 64
+    seen = feed(limit, clock, 0.040, windows=3)                        # 4x the baseline
+    assert seen[0] < 64 and seen[1] < seen[0]
+    seen = feed(limit, clock, 0.200, windows=20)
+    assert min(seen) == 4 and seen[-1] == 4                             # floored at min
+
+
+def test_does_not_grow_when_the_limit_is_not_used():
+    clock = Clock()
+    limit = limiter(clock)
+    feed(limit, clock, 0.010, windows=1, per_window=10)
+    seen = feed(limit, clock, 0.005, windows=10, inflight=1)           # fast, but 1 in flight of 4
+    assert seen == [4] * 10
+
+
+def test_equilibrium_keeps_latency_near_baseline():
+    """A service whose latency grows with concurrency (queueing past 8 in flight): the limit settles
+    where latency is within ~2x of the no-load latency, not at max."""
+    clock = Clock()
+    limit = limiter(clock, stale_windows=10 ** 6)
+
+    def latency(n: int) -> float:
+        return 0.010 * max(1.0, n / 8)
+    for _ in range(10):
+        clock.t += 0.001
+        limit.on_sample(latency(limit.limit), limit.limit)
+    for _ in range(200):
+        for _ in range(20):
+            clock.t += 0.005
+            limit.on_sample(latency(limit.limit), limit.limit)
+    assert 8 <= limit.limit <= 24 and latency(limit.limit) <= 0.025
+
+
+def test_stale_baseline_is_measured_again_at_the_floor():
+    """The machine got 5x slower for good: pinned at the floor, the limiter re-measures min_rtt there
+    and grows again instead of staying at min for the rest of the probe interval."""
+    clock = Clock()
+    limit = limiter(clock, stale_windows=3)
+    feed(limit, clock, 0.010, windows=1, per_window=10)
+    assert feed(limit, clock, 0.050, windows=3) == [4, 4, 4]
+    assert limit.probing and limit.limit == 4
+    feed(limit, clock, 0.050, windows=1, per_window=10)                 # the new probe
+    assert limit.min_rtt == pytest.approx(0.050)
+    assert feed(limit, clock, 0.050, windows=5)[-1] > 4
+
+
+def test_bounds_checked():
+    with pytest.raises(ValueError, match="min"):
+        GradientLimit(0, 10)
+    with pytest.raises(ValueError, match="max"):
+        GradientLimit(8, 4)
+    with pytest.raises(ValueError, match="queue-ms"):
+        AdmissionInterceptor("t", queue_ms=-1)
+
+
+def test_bounded_wait_hands_the_slot_over_fifo_or_refuses():
+    async def go():
+        clock = Clock()
+        admission = Admission(limiter(clock, min_limit=1, max_limit=1), queue_s=0.05)
+        assert await admission.acquire()
+        waiter = asyncio.ensure_future(admission.acquire())
+        await asyncio.sleep(0.005)
+        admission.release(0.001)                       # the slot goes to the waiter
+        assert await waiter and admission.inflight == 1
+        started = time.perf_counter()
+        assert not await admission.acquire()           # nobody releases: refused after queue_s
+        waited = time.perf_counter() - started
+        assert admission.inflight == 1 and not admission._waiters
+        return waited
+    assert asyncio.run(go()) >= 0.04
+
+    async def no_queue():
+        admission = Admission(limiter(Clock(), min_limit=1, max_limit=1), queue_s=0.0)
+        assert await admission.acquire() and not await admission.acquire()
+    asyncio.run(no_queue())
+
+
+class SlowRetrieval(pb_grpc.RetrievalServicer):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def Retrieve(self, request, context):
+        self.calls += 1
+        await asyncio.sleep(0.2)
+        return pb.RetrieveResponse(index_version="v")
+
+    async def Status(self, request, context):
+        await asyncio.sleep(0.2)
+        return pb.ServiceStatus()
+
+
+def test_interceptor_sheds_fast_and_never_health_or_status():
+    async def go():
+        interceptor = AdmissionInterceptor("retrieval", min_concurrency=2, max_concurrency=2, queue_ms=1.0)
+        server = grpc.aio.server(interceptors=[interceptor])
+        servicer = SlowRetrieval()
+        pb_grpc.add_RetrievalServicer_to_server(servicer, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.RetrievalStub(channel)
+                await channel.channel_ready()
+
+                async def timed(call):
+                    started = time.perf_counter()
+                    try:
+                        await call
+                        return "OK", time.perf_counter() - started, ""
+                    except grpc.aio.AioRpcError as e:
+                        return e.code().name, time.perf_counter() - started, e.details()
+                slow = [asyncio.ensure_future(timed(stub.Retrieve(pb.RetrieveRequest(), timeout=5)))
+                        for _ in range(2)]
+                await asyncio.sleep(0.05)        # both admitted and in the servicer
+                shed = await asyncio.gather(*[timed(stub.Retrieve(pb.RetrieveRequest(), timeout=5))
+                                              for _ in range(10)])
+                exempt = await asyncio.gather(
+                    timed(stub.Status(pb.StatusRequest(), timeout=5)),
+                    timed(health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)))
+                done = await asyncio.gather(*slow)
+                return shed, exempt, done, servicer.calls
+        finally:
+            await server.stop(None)
+
+    shed, exempt, done, calls = asyncio.run(go())
+    assert {code for code, _, _ in shed} == {"RESOURCE_EXHAUSTED"}
+    assert {details for _, _, details in shed} == {SHED_MESSAGE}
+    assert statistics.median(t for _, t, _ in shed) < 0.15      # well before the 200 ms servicer
+    assert [code for code, _, _ in exempt] == ["OK", "OK"]      # Status and health are never shed
+    assert [code for code, _, _ in done] == ["OK", "OK"] and calls == 2
