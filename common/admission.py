@@ -18,6 +18,9 @@ The limit (GradientLimit) is Envoy's adaptive-concurrency gradient controller:
     At equilibrium gradient = 1 - 1/sqrt(limit): latency stays within ~2x of min_rtt.
   * the limit grows only when the window used at least half of it: a quiet service has no
     evidence that more concurrency is fine.
+  * a window in which calls ran out of time (cancelled at their deadline, or finished with under
+    10% of it left: a gateway answering a fallback just in time) cuts the limit by 0.8 at least:
+    deadlines cap latency, so the gradient alone would not see that overload.
 Over the limit a call waits at most `queue_ms` for a slot (FIFO), then is refused.
 
 Never limited: health checks, reflection, the replicas' Status probes (the gateway must see an
@@ -42,6 +45,9 @@ from common.metrics import ADMISSION_LIMIT, ADMISSION_SHED, GRPC_REQUESTS
 SHED_MESSAGE = "overloaded; retry with backoff"
 EXEMPT_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 EXEMPT_METHODS = frozenset({"Status"})
+LATE_BACKOFF = 0.8      # multiplicative decrease when calls of the window ran out of time
+LATE_SHARE = 0.1        # a call that ends with less than this share of its deadline left was late
+LATE_MARGIN_S = 0.002   # ... or with less than this
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -70,6 +76,7 @@ class GradientLimit:
         self._window: list[float] = []
         self._window_start = clock()
         self._window_peak = 0
+        self._window_late = 0
         self._at_floor = 0
         self._next_probe = math.inf
 
@@ -82,11 +89,13 @@ class GradientLimit:
         """Calls allowed in flight now (the floor while min_rtt is being measured)."""
         return self.min_limit if self.probing else int(self._limit)
 
-    def on_sample(self, latency_s: float, inflight: int) -> None:
-        """One admitted call finished after latency_s, with `inflight` calls (itself included) in flight."""
+    def on_sample(self, latency_s: float, inflight: int, late: bool = False) -> None:
+        """One admitted call finished after latency_s, with `inflight` calls (itself included) in
+        flight; late: it ran out of its deadline (or its caller gave up)."""
         now = self.clock()
         if self._probe is not None:
-            self._probe.append(latency_s)
+            if not late:   # a late call's latency is its deadline, not the service's
+                self._probe.append(latency_s)
             if len(self._probe) >= self.probe_samples:
                 self.min_rtt = max(percentile(self._probe, self.q), 1e-6)
                 self._probe = None
@@ -95,6 +104,7 @@ class GradientLimit:
             return
         self._window.append(latency_s)
         self._window_peak = max(self._window_peak, inflight)
+        self._window_late += late
         if now - self._window_start >= self.window_s:
             self._update()
             self._reset_window(now)
@@ -106,13 +116,17 @@ class GradientLimit:
         sample = percentile(self._window, self.q)
         gradient = min(2.0, max(0.5, self.min_rtt * (1.0 + self.buffer) / max(sample, 1e-9)))
         new = self._limit * gradient + math.sqrt(self._limit)
-        if new > self._limit and self._window_peak < self._limit / 2:
+        if self._window_late:
+            # Calls ran out of time: latency is capped by deadlines there (a gateway answers a
+            # degraded fallback just in time), so the gradient alone would not see the overload.
+            new = min(new, self._limit * LATE_BACKOFF)
+        elif new > self._limit and self._window_peak < self._limit / 2:
             new = self._limit   # not using the limit: no evidence that more is fine
         self._limit = min(float(self.max_limit), max(float(self.min_limit), new))
         self._at_floor = self._at_floor + 1 if self._limit <= self.min_limit else 0
 
     def _reset_window(self, now: float) -> None:
-        self._window, self._window_start, self._window_peak = [], now, 0
+        self._window, self._window_start, self._window_peak, self._window_late = [], now, 0, 0
 
     def _start_probe(self) -> None:
         self._probe, self._at_floor = [], 0   # the limit itself is kept for after the probe
@@ -136,19 +150,32 @@ class Admission:
             return False
         slot = asyncio.get_running_loop().create_future()
         self._waiters.append(slot)
-        await asyncio.wait((slot,), timeout=self.queue_s)
+        try:
+            await asyncio.wait((slot,), timeout=self.queue_s)
+        except asyncio.CancelledError:   # the caller went away while waiting
+            if slot.done():
+                self.inflight -= 1   # handed over, never used: give it back
+                self._hand_over()
+            self._drop(slot)
+            raise
         if slot.done():   # release() handed its slot over (and counted it)
             return True
+        self._drop(slot)
+        return False
+
+    def _drop(self, slot: asyncio.Future) -> None:
         slot.cancel()
         try:
             self._waiters.remove(slot)
         except ValueError:
             pass
-        return False
 
-    def release(self, latency_s: float) -> None:
-        self.limiter.on_sample(latency_s, self.inflight)
+    def release(self, latency_s: float, late: bool = False) -> None:
+        self.limiter.on_sample(latency_s, self.inflight, late)
         self.inflight -= 1
+        self._hand_over()
+
+    def _hand_over(self) -> None:
         while self._waiters and self.inflight < self.limiter.limit:
             slot = self._waiters.popleft()
             if not slot.done():
@@ -194,13 +221,26 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 refused.inc()   # never reaches the servicer's own request metrics
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, SHED_MESSAGE)
             start = time.perf_counter()
+            budget = context.time_remaining()
+            cancelled = False
             try:
                 result = behaviour(request, context)
                 return await result if inspect.isawaitable(result) else result
+            except asyncio.CancelledError:   # the deadline passed or the caller gave up
+                cancelled = True
+                raise
             finally:
-                admission.release(time.perf_counter() - start)
+                admission.release(time.perf_counter() - start, cancelled or out_of_time(context, budget))
                 gauge.set(admission.limiter.limit)
         return admitted
+
+
+def out_of_time(context: grpc.aio.ServicerContext, budget: float | None) -> bool:
+    """The call used nearly all of the deadline it had when admitted (None: no deadline)."""
+    if budget is None:
+        return False
+    left = context.time_remaining()
+    return left is not None and left < max(LATE_MARGIN_S, LATE_SHARE * budget)
 
 
 def admission_interceptors(config: ServerConfig, service: str) -> list[grpc.aio.ServerInterceptor]:

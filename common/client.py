@@ -34,6 +34,14 @@ def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, An
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), *RECONNECT_OPTIONS, *extra]
 
 
+def triton_channel_args() -> list[tuple[str, Any]]:
+    """`channel_args` for tritonclient's InferenceServerClient (ranking, gateway -> Triton): its own
+    message limits (2 GiB) and our reconnect backoff; without them tritonclient uses gRPC's
+    defaults and a restarted Triton stayed unused for 6.6 s after it was ready (measured)."""
+    limit = 2**31 - 1
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit), *RECONNECT_OPTIONS]
+
+
 def client_interceptors() -> list[Any]:
     """Interceptors on every outgoing aio call (trace context propagation: common/tracing.py)."""
     from common import tracing   # lazy: OpenTelemetry loads with the first channel

@@ -83,8 +83,8 @@ class GatewayConfig(ServerConfig):
     token_rate_per_s: float = _flag(1000.0, "calls/s allowed per token at this gateway process when the "
                                             "tokens file sets no rate_per_s for it (0 = no limit)")
     token_burst: float = _flag(0.0, "token bucket size per token when the file sets no burst (0 = one second of its rate)")
-    write_deadline_ms: float = _flag(30_000.0, "budget of a write RPC (UpsertItems, DeleteItems, ReportEvents, "
-                                               "ReportEventBatch, DeleteUserData) when the caller sets no deadline")
+    write_deadline_ms: float = _flag(30_000.0, "budget of UpsertItems, DeleteItems and DeleteUserData when the "
+                                               "caller sets no deadline (Recommend's default never applies to writes)")
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:

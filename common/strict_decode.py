@@ -11,11 +11,13 @@ INVALID_ARGUMENT. On a stream the check happens message by message as the servic
 messages before the bad one are handled as usual (ReportEvents keeps the earlier batches
 applied). Servicers must read streams by iterating (`async for`), not with context.read().
 A handler without a deserializer (raw bytes, e.g. a rejection built by an inner interceptor) is
-left alone. One warning line per rejected call, with the method only: never the bytes.
+left alone. A warning line names the method, never the bytes; at most one per method per second
+(with the number it stands for), so garbage cannot flood the log; the request metric counts all.
 """
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -54,8 +56,12 @@ def lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 class StrictDecodeInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, log_every_s: float = 1.0) -> None:
         self.service = service
+        # A flood of garbage must not flood the log: one line per method per log_every_s, with
+        # the count of the refusals it stands for (the metric counts every one).
+        self.log_every_s = log_every_s
+        self._logged: dict[str, tuple[float, int]] = {}   # method -> (last line at, refused since)
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -78,12 +84,22 @@ class StrictDecodeInterceptor(grpc.aio.ServerInterceptor):
     def _rejecter(self, method: str, name: str) -> Callable[[grpc.aio.ServicerContext, int | None], Awaitable[None]]:
         async def reject(context: grpc.aio.ServicerContext, position: int | None) -> None:
             where = "" if position is None else f" (stream message {position}; the messages before it were handled)"
-            log.warning("undecodable request refused", extra={"service": self.service, "method": method,
-                                                              "stream_message": position})
+            self._log(method, position)
             if position is None:   # a unary request never reaches the servicer's own metrics
                 GRPC_REQUESTS.labels(self.service, method, "INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {name}{where}")
         return reject
+
+    def _log(self, method: str, position: int | None) -> None:
+        now = time.monotonic()
+        last, suppressed = self._logged.get(method, (-1e18, 0))
+        if now - last < self.log_every_s:
+            self._logged[method] = (last, suppressed + 1)
+            return
+        self._logged[method] = (now, 0)
+        log.warning("undecodable request refused", extra={"service": self.service, "method": method,
+                                                          "stream_message": position,
+                                                          "suppressed_since_last": suppressed})
 
 
 def _guard_request(behaviour: Callable, reject: Callable) -> Callable:

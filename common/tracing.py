@@ -2,13 +2,15 @@
 OpenTelemetry, and the request id every log line carries (issue 13).
 
 Server side, `server_interceptor` (outermost in common.server.standard_interceptors): reads
-`traceparent` / `tracestate` and `x-request-id` from the incoming metadata, runs the handler inside
-a SERVER span named after the method (a child of the caller's span, or the root of a new trace
-when there is none or it does not parse), and binds the request id for common.logs: the request message's own `request_id` field
-(RecommendRequest's, which the gateway echoes), else the caller's `x-request-id`, when it is a
-sane token (letters, digits, `._:-`, at most MAX_REQUEST_ID), else the trace id. Client side, `client_interceptors` (every channel from common.client.open_channel)
-and `outgoing_headers` (ranking's Triton calls) write the current span and the request id into
-the outgoing metadata, so every hop logs the same id and continues the same trace.
+`traceparent` / `tracestate` and `x-request-id` from the incoming metadata, runs the handler
+inside a SERVER span named after the method (a child of the caller's span, or the root of a new
+trace when there is none or it does not parse), and binds the request id for common.logs: the
+request message's own `request_id` field (RecommendRequest's, which the gateway echoes), else
+the caller's `x-request-id`, when it is a sane token (letters, digits, `._:-`, at most
+MAX_REQUEST_ID), else the trace id. Client side, `client_interceptors` (every aio channel from
+common.client.open_channel) and `outgoing_headers` (ranking's Triton calls) write the current
+span and the request id into the outgoing metadata: every hop logs the same id and continues the
+same trace.
 
 Every call gets a span of its own (a new span id under the caller's, or a new trace), so the ids
 that propagate are the same whether or not spans are exported. Export is off by default: with an
@@ -40,9 +42,13 @@ from core.limits import MAX_REQUEST_ID
 REQUEST_ID_HEADER = "x-request-id"
 TRACE_HEADERS = ("traceparent", "tracestate")
 PROPAGATOR = TraceContextTextMapPropagator()
-# Version 00, the only one defined: parsed here (a third of the reference parser's cost);
+# Version 00, the only one defined, is parsed here (a fraction of the reference parser's cost);
 # anything else goes to the reference parser, which also knows the rules for later versions.
 _TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+# A tracestate list member (W3C): checked first, because OpenTelemetry's parser logs a warning
+# with the caller's text for each bad member: a malformed tracestate is dropped, silently.
+_TRACESTATE_MEMBER = re.compile(r"[a-z0-9][a-z0-9_\-*/]{0,255}(?:@[a-z][a-z0-9_\-*/]{0,13})?"
+                                r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
 _SANE_ID = re.compile(rf"[A-Za-z0-9._:\-]{{1,{MAX_REQUEST_ID}}}")
 _UNTRACED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 # Server span status: these codes are the server's fault (OpenTelemetry's gRPC conventions);
@@ -88,9 +94,16 @@ def remote_parent(carrier: dict[str, str]) -> SpanContext | None:
     trace_id, span_id = int(match[1], 16), int(match[2], 16)
     if not trace_id or not span_id:
         return None
-    state = TraceState.from_header([carrier["tracestate"]]) if "tracestate" in carrier else None
+    state = _trace_state(carrier["tracestate"]) if "tracestate" in carrier else None
     return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(int(match[3], 16)),
                        trace_state=state)
+
+
+def _trace_state(header: str) -> TraceState | None:
+    members = [m.strip(" \t") for m in header.split(",")]
+    if not all(_TRACESTATE_MEMBER.fullmatch(m) for m in members if m):
+        return None
+    return TraceState.from_header([header])
 
 
 def _unrecorded_span(parent: SpanContext | None) -> trace.Span:

@@ -11,7 +11,7 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from common.artifacts import ArtifactSet, open_artifacts
-from common.client import open_channel
+from common.client import open_channel, triton_channel_args
 from common.security import process_security
 from common.config import GatewayConfig, parse_config
 from common.followed_versions import offer_followed
@@ -22,6 +22,7 @@ from common.metrics import ARTIFACT_INFO
 from common.wire import reasons_to_proto
 from common.server import observed, serve
 from common.versions import VersionSet, watch_versions
+from gateway.auth import TokenFileError, auth_interceptors
 from gateway.erase import UserDataUnavailable, UserEraser
 from gateway.event_log import EventLog
 from gateway.events import EventIngester, IngestResult
@@ -85,8 +86,9 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def budget(self, context: grpc.aio.ServicerContext, write: bool = False) -> float:
         """The caller's remaining time; no deadline means the gateway's default, never "infinite":
-        default_deadline_ms for Recommend, write_deadline_ms for the write RPCs (embedding 256
-        items takes seconds; a read's 250 ms would fail every upsert)."""
+        default_deadline_ms for Recommend, write_deadline_ms for UpsertItems, DeleteItems and
+        DeleteUserData (embedding 256 items takes seconds; a read's 250 ms failed every upsert).
+        Event batches are not cut at a default (protos/fusionrec.proto: a retry would log twice)."""
         remaining = context.time_remaining()
         default = self.write_deadline_s if write else self.default_deadline_s
         return default if remaining is None or remaining > 3600 else remaining
@@ -139,12 +141,15 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     @observed(SERVICE, "DeleteItems")
     async def DeleteItems(self, request: pb.DeleteItemsRequest, context: grpc.aio.ServicerContext) -> pb.DeleteItemsResponse:
         try:
-            done = await self.items.delete(validate_delete(request))
+            ids = validate_delete(request)
+            done = await asyncio.wait_for(self.items.delete(ids), self.budget(context, write=True))
             return pb.DeleteItemsResponse(deleted=done.deleted, item_log_seq=done.item_log_seq)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ItemLogUnavailable:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "items not deleted: the item store is unavailable; retry")
+        except asyncio.TimeoutError:   # a hanging store: bounded by the write deadline; a repeated delete is a no-op
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "items not confirmed deleted within the write deadline; retry")
 
     @observed(SERVICE, "DeleteUserData")
     async def DeleteUserData(self, request: pb.DeleteUserDataRequest,
@@ -166,9 +171,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
-            done = await self.users.erase(user_id)
+            done = await asyncio.wait_for(self.users.erase(user_id), self.budget(context, write=True))
         except UserDataUnavailable as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"user data not erased: the {e} is unavailable; retry")
+        except asyncio.TimeoutError:   # a hanging store, bounded by the write deadline; the erase is idempotent
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "user data not confirmed erased within the write deadline; retry")
         return pb.DeleteUserDataResponse(history_entries_removed=done.history_entries_removed,
                                          events_tombstoned=done.events_tombstoned)
 
@@ -185,11 +192,13 @@ def serving_health(healthy: bool) -> int:
 async def run(config: GatewayConfig) -> None:
     # round_robin spreads calls over every address a dns:/// target resolves to (k8s headless Services).
     security = process_security(config)   # TLS to retrieval/ranking/Triton; fails here without files
+    interceptors = auth_interceptors(config)   # bearer tokens + scopes; a missing/bad --tokens fails here
     options = [("grpc.lb_policy_name", "round_robin")]
     retrieval_channel = open_channel(config.retrieval_addr, options=options)
     ranking_channel = open_channel(config.ranking_addr, options=options)
     retrieval, ranking = pb_grpc.RetrievalStub(retrieval_channel), pb_grpc.RankingStub(ranking_channel)
-    triton = InferenceServerClient(config.triton_url, **security.triton_client_kwargs())
+    triton = InferenceServerClient(config.triton_url, **security.triton_client_kwargs(),
+                                    channel_args=triton_channel_args())
     store = open_store(config.state, cap=config.history_cap)
     item_log = open_item_log(config.item_log)
     follower = ItemLogFollower(item_log)
@@ -241,11 +250,16 @@ async def run(config: GatewayConfig) -> None:
     await health_servicer.set(REPLICAS_HEALTH, serving_health(False))   # unknown until the first check
     await serve(config, [pb.DESCRIPTOR.services_by_name["Recommender"].full_name],
                 lambda server: pb_grpc.add_RecommenderServicer_to_server(servicer, server),
-                on_stop=close, on_start=start, health_servicer=health_servicer, service=SERVICE)
+                on_stop=close, on_start=start, health_servicer=health_servicer, service=SERVICE,
+                interceptors=interceptors)
 
 
 def main() -> None:
-    asyncio.run(run(parse_config(GatewayConfig, description="FusionRec gateway (public Recommender API)")))
+    config = parse_config(GatewayConfig, description="FusionRec gateway (public Recommender API)")
+    try:
+        asyncio.run(run(config))
+    except TokenFileError as e:   # a clear one-line start failure, not a traceback
+        raise SystemExit(f"gateway: {e}") from None
 
 
 if __name__ == "__main__":

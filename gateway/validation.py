@@ -10,7 +10,7 @@ from typing import Sequence
 from common.logs import current_request_id   # the call's id (common.tracing): the one its log lines carry
 from core.limits import (MAX_CATEGORY, MAX_DELETE, MAX_EXCLUDE, MAX_HISTORY, MAX_ITEM_ID, MAX_K,
                          MAX_REQUEST_ID, MAX_SURFACE, MAX_TEXT, MAX_TITLE, MAX_UPSERT, MAX_USER_ID)
-from core.text_rules import FINITE, has_control, plain_error, plain_ids_error
+from core.text_rules import FINITE, plain_error, plain_ids_error
 from gateway.event_log import Event
 from gateway.items import NewItem
 from protos import fusionrec_pb2 as pb

@@ -15,6 +15,7 @@ from common.artifacts import ArtifactSet, open_artifacts
 from common.config import RankingConfig, parse_config
 from common.followed_versions import catch_up, offer_followed, service_status, tail
 from common.item_follower import ItemLogFollower
+from common.client import triton_channel_args
 from common.item_log import open_item_log
 from common.metrics import ARTIFACT_INFO, UNKNOWN_ITEMS
 from common.server import observed, serve
@@ -117,7 +118,8 @@ async def run(config: RankingConfig) -> None:
     security = process_security(config)   # no TLS files and no --insecure-dev: fails here
     admin = admin_headers(read_secret(config.triton_admin_secret_file)) if config.triton_admin_secret_file else None
     # The asyncio Triton client must be created inside the running event loop.
-    triton = InferenceServerClient(config.triton_url, **security.triton_client_kwargs())
+    triton = InferenceServerClient(config.triton_url, **security.triton_client_kwargs(),
+                                    channel_args=triton_channel_args())
     item_log = open_item_log(config.item_log)
     follower = ItemLogFollower(item_log)
     versions: VersionSet[Ranker] = VersionSet()

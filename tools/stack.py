@@ -13,6 +13,11 @@ or the `store` given (e.g. `redis://127.0.0.1:6379/0`, needed once the replicas 
 across machines; SQLite works for processes of one machine). Each gateway gets the gRPC target
 `ipv4:127.0.0.1:p0,127.0.0.1:p1` naming every retrieval (ranking) replica, and spreads calls over
 them round-robin; each gateway writes its own event-log folder (one writer per folder).
+
+Security is on unless `insecure_dev=True`: a throwaway PKI in `run_dir/pki` (common/pki.py), TLS
+flags for every child and mTLS for Triton (HTTP off, model control behind a per-stack header
+secret only ranking gets), a tokens file for the gateways, and `run_dir/credentials.json` for API
+callers. `channel()` (operator cert) and `gateway_channel()` (client cert + token) carry it.
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def _health(stack) -> dict[str, int]:
     return out
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(90, func_only=True)   # the shared build and stack start excluded
 def test_burst_is_shed_fast_and_the_stack_recovers(stack, known_user):
     user, _ = known_user
 

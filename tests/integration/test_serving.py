@@ -77,7 +77,7 @@ def test_internal_services_reject_bad_indices(stack):
                                            ("retrieval", "fusionrec.v1.Retrieval"),
                                            ("ranking", "fusionrec.v1.Ranking")])
 def test_health_and_reflection(stack, name, service):
-    with stack.gateway_channel(name=name) as ch:
+    with stack.channel(name) as ch:   # the operator's channel (a client cert cannot reach retrieval/ranking)
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         replies = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(

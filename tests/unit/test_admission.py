@@ -195,3 +195,31 @@ def test_interceptor_sheds_fast_and_never_health_or_status():
     assert statistics.median(t for _, t, _ in shed) < 0.15      # well before the 200 ms servicer
     assert [code for code, _, _ in exempt] == ["OK", "OK"]      # Status and health are never shed
     assert [code for code, _, _ in done] == ["OK", "OK"] and calls == 2
+
+
+def test_late_calls_cut_the_limit_although_latency_is_capped():
+    """Deadlines cap latency (the gateway answers a fallback just in time): calls that ran out of
+    time shrink the limit even when their latency looks like the baseline."""
+    clock = Clock()
+    limit = limiter(clock, stale_windows=10 ** 6)
+    feed(limit, clock, 0.010, windows=1, per_window=10)
+    feed(limit, clock, 0.010, windows=30)
+    assert limit.limit == 64
+    seen = []
+    for _ in range(5):
+        for j in range(20):
+            clock.t += limit.window_s / 20 * 1.0001
+            limit.on_sample(0.010, limit.limit, late=j == 0)
+        seen.append(limit.limit)
+    assert seen[0] <= int(64 * 0.8) and all(b < a for a, b in zip(seen, seen[1:]))
+
+
+def test_late_calls_do_not_count_in_the_baseline():
+    clock = Clock()
+    limit = limiter(clock)
+    for _ in range(10):
+        clock.t += 0.001
+        limit.on_sample(0.5, 4, late=True)
+    assert limit.probing
+    feed(limit, clock, 0.010, windows=1, per_window=10)
+    assert limit.min_rtt == pytest.approx(0.010)

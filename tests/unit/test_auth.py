@@ -472,3 +472,22 @@ def test_cli_mints_a_token_once_and_lists_names(tmp_path: Path, capsys: pytest.C
     assert _auth(path).authenticate(bearer_metadata(token)).name == "web"
     with pytest.raises(SystemExit):
         main(["tokens", "--file", str(path), "--name", "x", "--scopes", "write"])   # argparse: unknown scope
+
+
+def test_gateway_process_fails_at_start_naming_tokens(tmp_path: Path) -> None:
+    """The real entry point: TLS files given, no --tokens (then a broken file) -> exit 1 at once with
+    a one-line message, before any artifact is loaded or port bound."""
+    import subprocess
+    import sys
+    from common.pki import ensure_pki
+    pki = ensure_pki(tmp_path / "pki", components=("gateway",))
+    base = [sys.executable, "-m", "gateway.server", "--port", "1", "--artifacts", str(tmp_path / "none"),
+            "--tls-ca", str(pki.service_ca), "--tls-cert", str(pki.cert("gateway")), "--tls-key", str(pki.key("gateway"))]
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(base, cwd=repo, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("gateway: --tokens is required")
+    assert "Traceback" not in proc.stderr
+    broken = _write(tmp_path / "tokens.json", [{"name": "web", "sha256": "a" * 64, "scopes": ["read"]}])
+    proc = subprocess.run([*base, "--tokens", str(broken)], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "tokens[0] (web).scopes" in proc.stderr.strip().splitlines()[-1]

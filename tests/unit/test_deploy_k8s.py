@@ -89,8 +89,8 @@ def test_grpc_tiers_probe_health_over_tls_on_their_port(name: str) -> None:
     flags = _flags(c)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["exec"]["command"] == [
-            "python", "deploy/grpc_health_check.py", "--tls-ca", flags["--tls-ca"], "--tls-cert", flags["--tls-cert"],
-            "--tls-key", flags["--tls-key"], f"127.0.0.1:{port}"], probe
+            "python", "deploy/grpc_health_check.py", "--ca", flags["--tls-ca"], "--cert", flags["--tls-cert"],
+            "--key", flags["--tls-key"], f"127.0.0.1:{port}"], probe
         assert c[probe]["timeoutSeconds"] >= 2, probe   # a python start under load takes more than 1 s
     assert c["command"] == ["python", "-m", f"{name}.server"]
     assert flags["--port"] == str(port) and "--metrics-port" in flags and "--artifacts" in flags

@@ -300,39 +300,70 @@ def lists(elements: st.SearchStrategy, filler: Any = "x") -> st.SearchStrategy[l
                      st.sampled_from([1_001, 10_001]).map(lambda n: [filler] * n))
 
 
+def mixed(cls, valid: dict[str, st.SearchStrategy], nasty: dict[str, st.SearchStrategy]) -> st.SearchStrategy:
+    """A request whose fields are valid except a few drawn from `nasty` (often none): the
+    examples reach the servicer's work, not only its first check."""
+    @st.composite
+    def build(draw):
+        fields = {name: draw(strategy) for name, strategy in valid.items()}
+        for name in draw(st.lists(st.sampled_from(sorted(nasty)), max_size=3, unique=True)):
+            fields[name] = draw(nasty[name])
+        return cls(**fields)
+    return build()
 
-recommend_requests = st.builds(pb.RecommendRequest, user_id=users, k=int32s, exclude_item_ids=lists(ids),
-                               history_item_ids=lists(ids), surface=ids, request_id=ids, explain=st.booleans())
-events = st.builds(pb.Event, user_id=users, item_id=ids, type=st.one_of(st.sampled_from(EVENT_TYPES), ids),
-                   timestamp=doubles, value=floats)
+
+catalog_ids = st.sampled_from([item_id(j) for j in range(N_ITEMS)])
+known_users = st.sampled_from([user_id(j) for j in range(20)])
+labels = st.text(alphabet="abc-_ 09", max_size=10)
+catalog_indices = st.integers(0, N_ITEMS - 1)
+
+recommend_requests = mixed(pb.RecommendRequest,
+                           {"user_id": known_users, "k": st.integers(1, 100),
+                            "exclude_item_ids": st.lists(catalog_ids, max_size=5),
+                            "history_item_ids": st.lists(catalog_ids, max_size=5), "surface": labels,
+                            "request_id": labels, "explain": st.booleans()},
+                           {"user_id": users, "k": int32s, "exclude_item_ids": lists(ids),
+                            "history_item_ids": lists(ids), "surface": ids, "request_id": ids})
+events = mixed(pb.Event, {"user_id": known_users, "item_id": catalog_ids, "type": st.sampled_from(EVENT_TYPES),
+                          "timestamp": st.floats(time.time() - 1e6, time.time()), "value": st.floats(0, 5)},
+               {"user_id": users, "item_id": ids, "type": ids, "timestamp": doubles, "value": floats})
 event_batches = st.builds(pb.EventBatch, events=st.lists(events, max_size=6))
-new_items = st.builds(pb.NewItem, item_id=ids, title=ids, text=ids, category=ids)
+new_items = mixed(pb.NewItem, {"item_id": labels.map(lambda t: "new-" + t), "title": labels.map(lambda t: "T " + t),
+                               "text": st.text(max_size=40).filter(lambda t: "\x00" not in t), "category": labels},
+                  {"item_id": ids, "title": ids, "text": ids, "category": ids})
 upserts = st.builds(pb.UpsertItemsRequest, items=st.lists(new_items, max_size=4))
 # Never a catalog id: a delete that succeeds would shrink the catalog under the later examples.
 deletes = st.builds(pb.DeleteItemsRequest, item_ids=lists(st.text(alphabet=NASTY, max_size=6)))
 erasures = st.builds(pb.DeleteUserDataRequest, user_id=users)
 versions = st.one_of(st.just(""), st.just("1"), ids)
-indices = st.one_of(st.integers(0, N_ITEMS - 1), int64s)
+indices = st.one_of(catalog_indices, int64s)
 
 
 @st.composite
 def candidates(draw) -> pb.Candidates:
-    items = draw(st.lists(indices, max_size=30))
+    items = draw(st.lists(catalog_indices if draw(st.booleans()) else indices, max_size=30))
     out = pb.Candidates(items=items)
+    aligned = draw(st.booleans())
     for _ in range(draw(st.integers(0, 3))):
-        n = len(items) if draw(st.booleans()) else draw(st.integers(0, 31))
+        n = len(items) if aligned or draw(st.booleans()) else draw(st.integers(0, 31))
         out.channels.add(channel=draw(st.one_of(st.sampled_from(["bert", "cf", "popular", "item2item"]), ids)),
-                         scores=draw(st.lists(floats, min_size=n, max_size=n)),
-                         ranks=draw(st.lists(int32s, min_size=n, max_size=n)))
+                         scores=draw(st.lists(st.floats(-1, 1, width=32) if aligned else floats, min_size=n, max_size=n)),
+                         ranks=draw(st.lists(st.integers(0, 40) if aligned else int32s, min_size=n, max_size=n)))
     return out
 
 
-retrieve_requests = st.builds(pb.RetrieveRequest, user_id=users, history=lists(indices, 0), exclude=lists(indices, 0),
-                              num_candidates=int32s, quotas=st.dictionaries(ids, int32s, max_size=4),
-                              artifact_version=versions, min_item_log_seq=st.one_of(st.just(0), int64s))
-rank_requests = st.builds(pb.RankRequest, history=lists(indices, 0), candidates=candidates(), k=int32s,
-                          artifact_version=versions, min_item_log_seq=st.one_of(st.just(0), int64s),
-                          explain=st.booleans())
+retrieve_requests = mixed(pb.RetrieveRequest,
+                          {"user_id": known_users, "history": st.lists(catalog_indices, max_size=5),
+                           "exclude": st.lists(catalog_indices, max_size=5), "num_candidates": st.integers(0, 50),
+                           "artifact_version": st.just("")},
+                          {"user_id": users, "history": lists(indices, 0), "exclude": lists(indices, 0),
+                           "num_candidates": int32s, "quotas": st.dictionaries(ids, int32s, max_size=4),
+                           "artifact_version": versions, "min_item_log_seq": int64s})
+rank_requests = mixed(pb.RankRequest,
+                      {"history": st.lists(catalog_indices, max_size=5), "candidates": candidates(),
+                       "k": st.integers(1, 100), "explain": st.booleans()},
+                      {"history": lists(indices, 0), "k": int32s, "artifact_version": versions,
+                       "min_item_log_seq": int64s})
 
 CASES = [("gateway", "Recommend", recommend_requests), ("gateway", "ReportEventBatch", event_batches),
          ("gateway", "ReportEvents", event_batches), ("gateway", "UpsertItems", upserts),

@@ -283,3 +283,95 @@ def test_write_deadline_is_a_flag_and_an_environment_variable(monkeypatch):
     assert parse_config(GatewayConfig, ["--port", "1", "--write-deadline-ms", "5000"]).write_deadline_ms == 5000.0
     monkeypatch.setenv("FUSIONREC_WRITE_DEADLINE_MS", "7000")
     assert parse_config(GatewayConfig, ["--port", "1"]).write_deadline_ms == 7000.0
+
+
+class SlowWrites:
+    """ItemWriter.delete / UserEraser.erase that take `seconds` (a slow or hanging store)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def delete(self, ids):
+        from gateway.items import DeleteResult
+        await asyncio.sleep(self.seconds)
+        return DeleteResult(len(ids), 1)
+
+    async def erase(self, user_id):
+        from gateway.erase import EraseResult
+        await asyncio.sleep(self.seconds)
+        return EraseResult(0, True)
+
+
+async def _write_calls(servicer):
+    out = []
+    for method, request in ((servicer.DeleteItems, pb.DeleteItemsRequest(item_ids=["a"])),
+                            (servicer.DeleteUserData, pb.DeleteUserDataRequest(user_id="u"))):
+        context = FakeServicerContext(None)   # the caller set no deadline
+        try:
+            out.append((await method(request, context), None, ""))
+        except grpc.aio.AbortError:
+            out.append((None, context.code(), context.details))
+    return out
+
+
+def test_deletes_and_erasures_without_a_deadline_are_bounded_by_the_write_deadline_only():
+    from gateway.server import RecommenderServicer
+    slow = SlowWrites(0.4)   # past Recommend's 250 ms, well within the write deadline
+    ok = asyncio.run(_write_calls(RecommenderServicer(None, None, slow, default_deadline_s=0.25, users=slow,
+                                                      write_deadline_s=30.0)))
+    assert [code for _, code, _ in ok] == [None, None] and ok[0][0].deleted == 1 and ok[1][0].events_tombstoned
+    hung = SlowWrites(60.0)  # a hanging store: refused at the write deadline, not held forever
+    started = time.monotonic()
+    refused_ = asyncio.run(_write_calls(RecommenderServicer(None, None, hung, default_deadline_s=0.25, users=hung,
+                                                            write_deadline_s=0.3)))
+    assert [code for _, code, _ in refused_] == [grpc.StatusCode.UNAVAILABLE] * 2
+    assert all("write deadline; retry" in details for _, _, details in refused_)
+    assert time.monotonic() - started < 5.0
+
+
+def test_the_token_check_comes_before_decoding(tmp_path):
+    """As serve() builds the gateway: the standard chain, then the token check. A caller without a
+    valid token learns nothing about the payload (UNAUTHENTICATED); with one, bad bytes are
+    INVALID_ARGUMENT."""
+    from common.server import standard_interceptors
+    from gateway.auth import TokenAuth, bearer_metadata, issue_tokens
+    from tests.unit.test_auth import RecordingRecommender
+
+    issued = issue_tokens(tmp_path / "tokens.json")
+
+    async def go():
+        server = grpc.aio.server(interceptors=[*standard_interceptors(GatewayConfig(port=1), "gateway"),
+                                               TokenAuth.from_file(tmp_path / "tokens.json")])
+        servicer = RecordingRecommender()
+        pb_grpc.add_RecommenderServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        out = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary("/fusionrec.v1.Recommender/Recommend")
+                for metadata in (None, bearer_metadata(issued["recommend"])):
+                    try:
+                        await call(b"\x0f", timeout=5, metadata=metadata)
+                        out.append((grpc.StatusCode.OK, ""))
+                    except grpc.aio.AioRpcError as e:
+                        out.append((e.code(), e.details()))
+        finally:
+            await server.stop(None)
+        return out, servicer.calls
+    (anonymous, authorized), calls = asyncio.run(go())
+    assert anonymous[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert authorized == (grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid fusionrec.v1.RecommendRequest")
+    assert calls == []   # the servicer never saw either
+
+
+def test_a_flood_of_garbage_is_counted_in_full_but_logged_sparingly(served):
+    before = requests_counted("ReportEventBatch", "INVALID_ARGUMENT")
+    call = served.channel("gateway").unary_unary("/fusionrec.v1.Recommender/ReportEventBatch")
+    with Records() as logged:
+        for _ in range(30):
+            with pytest.raises(grpc.RpcError):
+                call(b"\x0f", timeout=5)
+    assert requests_counted("ReportEventBatch", "INVALID_ARGUMENT") == before + 30
+    lines = [r for r in logged.records if r.getMessage() == "undecodable request refused"]
+    assert 1 <= len(lines) <= 4 and not any(r.exc_info for r in logged.records)   # ~1 per second, not 30

@@ -182,7 +182,8 @@ def test_caller_trace_and_request_id_cross_every_hop(logs):
     async def go():
         async with chain() as (stub, triton):
             reply = await stub.Recommend(pb.RecommendRequest(user_id="u", k=3), timeout=10, metadata=(
-                ("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"), ("x-request-id", "req-abc.1")))
+                ("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"), ("tracestate", "rojo=00f067aa0ba902b7"),
+                ("x-request-id", "req-abc.1")))
             return reply, triton.metadata
     reply, triton_metadata = asyncio.run(go())
     assert reply.request_id == "req-abc.1"          # the caller's id, echoed
@@ -201,11 +202,25 @@ def test_caller_trace_and_request_id_cross_every_hop(logs):
     # Ranking -> Triton: the ranking span is the parent, the request id travels along.
     (sent,) = triton_metadata
     assert sent["traceparent"] == f"00-{CALLER_TRACE}-{hexid(ranking.context.span_id, 16)}-01"
-    assert sent["x-request-id"] == "req-abc.1"
+    assert sent["tracestate"] == "rojo=00f067aa0ba902b7" and sent["x-request-id"] == "req-abc.1"
 
     for hop in ("gateway", "retrieval", "ranking"):  # every hop's log line carries both ids
         (line,) = logs.of(hop)
         assert line["request_id"] == "req-abc.1" and line["trace_id"] == CALLER_TRACE, line
+
+
+@pytest.mark.parametrize("metadata", [(), (("x-request-id", "from-header"),)])
+def test_the_request_field_request_id_is_the_one_every_hop_logs(logs, metadata):
+    """RecommendRequest.request_id is echoed in the response, so it is also the id every hop
+    logs and Triton gets (ahead of x-request-id)."""
+    async def go():
+        async with chain() as (stub, triton):
+            reply = await stub.Recommend(pb.RecommendRequest(user_id="u", k=3, request_id="body-7"),
+                                         timeout=10, metadata=metadata)
+            return reply, triton.metadata
+    reply, (sent,) = asyncio.run(go())
+    assert reply.request_id == "body-7" and sent["x-request-id"] == "body-7"
+    assert [line["request_id"] for hop in ("gateway", "retrieval", "ranking") for line in logs.of(hop)] == ["body-7"] * 3
 
 
 def test_without_caller_context_one_new_trace_and_its_id_is_the_request_id(logs):
@@ -239,6 +254,18 @@ def test_a_malformed_traceparent_starts_a_new_trace_and_the_call_succeeds(logs, 
     assert {line["request_id"] for line in logs.lines if "hop" in line} == {trace_id}
 
 
+def test_a_malformed_tracestate_is_dropped_without_a_log_line(logs, caplog):
+    async def go():
+        async with chain() as (stub, triton):
+            await stub.Recommend(pb.RecommendRequest(user_id="u", k=3), timeout=10, metadata=(
+                ("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"), ("tracestate", "user 42 = secret")))
+            return triton.metadata
+    with caplog.at_level(logging.WARNING, logger="opentelemetry"):
+        (sent,) = asyncio.run(go())
+    assert "tracestate" not in sent and sent["traceparent"].split("-")[1] == CALLER_TRACE   # trace kept
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry")]
+
+
 def test_an_unsampled_caller_is_propagated_but_not_recorded(logs):
     async def go():
         async with chain() as (stub, triton):
@@ -269,6 +296,41 @@ def test_a_stream_handler_logs_with_the_request_id_and_nothing_leaks_between_cal
     assert [line["request_id"] for line in logs.of("gateway")] == ["next-2"]
     (after,) = logs.of("outside")
     assert "request_id" not in after and "trace_id" not in after and outside == ""
+
+
+def test_streaming_calls_from_inside_a_span_carry_it(logs):
+    """The client interceptors of the streaming kinds inject too (client stream: ReportEvents;
+    server stream: Health.Watch, untraced by the server but sent through the interceptor)."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    async def batches():
+        yield pb.EventBatch()
+
+    async def go():
+        mine = SpanContext(int(CALLER_TRACE, 16), int(CALLER_SPAN, 16), is_remote=False,
+                           trace_flags=TraceFlags(TraceFlags.SAMPLED))
+        token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(mine)))
+        try:
+            async with chain() as (stub, _):
+                await stub.ReportEvents(batches(), timeout=10)
+            health_servicer = health.aio.HealthServicer()
+            server, target = await start(GATEWAY, lambda s: health_pb2_grpc.add_HealthServicer_to_server(health_servicer, s))
+            try:
+                async with open_channel(target) as channel:
+                    async for reply in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5):
+                        return reply.status
+            finally:
+                await server.stop(None)
+        finally:
+            otel_context.detach(token)
+    assert asyncio.run(go()) == health_pb2.HealthCheckResponse.SERVING
+    (span,) = [s for s in EXPORTER.get_finished_spans() if s.name.endswith("ReportEvents")]
+    assert hexid(span.context.trace_id, 32) == CALLER_TRACE and hexid(span.parent.span_id, 16) == CALLER_SPAN
+    (line,) = logs.of("gateway-stream")
+    assert line["trace_id"] == CALLER_TRACE
 
 
 def test_health_checks_are_not_traced(logs):
