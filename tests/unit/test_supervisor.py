@@ -205,3 +205,14 @@ def test_exit_description():
     assert exit_description(-9) == "signal SIGKILL"
     assert exit_description(1) == "exit 1"
     assert exit_description(None) == "start failed"
+
+
+def test_every_client_channel_retries_a_returning_dependency_within_a_second():
+    """Our channels and the Triton clients carry the capped backoff; with gRPC's +-20% jitter
+    the longest wait between connect attempts stays under 1 s."""
+    from common.client import RECONNECT_OPTIONS, channel_options, triton_channel_args
+    options = dict(RECONNECT_OPTIONS)
+    assert options["grpc.max_reconnect_backoff_ms"] * 1.2 < 1000
+    assert options["grpc.initial_reconnect_backoff_ms"] <= options["grpc.max_reconnect_backoff_ms"]
+    for opts in (channel_options(), triton_channel_args()):
+        assert set(RECONNECT_OPTIONS) <= set(opts)
