@@ -7,11 +7,12 @@ calls over the limit are refused within milliseconds, so the caller can back off
 and the admitted ones keep the latency they have at capacity.
 
 The limit (GradientLimit) is Envoy's adaptive-concurrency gradient controller:
-  * min_rtt: the latency (p90) of `probe_samples` calls with at most min_concurrency in flight —
-    the service's latency without queueing, as the machine is now. Measured at start, every
-    `probe_interval_s` (jittered), and again as soon as the limit has sat at its floor for
-    `stale_windows` windows (then the baseline is stale: the machine got slower, e.g. from the
-    cost of shedding itself; re-measuring at the floor costs nothing there).
+  * min_rtt: the latency (p90) of the last `probe_samples` calls admitted with at most
+    min_concurrency in flight — the service's latency without queueing, as the machine is now;
+    refreshed every `probe_interval_s`, and measured afresh once the limit has sat at its floor
+    for `stale_windows` windows (the machine got slower, e.g. from the cost of shedding itself).
+    Unlike Envoy, no probe pins the limit at the floor: a burst is never refused for a
+    measurement. Until the first baseline the limit is open (max); only lateness cuts it.
   * every `window_s`: sample = p90 latency of the calls finished in the window,
     gradient = clamp(min_rtt * (1 + buffer) / sample, 0.5, 2),
     limit = clamp(limit * gradient + sqrt(limit), min_concurrency, max_concurrency).
@@ -32,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
-import random
 import time
 from collections import deque
 from typing import Any, Awaitable, Callable
@@ -59,63 +59,54 @@ def percentile(values: list[float], q: float) -> float:
 class GradientLimit:
     """The concurrency limit, from latencies only (no gRPC, no asyncio); clock injectable."""
 
-    def __init__(self, min_limit: int = 4, max_limit: int = 64, *, window_s: float = 0.1,
+    def __init__(self, min_limit: int = 8, max_limit: int = 64, *, window_s: float = 0.1,
                  q: float = 0.9, buffer: float = 0.25, probe_samples: int = 50,
-                 probe_interval_s: float = 60.0, stale_windows: int = 5,
-                 clock: Callable[[], float] = time.monotonic,
-                 jitter: Callable[[], float] = random.random) -> None:
+                 probe_interval_s: float = 10.0, stale_windows: int = 5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not 1 <= min_limit <= max_limit:
             raise ValueError(f"concurrency limits: need 1 <= min ({min_limit}) <= max ({max_limit})")
         self.min_limit, self.max_limit = min_limit, max_limit
         self.window_s, self.q, self.buffer = window_s, q, buffer
-        self.probe_samples, self.probe_interval_s, self.stale_windows = probe_samples, probe_interval_s, stale_windows
-        self.clock, self.jitter = clock, jitter
-        self.min_rtt: float | None = None
-        self._limit = float(min_limit)
-        self._probe: list[float] | None = []        # not None while measuring min_rtt
+        self.probe_interval_s, self.stale_windows = probe_interval_s, stale_windows
+        self.clock = clock
+        self.min_rtt: float | None = None   # until known the limit stays open (only lateness cuts it)
+        self._limit = float(max_limit)
+        self._quiet: deque[float] = deque(maxlen=probe_samples)   # latencies of calls started uncrowded
+        self._refresh_at = -math.inf
         self._window: list[float] = []
         self._window_start = clock()
         self._window_peak = 0
         self._window_late = 0
         self._at_floor = 0
-        self._next_probe = math.inf
-
-    @property
-    def probing(self) -> bool:
-        return self._probe is not None
 
     @property
     def limit(self) -> int:
-        """Calls allowed in flight now (the floor while min_rtt is being measured)."""
-        return self.min_limit if self.probing else int(self._limit)
+        """Calls allowed in flight now."""
+        return int(self._limit)
 
     def on_sample(self, latency_s: float, inflight: int, late: bool = False) -> None:
-        """One admitted call finished after latency_s, with `inflight` calls (itself included) in
-        flight; late: it ran out of its deadline (or its caller gave up)."""
+        """One admitted call finished after latency_s; `inflight` calls (itself included) were in
+        flight when it was admitted; late: it ran out of its deadline (or its caller gave up)."""
         now = self.clock()
-        if self._probe is not None:
-            if not late:   # a late call's latency is its deadline, not the service's
-                self._probe.append(latency_s)
-            if len(self._probe) >= self.probe_samples:
-                self.min_rtt = max(percentile(self._probe, self.q), 1e-6)
-                self._probe = None
-                self._next_probe = now + self.probe_interval_s * (1.0 + 0.15 * self.jitter())
-                self._reset_window(now)
-            return
+        if inflight <= self.min_limit and not late:   # a late call's latency is its deadline's
+            self._quiet.append(latency_s)
+            if len(self._quiet) == self._quiet.maxlen and now >= self._refresh_at:
+                self.min_rtt = max(percentile(list(self._quiet), self.q), 1e-6)
+                self._refresh_at = now + self.probe_interval_s
         self._window.append(latency_s)
         self._window_peak = max(self._window_peak, inflight)
         self._window_late += late
         if now - self._window_start >= self.window_s:
             self._update()
-            self._reset_window(now)
-            if self._at_floor >= self.stale_windows or now >= self._next_probe:
-                self._start_probe()
+            self._window, self._window_start, self._window_peak, self._window_late = [], now, 0, 0
 
     def _update(self) -> None:
-        assert self.min_rtt is not None
-        sample = percentile(self._window, self.q)
-        gradient = min(2.0, max(0.5, self.min_rtt * (1.0 + self.buffer) / max(sample, 1e-9)))
-        new = self._limit * gradient + math.sqrt(self._limit)
+        if self.min_rtt is None:
+            new = self._limit
+        else:
+            sample = percentile(self._window, self.q)
+            gradient = min(2.0, max(0.5, self.min_rtt * (1.0 + self.buffer) / max(sample, 1e-9)))
+            new = self._limit * gradient + math.sqrt(self._limit)
         if self._window_late:
             # Calls ran out of time: latency is capped by deadlines there (a gateway answers a
             # degraded fallback just in time), so the gradient alone would not see the overload.
@@ -123,13 +114,13 @@ class GradientLimit:
         elif new > self._limit and self._window_peak < self._limit / 2:
             new = self._limit   # not using the limit: no evidence that more is fine
         self._limit = min(float(self.max_limit), max(float(self.min_limit), new))
-        self._at_floor = self._at_floor + 1 if self._limit <= self.min_limit else 0
-
-    def _reset_window(self, now: float) -> None:
-        self._window, self._window_start, self._window_peak, self._window_late = [], now, 0, 0
-
-    def _start_probe(self) -> None:
-        self._probe, self._at_floor = [], 0   # the limit itself is kept for after the probe
+        self._at_floor = self._at_floor + 1 if int(self._limit) <= self.min_limit else 0
+        if self._at_floor >= self.stale_windows:
+            # Pinned at the floor: the baseline may be stale (the machine got slower, e.g. from
+            # the cost of shedding itself). Every call now starts uncrowded: measure it afresh.
+            self._quiet.clear()
+            self._refresh_at = -math.inf
+            self._at_floor = 0
 
 
 class Admission:
@@ -141,13 +132,14 @@ class Admission:
         self.inflight = 0
         self._waiters: deque[asyncio.Future] = deque()
 
-    async def acquire(self) -> bool:
-        """True: admitted (call release() when done). False: refuse the call."""
+    async def acquire(self) -> int:
+        """Admitted: the calls in flight with this one (pass it to release() when done).
+        0: refuse the call."""
         if self.inflight < self.limiter.limit and not self._waiters:
             self.inflight += 1
-            return True
+            return self.inflight
         if self.queue_s <= 0:
-            return False
+            return 0
         slot = asyncio.get_running_loop().create_future()
         self._waiters.append(slot)
         try:
@@ -159,9 +151,9 @@ class Admission:
             self._drop(slot)
             raise
         if slot.done():   # release() handed its slot over (and counted it)
-            return True
+            return slot.result()
         self._drop(slot)
-        return False
+        return 0
 
     def _drop(self, slot: asyncio.Future) -> None:
         slot.cancel()
@@ -170,8 +162,8 @@ class Admission:
         except ValueError:
             pass
 
-    def release(self, latency_s: float, late: bool = False) -> None:
-        self.limiter.on_sample(latency_s, self.inflight, late)
+    def release(self, latency_s: float, admitted_with: int, late: bool = False) -> None:
+        self.limiter.on_sample(latency_s, admitted_with, late)
         self.inflight -= 1
         self._hand_over()
 
@@ -180,13 +172,13 @@ class Admission:
             slot = self._waiters.popleft()
             if not slot.done():
                 self.inflight += 1
-                slot.set_result(None)
+                slot.set_result(self.inflight)
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """One Admission per unary method of the service, created at its first call."""
 
-    def __init__(self, service: str, min_concurrency: int = 4, max_concurrency: int = 64,
+    def __init__(self, service: str, min_concurrency: int = 8, max_concurrency: int = 64,
                  queue_ms: float = 2.0, make_limit: Callable[[], GradientLimit] | None = None) -> None:
         if queue_ms < 0:
             raise ValueError(f"--queue-ms must be >= 0, got {queue_ms}")
@@ -216,7 +208,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         refused = GRPC_REQUESTS.labels(self.service, method, "RESOURCE_EXHAUSTED")
 
         async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if not await admission.acquire():
+            admitted_with = await admission.acquire()
+            if not admitted_with:
                 shed.inc()
                 refused.inc()   # never reaches the servicer's own request metrics
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, SHED_MESSAGE)
@@ -230,7 +223,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 cancelled = True
                 raise
             finally:
-                admission.release(time.perf_counter() - start, cancelled or out_of_time(context, budget))
+                admission.release(time.perf_counter() - start, admitted_with,
+                                  cancelled or out_of_time(context, budget))
                 gauge.set(admission.limiter.limit)
         return admitted
 

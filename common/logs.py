@@ -34,6 +34,11 @@ def current_request_id() -> str:
     return request[0] if request else ""
 
 
+def current_request() -> tuple[str, str] | None:
+    """(request_id, trace_id) of the call being served here; None outside a call."""
+    return _REQUEST.get()
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) +

@@ -36,7 +36,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from common.logs import bind_request, current_request_id, unbind_request
+from common.logs import bind_request, current_request, unbind_request
 from core.limits import MAX_REQUEST_ID
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -127,12 +127,14 @@ def trace_id_of(span: trace.Span) -> str:
 
 def outgoing_headers() -> dict[str, str] | None:
     """traceparent / tracestate of the current span and x-request-id, for a call made outside our
-    channels (Triton's client); None when there is neither."""
+    channels (Triton's client); None when there is neither. x-request-id is left out when the id
+    is the trace id (the next hop derives the same id from traceparent): metadata has a cost per
+    call in gRPC."""
     headers: dict[str, str] = {}
     PROPAGATOR.inject(headers)
-    request_id = current_request_id()
-    if request_id:
-        headers[REQUEST_ID_HEADER] = request_id
+    request = current_request()
+    if request is not None and request[0] != headers.get("traceparent", "")[3:35]:
+        headers[REQUEST_ID_HEADER] = request[0]
     return headers or None
 
 
@@ -267,7 +269,7 @@ def _with_trace_metadata(details: grpc.aio.ClientCallDetails) -> grpc.aio.Client
     headers = outgoing_headers()
     if headers is None:
         return details
-    kept = [(k, v) for k, v in (details.metadata or ()) if k not in headers]
+    kept = [(k, v) for k, v in details.metadata if k not in headers] if details.metadata else ()
     return details._replace(metadata=grpc.aio.Metadata(*kept, *headers.items()))
 
 

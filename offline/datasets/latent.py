@@ -46,8 +46,10 @@ class LatentSpec:
 
 
 def default_users(n_items: int) -> int:
-    """Users grow with the catalog but stay bounded: the build's per-user stages stay minutes."""
-    return int(np.clip(n_items // 20, 1000, 5000))
+    """Users stay nearly flat (1,000 up to 100k items, 2,000 at 1M): the build's per-user stages
+    (quotas, ranker, re-ranker) then cost about the same at every size, and what grows is what
+    grows with the catalog (vectors, indexes, item-to-item, tables)."""
+    return int(np.clip(n_items // 500, 1000, 2000))
 
 
 @dataclass

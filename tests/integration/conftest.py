@@ -11,7 +11,10 @@ from protos import fusionrec_pb2_grpc as pb_grpc
 def stack(built, tmp_path_factory):
     """The real system: Triton (fused_ranker), retrieval (FAISS), ranking (LightGBM), gateway."""
     artifacts, model_repo = built
-    with Stack(artifacts, model_repo, tmp_path_factory.mktemp("run")) as running:
+    # No per-token rate limit on the shared stack: tests here drive thousands of calls with one
+    # token (label cardinality, overload); rate limits are tested on gateways of their own.
+    with Stack(artifacts, model_repo, tmp_path_factory.mktemp("run"),
+               gateway_args=["--token-rate-per-s", "0"]) as running:
         yield running
 
 

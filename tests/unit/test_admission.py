@@ -25,20 +25,28 @@ class Clock:
 
 def limiter(clock: Clock, **kwargs) -> GradientLimit:
     kwargs = {"min_limit": 4, "max_limit": 64, "probe_samples": 10, "probe_interval_s": 1e9,
-              "jitter": lambda: 0.0, **kwargs}
+              "stale_windows": 10 ** 6, **kwargs}
     return GradientLimit(clock=clock, **kwargs)
 
 
 def feed(limit: GradientLimit, clock: Clock, latency_s: float, windows: int, per_window: int = 20,
-         inflight: int | None = None) -> list[int]:
-    """`windows` windows of `per_window` calls of latency_s each, the limit fully used; the limit after each."""
+         inflight: int | None = None, late_first: bool = False) -> list[int]:
+    """`windows` windows of `per_window` calls of latency_s each, admitted with the limit fully
+    used (or `inflight` in flight); the limit after each window."""
     seen = []
     for _ in range(windows):
-        for _ in range(per_window):
+        for j in range(per_window):
             clock.t += limit.window_s / per_window * 1.0001   # the window closes on its last call
-            limit.on_sample(latency_s, limit.limit if inflight is None else inflight)
+            limit.on_sample(latency_s, limit.limit if inflight is None else inflight, late_first and j == 0)
         seen.append(limit.limit)
     return seen
+
+
+def baseline(limit: GradientLimit, clock: Clock, latency_s: float) -> None:
+    """Calls admitted uncrowded (1 in flight): what min_rtt is measured from (no time passes, so
+    the windows `feed` closes stay aligned)."""
+    for _ in range(10):
+        limit.on_sample(latency_s, 1)
 
 
 def test_percentile_nearest_rank():
@@ -47,23 +55,25 @@ def test_percentile_nearest_rank():
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
 
 
-def test_probe_first_then_grows_while_latency_is_flat_up_to_max():
+def test_open_until_a_baseline_then_grows_while_latency_is_flat_up_to_max():
     clock = Clock()
     limit = limiter(clock)
-    assert limit.probing and limit.limit == 4
-    feed(limit, clock, 0.010, windows=1, per_window=10)        # the probe: min_rtt = 10 ms
-    assert not limit.probing and limit.min_rtt == pytest.approx(0.010)
-    seen = feed(limit, clock, 0.010, windows=30)
+    assert limit.limit == 64 and limit.min_rtt is None          # a burst at start is not refused
+    assert feed(limit, clock, 0.200, windows=3) == [64] * 3     # crowded calls measure no baseline
+    baseline(limit, clock, 0.010)
+    assert limit.min_rtt == pytest.approx(0.010)
+    feed(limit, clock, 0.200, windows=20)                       # overload: down to the floor
+    assert limit.limit == 4
+    seen = feed(limit, clock, 0.010, windows=30)                # latency back at the baseline
     assert seen[0] > 4 and all(b >= a for a, b in zip(seen, seen[1:]))   # grows, never shrinks
     assert seen[-1] == 64                                               # and stops at max
 
 
 def test_shrinks_when_latency_rises_and_never_below_min():
     clock = Clock()
-    limit = limiter(clock, stale_windows=10 ** 6)
-    feed(limit, clock, 0.010, windows=1, per_window=10)
-    feed(limit, clock, 0.010, windows=30)
-    assert limit.limit == 64
+    limit = limiter(clock)
+    baseline(limit, clock, 0.010)
+    assert feed(limit, clock, 0.010, windows=5) == [64] * 5             # never above max
     seen = feed(limit, clock, 0.040, windows=3)                        # 4x the baseline
     assert seen[0] < 64 and seen[1] < seen[0]
     seen = feed(limit, clock, 0.200, windows=20)
@@ -73,7 +83,8 @@ def test_shrinks_when_latency_rises_and_never_below_min():
 def test_does_not_grow_when_the_limit_is_not_used():
     clock = Clock()
     limit = limiter(clock)
-    feed(limit, clock, 0.010, windows=1, per_window=10)
+    baseline(limit, clock, 0.010)
+    feed(limit, clock, 0.200, windows=20)
     seen = feed(limit, clock, 0.005, windows=10, inflight=1)           # fast, but 1 in flight of 4
     assert seen == [4] * 10
 
@@ -82,13 +93,11 @@ def test_equilibrium_keeps_latency_near_baseline():
     """A service whose latency grows with concurrency (queueing past 8 in flight): the limit settles
     where latency is within ~2x of the no-load latency, not at max."""
     clock = Clock()
-    limit = limiter(clock, stale_windows=10 ** 6)
+    limit = limiter(clock)
 
     def latency(n: int) -> float:
         return 0.010 * max(1.0, n / 8)
-    for _ in range(10):
-        clock.t += 0.001
-        limit.on_sample(latency(limit.limit), limit.limit)
+    baseline(limit, clock, latency(1))
     for _ in range(200):
         for _ in range(20):
             clock.t += 0.005
@@ -97,16 +106,41 @@ def test_equilibrium_keeps_latency_near_baseline():
 
 
 def test_stale_baseline_is_measured_again_at_the_floor():
-    """The machine got 5x slower for good: pinned at the floor, the limiter re-measures min_rtt there
-    and grows again instead of staying at min for the rest of the probe interval."""
+    """The machine got 5x slower for good: pinned at the floor, the limiter re-measures min_rtt from
+    the (uncrowded) calls there and grows again instead of staying at min."""
     clock = Clock()
     limit = limiter(clock, stale_windows=3)
-    feed(limit, clock, 0.010, windows=1, per_window=10)
-    assert feed(limit, clock, 0.050, windows=3) == [4, 4, 4]
-    assert limit.probing and limit.limit == 4
-    feed(limit, clock, 0.050, windows=1, per_window=10)                 # the new probe
+    baseline(limit, clock, 0.010)
+    for _ in range(60):
+        feed(limit, clock, 0.050, windows=1)
+        if limit.min_rtt == pytest.approx(0.050):
+            break
     assert limit.min_rtt == pytest.approx(0.050)
     assert feed(limit, clock, 0.050, windows=5)[-1] > 4
+
+
+def test_late_calls_cut_the_limit_although_latency_is_capped():
+    """Deadlines cap latency (the gateway answers a fallback just in time): calls that ran out of
+    time shrink the limit even when their latency looks like the baseline, or before any baseline."""
+    clock = Clock()
+    limit = limiter(clock)
+    seen = feed(limit, clock, 0.010, windows=3, late_first=True)       # no baseline yet
+    assert seen == [51, 40, 32]
+    baseline(limit, clock, 0.010)
+    assert feed(limit, clock, 0.010, windows=10)[-1] == 64
+    seen = feed(limit, clock, 0.010, windows=5, late_first=True)
+    assert seen[0] <= int(64 * 0.8) and all(b < a for a, b in zip(seen, seen[1:]))
+
+
+def test_late_calls_do_not_count_in_the_baseline():
+    clock = Clock()
+    limit = limiter(clock)
+    for _ in range(10):
+        clock.t += 0.001
+        limit.on_sample(0.5, 1, late=True)
+    assert limit.min_rtt is None
+    baseline(limit, clock, 0.010)
+    assert limit.min_rtt == pytest.approx(0.010)
 
 
 def test_bounds_checked():
@@ -122,11 +156,11 @@ def test_bounded_wait_hands_the_slot_over_fifo_or_refuses():
     async def go():
         clock = Clock()
         admission = Admission(limiter(clock, min_limit=1, max_limit=1), queue_s=0.05)
-        assert await admission.acquire()
+        assert await admission.acquire() == 1
         waiter = asyncio.ensure_future(admission.acquire())
         await asyncio.sleep(0.005)
-        admission.release(0.001)                       # the slot goes to the waiter
-        assert await waiter and admission.inflight == 1
+        admission.release(0.001, 1)                    # the slot goes to the waiter
+        assert await waiter == 1 and admission.inflight == 1
         started = time.perf_counter()
         assert not await admission.acquire()           # nobody releases: refused after queue_s
         waited = time.perf_counter() - started
@@ -196,30 +230,3 @@ def test_interceptor_sheds_fast_and_never_health_or_status():
     assert [code for code, _, _ in exempt] == ["OK", "OK"]      # Status and health are never shed
     assert [code for code, _, _ in done] == ["OK", "OK"] and calls == 2
 
-
-def test_late_calls_cut_the_limit_although_latency_is_capped():
-    """Deadlines cap latency (the gateway answers a fallback just in time): calls that ran out of
-    time shrink the limit even when their latency looks like the baseline."""
-    clock = Clock()
-    limit = limiter(clock, stale_windows=10 ** 6)
-    feed(limit, clock, 0.010, windows=1, per_window=10)
-    feed(limit, clock, 0.010, windows=30)
-    assert limit.limit == 64
-    seen = []
-    for _ in range(5):
-        for j in range(20):
-            clock.t += limit.window_s / 20 * 1.0001
-            limit.on_sample(0.010, limit.limit, late=j == 0)
-        seen.append(limit.limit)
-    assert seen[0] <= int(64 * 0.8) and all(b < a for a, b in zip(seen, seen[1:]))
-
-
-def test_late_calls_do_not_count_in_the_baseline():
-    clock = Clock()
-    limit = limiter(clock)
-    for _ in range(10):
-        clock.t += 0.001
-        limit.on_sample(0.5, 4, late=True)
-    assert limit.probing
-    feed(limit, clock, 0.010, windows=1, per_window=10)
-    assert limit.min_rtt == pytest.approx(0.010)

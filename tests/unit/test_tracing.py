@@ -225,9 +225,10 @@ def test_the_request_field_request_id_is_the_one_every_hop_logs(logs, metadata):
 
 def test_without_caller_context_one_new_trace_and_its_id_is_the_request_id(logs):
     async def go():
-        async with chain() as (stub, _):
-            return await stub.Recommend(pb.RecommendRequest(user_id="u", k=3), timeout=10)
-    reply = asyncio.run(go())
+        async with chain() as (stub, triton):
+            return await stub.Recommend(pb.RecommendRequest(user_id="u", k=3), timeout=10), triton.metadata
+    reply, (sent,) = asyncio.run(go())
+    assert "x-request-id" not in sent   # the id is the trace id: traceparent carries it, no second header
     spans = server_spans()
     trace_ids = {hexid(s.context.trace_id, 32) for s in spans.values()}
     assert len(trace_ids) == 1 and CALLER_TRACE not in trace_ids
