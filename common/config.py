@@ -59,7 +59,9 @@ class RankingConfig(ServerConfig):
     triton_url: str = _flag("127.0.0.1:8001", "Triton gRPC address")
     triton_timeout_ms: float = _flag(60.0, "upper bound on one Triton call")
     reranker_threads: int = _flag(1, "LightGBM threads, set once at load")
-    diversity_weight: float = _flag(0.1, "re-ranker penalty on max similarity to the slate so far")
+    diversity_weight: float = _flag(-1.0, "re-ranker penalty on max similarity to the slate so far; "
+                                          "negative (default) = the weight the build chose on validation, "
+                                          "read from each artifact version's manifest")
     triton_admin_secret_file: str = _flag("", "file holding the header secret Triton's model-control API "
                                               "requires (--grpc-restricted-protocol); empty = send none")
 

@@ -217,7 +217,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         name, attributes = self._name(details.method)
         metadata = details.invocation_metadata
         tracer = self.tracer if self.service in _exporting else None   # None: ids only, no recording
-        for kind, make in _HANDLER_KINDS:
+        for kind in _HANDLER_KINDS:
             behavior = getattr(handler, kind)
             if behavior is None:
                 continue
@@ -248,15 +248,11 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
                 wrapped = awaited
             else:
                 return handler   # a synchronous handler runs on a thread: left as it is
-            return make(wrapped, request_deserializer=handler.request_deserializer,
-                        response_serializer=handler.response_serializer)
+            return handler._replace(**{kind: wrapped})   # grpc's handlers are namedtuples
         return handler
 
 
-_HANDLER_KINDS = (("unary_unary", grpc.unary_unary_rpc_method_handler),
-                  ("unary_stream", grpc.unary_stream_rpc_method_handler),
-                  ("stream_unary", grpc.stream_unary_rpc_method_handler),
-                  ("stream_stream", grpc.stream_stream_rpc_method_handler))
+_HANDLER_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
 def server_interceptor(config: Any, service: str) -> TracingInterceptor:

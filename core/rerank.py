@@ -116,3 +116,12 @@ class DiversityReranker:
         # Placement scores can rise as the slate fills (features shift); callers read the score
         # as "better than what follows", so report it non-increasing along the slate.
         return np.array(slate, np.int64), np.minimum.accumulate(np.array(scores, np.float32))
+
+
+class NoCorrection:
+    """Stands in for the booster when the build found that the trees lower validation nDCG@10
+    (manifest reranker.trees = false): every correction is 0, so the slate is the fused order
+    with only the diversity step applied."""
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return np.zeros(len(features), np.float64)

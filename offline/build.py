@@ -36,12 +36,13 @@ from offline.item_neighbours import NeighbourConfig, item_neighbours, save_neigh
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
 from offline.ranker import MAX_HISTORY, RankingList, score_lists, train_ranker
-from offline.reranker import rerank_training_groups, train_reranker
+from offline.reranker import (NDCG_TOLERANCE, choose_reranking, diversity_sweep, rerank_training_groups,
+                              train_reranker)
 from offline.serving.export import RANKER_WEIGHTS, publish_fused_ranker, publish_text_encoder, script_ranker
 from offline.serving.fused_ranker import FusedRanker
 from offline.split import dataset_split, split_impressions
 from offline.text_encoder import TextEncoder
-from core.rerank import DiversityReranker
+from core.rerank import DiversityReranker, NoCorrection
 from core.limits import DEFAULT_QUOTAS
 from core.retriever import Retriever
 
@@ -354,7 +355,22 @@ def build(opts: BuildOptions) -> Path:
         x, y, groups = groups_of([j for j in range(len(rr_lists)) if j % 5 or not held])
         booster = train_reranker(x, y, groups, seed=opts.seed, valid=groups_of(held) if held else None)
         booster.save_model(str(staging / "reranker.txt"))
-        reranker = DiversityReranker(booster, item_text, item_category, item_side)
+        # The diversity weight (and whether the trees may correct the fused order at all) is chosen
+        # on validation lists the trees did not train on (the held-out fifth; the training lists only
+        # when there is none): offline.reranker.choose_reranking.
+        choice = held or [j for j in range(len(rr_lists)) if rr_lists[j].labels.any()]
+        sweep_args = ([rr_lists[j] for j in choice], [rr_scores[j] for j in choice], item_text)
+        fused_valid, tree_rows = diversity_sweep(DiversityReranker(booster, item_text, item_category, item_side),
+                                                 *sweep_args)
+        _, plain_rows = diversity_sweep(DiversityReranker(NoCorrection(), item_text, item_category, item_side),
+                                        *sweep_args)
+        chosen = choose_reranking(tree_rows, plain_rows, fused_valid["ndcg@10"])
+        manifest["reranker"] = {**chosen, "ndcg_tolerance": NDCG_TOLERANCE, "lists": len(choice),
+                                "lists_source": "held_out_valid" if held else "training_valid",
+                                "fused_valid": fused_valid, "sweep": tree_rows, "sweep_no_trees": plain_rows}
+        # The test-list figures below are at the served configuration (reported, never chosen on).
+        reranker = DiversityReranker(booster if chosen["trees"] else NoCorrection(), item_text, item_category,
+                                     item_side, float(chosen["diversity_weight"]))
         fused_ndcg, rerank_ndcg, fused_ild, rerank_ild = [], [], [], []
         for lst, scores in zip(test_lists, fused_test):
             relevant = set(lst.candidates[lst.labels > 0].tolist())
@@ -369,7 +385,8 @@ def build(opts: BuildOptions) -> Path:
         figures.update(rows=str(len(y)), groups=str(len(groups)),
                        rounds=str(booster.best_iteration or booster.current_iteration()),
                        ndcg=f"{quality['fused_ndcg@10']:.3f}->{quality['reranked_ndcg@10']:.3f}",
-                       ild=f"{quality['fused_ild@10']:.3f}->{quality['reranked_ild@10']:.3f}")
+                       ild=f"{quality['fused_ild@10']:.3f}->{quality['reranked_ild@10']:.3f}",
+                       weight=f"{chosen['diversity_weight']:g}", trees=str(chosen["trees"]).lower())
 
     with stages.stage("publish", figures := {}):
         model_src = staging / "model"

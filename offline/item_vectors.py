@@ -28,6 +28,7 @@ from common.logs import get_logger
 log = get_logger("offline.item_vectors")
 SHOW = 5            # ids quoted in a message
 MIN_NORM = 1e-12    # below this a row counts as zero
+BLOCK = 65_536      # rows checked at a time
 
 
 class ItemVectorsError(ValueError):
@@ -138,18 +139,20 @@ def check_rows(ids: list[str], vectors: np.ndarray, expected_dim: int, file: Pat
     if vectors.shape[1] != expected_dim:
         raise ItemVectorsError(f"{file}: dimension must match the text space ({space}: {expected_dim}), "
                                f"got {vectors.shape[1]}")
-    finite = np.isfinite(vectors).all(axis=1)
+    vectors = vectors.astype(np.float32, copy=False)
+    # Row figures in blocks: whole-array temporaries would double a 1M x 384 catalog's 1.5 GB.
+    blocks = range(0, len(vectors), BLOCK)
+    finite = np.concatenate([np.isfinite(vectors[lo:lo + BLOCK]).all(axis=1) for lo in blocks] or [np.ones(0, bool)])
     if not finite.all():
         bad = [ids[j] for j in np.flatnonzero(~finite)]
         raise ItemVectorsError(f"{file}: vectors must be finite (no NaN/inf): {len(bad)} rows are not: {_quote(bad)}")
-    norms = np.linalg.norm(vectors, axis=1)
+    norms = np.concatenate([np.linalg.norm(vectors[lo:lo + BLOCK], axis=1) for lo in blocks] or [np.ones(0, np.float32)])
     zero = norms < MIN_NORM
     if zero.any():
         bad = [ids[j] for j in np.flatnonzero(zero)]
         raise ItemVectorsError(f"{file}: zero-norm rows are rejected (no direction to normalise): "
                                f"{len(bad)} rows: {_quote(bad)}")
-    vectors = vectors.astype(np.float32, copy=False)
-    vectors /= norms[:, None].astype(np.float32)   # in place: a 1M x 384 catalog is 1.5 GB a copy
+    vectors /= norms[:, None].astype(np.float32)   # in place, for the same reason
     return vectors
 
 

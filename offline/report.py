@@ -85,12 +85,14 @@ def render_markdown(report: dict[str, Any]) -> str:
            f"{pct(_first(r['retrieval']['unretrieved']))}; not among the merged candidates: "
            f"{pct(r['retrieval']['unretrieved']['not_in_merged'])}.", "", "![recall](recall_at_k.png)", "",
            "## Re-ranker diversity weight", "",
-           f"Served weight: {r['config']['served_diversity_weight']}. For scale: the full pipeline's nDCG@10 has a "
-           f"95% interval of ± {fmt(r['systems']['full_pipeline']['ndcg@10_ci95'])}; smaller differences between "
-           "weights are noise.", "",
+           f"Served weight: {r['config']['served_diversity_weight']}{_served_from(r)}. For scale: the full "
+           f"pipeline's nDCG@10 has a 95% interval of ± {fmt(r['systems']['full_pipeline']['ndcg@10_ci95'])}; "
+           "smaller differences between weights are noise.", "",
            table(["weight", "ndcg@10", "hr@10", "ild@10", "category_coverage@10", "novelty_norm"],
-                 [[row["weight"], row["ndcg@10"], row["hr@10"], row["ild@10"], row["category_coverage@10"],
-                   row["novelty_norm"]] for row in r["diversity_sweep"]]), "",
+                 [[_weight_label(row["weight"], r['config']['served_diversity_weight']), row["ndcg@10"],
+                   row["hr@10"], row["ild@10"], row["category_coverage@10"], row["novelty_norm"]]
+                  for row in r["diversity_sweep"]]), "",
+           *_build_sweep(r.get("build_reranker")),
            "![diversity vs nDCG](diversity_vs_ndcg.png)", ""]
     out += _cold_start(r)
     if r.get("impressions"):
@@ -209,6 +211,35 @@ def plot_recall_curves(curves: dict[str, np.ndarray], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _weight_label(weight: float, served: float) -> str:
+    return f"{fmt(weight)} (served)" if weight == served else fmt(weight)
+
+
+def _served_from(r: dict[str, Any]) -> str:
+    """Where the served weight came from (reports written before the build chose it say nothing)."""
+    source = r["config"].get("served_diversity_weight_from")
+    trees = "" if r["config"].get("rerank_trees", True) else "; LightGBM corrections off (they lowered validation nDCG@10)"
+    if source == "build":
+        return f" (chosen by the build on validation{trees})"
+    return f" (set by --diversity-weight{trees})" if source == "flag" else ""
+
+
+def _build_sweep(chosen: dict[str, Any] | None) -> list[str]:
+    """The build's own validation sweep, from which it chose the weight (offline.reranker.choose_reranking)."""
+    if not chosen or not chosen.get("sweep"):
+        return []
+    fused = chosen.get("fused_valid", {})
+    rows = [["fused order", "-", fused.get("ndcg@10"), fused.get("ild@10")]]
+    for label, key in (("trees", "sweep"), ("no trees", "sweep_no_trees")):
+        rows += [[label, _weight_label(row["weight"], chosen["diversity_weight"])
+                  if (key == "sweep") == bool(chosen["trees"]) else fmt(row["weight"]),
+                  row["ndcg@10"], row["ild@10"]] for row in chosen.get(key, [])]
+    return [f"The build's choice on {chosen.get('lists')} validation lists ({chosen.get('lists_source')}): "
+            f"the largest ILD@10 gain within {chosen.get('ndcg_tolerance', 0.02):.0%} of the sweep's best "
+            f"nDCG@10; {chosen.get('why', '')}.", "",
+            table(["re-ranker", "weight", "ndcg@10 (valid)", "ild@10 (valid)"], rows), ""]
 
 
 def plot_diversity_vs_ndcg(sweep: list[dict[str, float]], systems: dict[str, dict[str, float]],

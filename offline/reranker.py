@@ -11,8 +11,9 @@ import numpy as np
 from tqdm import tqdm
 
 from core.features import RERANK_FEATURES
+from offline.metrics import intra_list_diversity, ndcg_at_k
 from offline.ranker import RankingList
-from core.rerank import FUSED_COLUMN, SlatePool
+from core.rerank import FUSED_COLUMN, DiversityReranker, SlatePool
 
 
 def rerank_training_groups(lists: list[RankingList], fused: list[np.ndarray], item_text: np.ndarray,
@@ -56,3 +57,54 @@ def train_reranker(x: np.ndarray, y: np.ndarray, groups: list[int], seed: int = 
         return lgb.train(params, train, num_boost_round=rounds)
     return lgb.train(params, train, num_boost_round=rounds, valid_sets=[dataset(*valid)],
                      callbacks=[lgb.early_stopping(10, verbose=False)])
+
+
+# The diversity weight is chosen by the build on validation lists (offline.build): a small grid,
+# 0 included; the largest ILD@10 gain whose nDCG@10 is within NDCG_TOLERANCE of the sweep's best.
+SWEEP_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+NDCG_TOLERANCE = 0.02
+
+
+def diversity_sweep(reranker: DiversityReranker, lists: list[RankingList], fused: list[np.ndarray],
+                    item_text: np.ndarray, weights: tuple[float, ...] = SWEEP_WEIGHTS,
+                    k: int = 10) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(fused-order row, one row per weight): mean nDCG@k and ILD@k of the slates over `lists`."""
+    def row(slates: list[np.ndarray]) -> dict[str, float]:
+        ndcg = [ndcg_at_k(s.tolist(), set(l.candidates[l.labels > 0].tolist()), k) for s, l in zip(slates, lists)]
+        ild = [intra_list_diversity(item_text[s]) for s in slates]
+        return {"ndcg@10": float(np.mean(ndcg)) if ndcg else 0.0, "ild@10": float(np.mean(ild)) if ild else 0.0}
+
+    fused_row = row([l.candidates[np.argsort(-s, kind="stable")[:k]] for l, s in zip(lists, fused)])
+    rows = [{"weight": float(w), **row([reranker.rerank(l.candidates, s, l.features, k, w)[0]
+                                        for l, s in zip(lists, fused)])} for w in weights]
+    return fused_row, rows
+
+
+def choose_weight(rows: list[dict[str, float]], tolerance: float = NDCG_TOLERANCE) -> float:
+    """The weight with the largest ILD@10 gain over the smallest weight (0) among the rows whose
+    nDCG@10 is at least (1 - tolerance) x the best nDCG@10 of the sweep; ties -> the smaller weight."""
+    if not rows:
+        raise ValueError("empty diversity sweep")
+    rows = sorted(rows, key=lambda r: r["weight"])
+    best = max(r["ndcg@10"] for r in rows)
+    eligible = [r for r in rows if r["ndcg@10"] >= (1.0 - tolerance) * best]
+    base = rows[0]["ild@10"]
+    return float(max(eligible, key=lambda r: (r["ild@10"] - base, -r["weight"]))["weight"])
+
+
+def choose_reranking(tree_rows: list[dict[str, float]], plain_rows: list[dict[str, float]],
+                     fused_ndcg: float, tolerance: float = NDCG_TOLERANCE) -> dict[str, object]:
+    """What the ranking service serves: {"trees", "diversity_weight", "why"}.
+
+    tree_rows: the sweep with the LightGBM corrections; plain_rows: the same sweep with no
+    correction (fused order + the diversity step). The re-ranker must not lower validation nDCG@10
+    versus the fused order: when its trees at weight 0 do, the trees are switched off (trees =
+    false, ranking serves core.rerank.NoCorrection) and the weight is chosen on plain_rows."""
+    zero = min(tree_rows, key=lambda r: r["weight"])
+    if zero["ndcg@10"] >= fused_ndcg:
+        return {"trees": True, "diversity_weight": choose_weight(tree_rows, tolerance),
+                "why": f"trees at weight {zero['weight']:g} keep validation nDCG@10 "
+                       f"({zero['ndcg@10']:.4f} >= fused {fused_ndcg:.4f})"}
+    return {"trees": False, "diversity_weight": choose_weight(plain_rows, tolerance),
+            "why": f"trees at weight {zero['weight']:g} lower validation nDCG@10 "
+                   f"({zero['ndcg@10']:.4f} < fused {fused_ndcg:.4f}): fused order + diversity step served"}

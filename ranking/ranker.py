@@ -25,7 +25,7 @@ from common.metrics import record_degraded, stage_timer
 from core.item_overlay import AppliedRecords
 from core.item_records import ItemRecord
 from core.reasons import DegradedReason
-from core.rerank import DiversityReranker, SlateExplanation
+from core.rerank import DiversityReranker, NoCorrection, SlateExplanation
 from core.scoring import Scorer, ScorerUnavailable
 
 SERVICE = "ranking"
@@ -49,9 +49,26 @@ def _scorer_reason(error: ScorerUnavailable) -> DegradedReason:
         return DegradedReason.TRITON_UNAVAILABLE
 
 
+LEGACY_DIVERSITY_WEIGHT = 0.1   # artifacts built before the build chose the weight (no manifest "reranker")
+
+
+def served_reranking(manifest: dict, diversity_weight: float | None = None) -> tuple[bool, float]:
+    """(trees, weight) to serve: the build's choice (manifest "reranker", offline.reranker.choose_reranking)
+    unless diversity_weight is given; None or negative = from the artifacts.
+    trees false: the build found that the LightGBM corrections lower validation nDCG@10, so the
+    slate is the fused order with only the diversity step (core.rerank.NoCorrection)."""
+    chosen = manifest.get("reranker") or {}
+    trees = bool(chosen.get("trees", True))
+    if diversity_weight is not None and diversity_weight >= 0:
+        return trees, float(diversity_weight)
+    return trees, float(chosen.get("diversity_weight", LEGACY_DIVERSITY_WEIGHT))
+
+
 class Ranker:
     def __init__(self, artifacts: ArtifactSet, scorer: Scorer, threads: int = 1,
-                 diversity_weight: float = 0.1) -> None:
+                 diversity_weight: float | None = None) -> None:
+        """diversity_weight None or negative: the weight this artifact version's build chose (a hot
+        swap to a new version brings its own); >= 0 overrides it (--diversity-weight)."""
         m = artifacts.manifest
         n_items = m["counts"]["items"]
         item_text = artifacts.npy("item_text.npy")
@@ -64,7 +81,10 @@ class Ranker:
         # Booster(model_file=...) ignores params (reset_parameter on it crashes lightgbm 4.7).
         booster = lgb.Booster(model_file=str(artifacts.path("reranker.txt")))
         threadpool_limits(threads, "openmp")
-        self.reranker = DiversityReranker(booster, item_text, item_category, item_side, diversity_weight)
+        trees, weight = served_reranking(m, diversity_weight)
+        self.reranker = DiversityReranker(booster if trees else NoCorrection(), item_text, item_category,
+                                          item_side, weight)
+        self.diversity_weight, self.rerank_trees = weight, trees
         self.overlay = item_overlay(artifacts)   # online items, from the item log
         self.scorer = scorer
         self.n_items = n_items

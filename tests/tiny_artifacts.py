@@ -45,11 +45,13 @@ def user_id(j: int) -> str:
 
 
 def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_dim: int = 16,
-                         cf_dim: int = 8, seed: int = 0, item_log_seq: int = 0, quotas: dict[str, int] | None = None) -> Path:
+                         cf_dim: int = 8, seed: int = 0, item_log_seq: int = 0, quotas: dict[str, int] | None = None,
+                         diversity_weight: float = 0.1, rerank_trees: bool = True) -> Path:
     """Publish a new version under `root` (root/<v>/ and root/LATEST) and return its folder.
 
     Item j has id item_id(j), user j id user_id(j); users user_id(0..) up to CF_USER_SHARE have
-    a trained CF vector. quotas default to a split that fits n_items (the build tunes them)."""
+    a trained CF vector. quotas default to a split that fits n_items (the build tunes them).
+    diversity_weight / rerank_trees: the manifest's re-ranker choice (the build chooses it on validation)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -107,12 +109,16 @@ def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_
                    "interactions": int(counts.sum()), "categories": N_CATEGORIES},
         "dims": {"text": text_dim, "cf": cf_dim},
         "text_encoder": "tiny_random",
+        "text_space": "encoder", "item_vectors": None,   # offline/build.py: vectors encoded, none brought
         "cf": {"alpha": CF_ALPHA, "regularization": CF_REGULARIZATION, "factors": cf_dim},
         "models": {FUSED_RANKER_NAME: str(version), "reranker": str(version), TEXT_ENCODER_NAME: "1"},
         "indexes": indexes,
         "item2item": {"top_n": NEIGHBOURS, "window": None, "filled": 1.0},
         "quality": {},
         "retrieval": {"quotas": quotas, "recall@300_valid": {}},
+        "reranker": {"trees": rerank_trees, "diversity_weight": diversity_weight, "why": "tiny: fixed",
+                     "ndcg_tolerance": 0.02, "lists": 0, "lists_source": "none", "fused_valid": {},
+                     "sweep": [], "sweep_no_trees": []},
         "stages": [],
         "model_checksum": "",   # no Triton model is written
         "item_log_seq": item_log_seq,   # the item log folded into this set (services replay after it)

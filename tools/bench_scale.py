@@ -241,9 +241,11 @@ def plot(path: Path, rows: list[dict]) -> None:
     ax.plot(items, [r["p50_ms"] for r in served], "o-", label="p50")
     ax.plot(items, [r["p99_ms"] for r in served], "s-", label="p99")
     for r in served:
-        ax.annotate(f"{r['core_ms_per_request']:.1f} core-ms\nrecall {r['recall_at_300']:.2f}",
+        ax.annotate(f"{r['core_ms_per_request']:.1f} core-ms\nrecall@300 {r['recall_at_300']:.3f}",
                     (r["items"], r["p99_ms"]), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.2, y=0.25)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("catalog items")
     ax.set_ylabel(f"end-to-end latency ms at {served[0].get('rate', 50):g} rps")
     ax.set_title("FusionRec: latency vs catalog size (brought embeddings)")

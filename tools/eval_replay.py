@@ -28,7 +28,8 @@ from offline.eval_aggregate import SLATE_K, UserResult, first_k, top_k_by_score
 from offline.eval_testset import ImpressionCase, TestUser, served_history
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
-from core.rerank import DiversityReranker
+from core.rerank import DiversityReranker, NoCorrection
+from ranking.ranker import served_reranking
 from ranking.triton_scorer import TritonScorer
 from core.limits import BERT_HISTORY, DEFAULT_CANDIDATES, MAX_HISTORY
 
@@ -55,7 +56,9 @@ class StackReplayer:
         self.item_text = artifacts.npy("item_text.npy")
         booster = lgb.Booster(model_file=str(artifacts.path("reranker.txt")))
         threadpool_limits(1, "openmp")   # as the ranking service: one LightGBM thread
-        self.reranker = DiversityReranker(booster, self.item_text, artifacts.npy("item_category.npy"),
+        trees, _ = served_reranking(artifacts.manifest)   # as the ranking service: the build may switch the trees off
+        self.reranker = DiversityReranker(booster if trees else NoCorrection(), self.item_text,
+                                          artifacts.npy("item_category.npy"),
                                           artifacts.npy("item_side.npy"))
         self.counts = artifacts.npy("item_counts.npy")
         self.version = artifacts.version

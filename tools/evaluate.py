@@ -17,7 +17,7 @@ import asyncio
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,12 @@ import numpy as np
 from tqdm import tqdm
 
 from common.artifacts import open_artifacts
-from common.config import RankingConfig
 from common.logs import get_logger
 from offline import eval_aggregate as agg
 from offline.eval_testset import EvalSet, ImpressionCase, TestUser, load_eval_set, sample, served_history
 from offline.references import DEFAULT_MAX_ITEMS, FittedReferences, fit_references
 from offline.report import write_report
+from ranking.ranker import served_reranking
 from tools.eval_replay import DEPTH, StackReplayer
 from tools.stack import Stack
 
@@ -51,7 +51,7 @@ class EvalOptions:
     max_users: int | None = None          # test users replayed (deterministic sample)
     max_impressions: int | None = 2000
     cold_history: int = SHORT_HISTORY     # simulated cold users keep this many recent items; 0 = skip
-    diversity_weight: float = RankingConfig.diversity_weight   # what the ranking service serves with
+    diversity_weight: float | None = None   # None: the build's choice (manifest), as the ranking service serves
     sweep_weights: tuple[float, ...] = SWEEP_WEIGHTS
     run_dir: Path | None = None           # process logs (default: a temporary folder, removed after)
     progress: bool = True
@@ -65,6 +65,10 @@ def evaluate(opts: EvalOptions) -> Path:
     faiss.omp_set_num_threads(1)   # as the retrieval service; the services share the cores
     artifacts = open_artifacts(opts.artifacts)
     manifest = artifacts.manifest
+    # The served weight: the build's choice unless --diversity-weight overrides it (ranking gets the flag).
+    weight_from = "flag" if opts.diversity_weight is not None and opts.diversity_weight >= 0 else "build"
+    trees, served_weight = served_reranking(manifest, opts.diversity_weight)
+    opts = replace(opts, diversity_weight=served_weight)
     build_opts = manifest.get("build_options", {})
     data_spec = opts.data or manifest["data_spec"]
     max_items = opts.build_max_items if opts.build_max_items is not None else build_opts.get("max_items")
@@ -83,7 +87,7 @@ def evaluate(opts: EvalOptions) -> Path:
     # raises with the failing process's last log lines anyway).
     with tempfile.TemporaryDirectory(prefix="fusionrec-eval-") as scratch, \
             Stack(opts.artifacts, opts.model_repo, opts.run_dir or Path(scratch),
-                  ranking_args=["--diversity-weight", str(opts.diversity_weight)],
+                  ranking_args=["--diversity-weight", str(served_weight)] if weight_from == "flag" else [],
                   insecure_dev=opts.insecure_dev) as stack:
         main, cold, scored = asyncio.run(_replay(artifacts, stack, evalset, users, cases, opts))
     if fitted is not None:
@@ -93,6 +97,8 @@ def evaluate(opts: EvalOptions) -> Path:
     report, curves = assemble(evalset, tables, artifacts.manifest, data_spec, main, cold, scored, opts,
                               fitted.info if fitted is not None else None)
     report["config"]["seconds"] = round(time.monotonic() - started, 1)
+    report["config"].update(served_diversity_weight_from=weight_from, rerank_trees=trees)
+    report["build_reranker"] = manifest.get("reranker")   # the build's validation sweep and choice
     for path in write_report(report, curves, out):
         log.info("written", extra={"path": str(path)})
     return out
@@ -240,8 +246,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the build's --max-users, likewise")
     p.add_argument("--cold-history", type=int, default=SHORT_HISTORY,
                    help="simulated cold users keep this many recent items (default: %(default)s; 0 = skip)")
-    p.add_argument("--diversity-weight", type=float, default=RankingConfig.diversity_weight,
-                   help="the ranking service's served diversity weight (default: %(default)s)")
+    p.add_argument("--diversity-weight", type=float, default=None,
+                   help="serve this re-ranker diversity weight (default, or negative: the weight the build "
+                        "chose on validation, from the manifest)")
     p.add_argument("--run-dir", type=Path, default=None, help="process logs (default: a temporary folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-references", action="store_true",

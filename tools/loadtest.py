@@ -283,12 +283,14 @@ def _on_fresh_stack(args: argparse.Namespace) -> int:
         set_connector(lambda target: stack.gateway_channel("recommend", aio=True))
         print(f"gateway at {args.target}; {len(users)} users from "
               f"{args.users_file or 'the artifact histories'}", file=sys.stderr, flush=True)
-        return _drive(args, users)
+        return _drive(args, users, cpu_seconds=lambda: overload.processes_cpu_s(stack.pids().values()))
 
 
-def _drive(args: argparse.Namespace, users: Sequence[str]) -> int:
+def _drive(args: argparse.Namespace, users: Sequence[str],
+           cpu_seconds: Callable[[], float] | None = None) -> int:
+    """cpu_seconds: CPU used so far by the system under test (with --stack), for core-ms per request."""
     if args.overload:   # its requests replay the build's test users (--artifacts), not `users`
-        return overload.drive(args)
+        return overload.drive(args, cpu_seconds)
     if args.p99_target_ms is None:
         args.p99_target_ms = 40.0
     make = request_factory(users, args.k, args.surface, args.seed)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Iterable, Sequence, TextIO
 
 import numpy as np
 
@@ -163,7 +164,7 @@ def format_table(doc: dict) -> str:
     lines = [f"highest rate holding p99 <= {doc['p99_target_ms']:g} ms: {doc['base_rate']:g} rps "
              f"(deadline {doc['deadline_ms']:g} ms)",
              f"{'x':>4} {'offered':>8} {'goodput/s':>9} {'vs peak':>7} {'shed':>6} {'shed p50':>8} "
-             f"{'p50 ms':>7} {'p99 ms':>7} {'degr':>6} {'nDCG srv':>8} {'nDCG off':>8} {'d vs 1x':>8}"]
+             f"{'p50 ms':>7} {'p99 ms':>7} {'degr':>6} {'nDCG srv':>8} {'nDCG off':>8} {'d vs 1x':>8} {'core-ms':>7}"]
     for p in doc["phases"]:
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-"
@@ -172,7 +173,8 @@ def format_table(doc: dict) -> str:
             f"{p['shed_share']:>6.1%} {f(p['shed_latency_ms']['p50'], '.1f'):>8} "
             f"{f(p['latency_ms']['p50'], '.1f'):>7} {f(p['latency_ms']['p99'], '.1f'):>7} "
             f"{p['degraded_share']:>6.1%} {f(p['ndcg_served'], '.4f'):>8} {f(p['ndcg_offered'], '.4f'):>8} "
-            f"{f(p['ndcg_vs_1x_paired'], '+.4f'):>8}" + ("  [client-limited]" if p["client_limited"] else ""))
+            f"{f(p['ndcg_vs_1x_paired'], '+.4f'):>8} {f(p.get('core_ms_per_request'), '.1f'):>7}"
+            + ("  [client-limited]" if p["client_limited"] else ""))
     v = doc["verdict"]
     lines.append(f"non-degraded goodput at {' and '.join(f'{x:g}x' for x in v['target_factors'])} >= "
                  f"{v['goodput_target']:.0%} of the peak ({v['peak_goodput_rps']:.1f}/s): "
@@ -186,7 +188,10 @@ async def run_overload(target: str, replay: Replay, *, start_rate: float, step: 
                        search_duration: float, duration: float, warmup: float, deadline_s: float,
                        factors: Sequence[float] = DEFAULT_FACTORS, p99_target_ms: float = 100.0,
                        max_bad_share: float = 0.01, drain_s: float = 5.0, pause_s: float = 1.0,
-                       progress: TextIO | None = None) -> dict:
+                       progress: TextIO | None = None, cpu_seconds: Callable[[], float] | None = None) -> dict:
+    """The search, then one phase per factor; the JSON document (see the module docstring).
+    cpu_seconds: CPU used so far by the system under test; each phase then reports core-ms per
+    request sent and per good answer (warm-up included: its CPU and its requests)."""
     from tools.loadtest import run_open_loop
 
     def say(text: str) -> None:
@@ -225,8 +230,15 @@ async def run_overload(target: str, replay: Replay, *, start_rate: float, step: 
     for factor in factors:
         say(f"phase {factor:g}x: {base * factor:g} rps")
         scores, on_answer = replay.scorer()
+        cpu_before = cpu_seconds() if cpu_seconds else None
         result = await step_at(base * factor, duration, warmup, on_answer)
         figures, users = phase_figures(result, scores, replay.user_of, factor)
+        if cpu_before is not None:
+            used_ms = (cpu_seconds() - cpu_before) * 1000.0
+            sent = max(round(base * factor * (warmup + duration)), 1)
+            good = figures["goodput_rps"] * (warmup + duration)   # warm-up served alike
+            figures["core_ms_per_request"] = round(used_ms / sent, 3)
+            figures["core_ms_per_good_answer"] = round(used_ms / good, 3) if good else None
         phases.append(figures)
         per_user.append(users)
     verdict = compare(phases, per_user)
@@ -248,8 +260,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="overload: <kind>:<path> the build read (default: the manifest's)")
 
 
-def drive(args: argparse.Namespace) -> int:
-    """The overload mode of `fusionrec loadtest` against args.target (the stack already running)."""
+def processes_cpu_s(pids: Iterable[int]) -> float:
+    """User + system CPU seconds so far of these processes and their descendants (Triton runs
+    its python backends as child processes). Linux /proc; processes gone count 0."""
+    stats: dict[int, tuple[int, int]] = {}   # pid -> (parent pid, CPU ticks)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))   # ppid, utime + stime
+    wanted, frontier = set(), set(pids)
+    while frontier:
+        wanted |= frontier
+        frontier = {pid for pid, (parent, _) in stats.items() if parent in frontier} - wanted
+    return sum(stats[pid][1] for pid in wanted if pid in stats) / os.sysconf("SC_CLK_TCK")
+
+
+def drive(args: argparse.Namespace, cpu_seconds: Callable[[], float] | None = None) -> int:
+    """The overload mode of `fusionrec loadtest` against args.target (the stack already running);
+    cpu_seconds: CPU used so far by the system under test (then each phase reports core-ms)."""
     users = load_replay_users(args.artifacts, args.data, args.test_users)
     replay = Replay(users, args.k, args.seed)
     factors = tuple(float(x) for x in args.factors.split(",") if x.strip())
@@ -260,7 +292,7 @@ def drive(args: argparse.Namespace) -> int:
         search_duration=args.search_duration, duration=args.duration, warmup=args.warmup,
         deadline_s=(args.deadline_ms or 200.0) / 1000.0, factors=factors,
         p99_target_ms=args.p99_target_ms or 100.0, max_bad_share=args.max_error_rate,
-        drain_s=args.drain_s, progress=None if args.quiet else sys.stderr))
+        drain_s=args.drain_s, progress=None if args.quiet else sys.stderr, cpu_seconds=cpu_seconds))
     out = Path(args.out or "reports/loadtest/overload.json")
     report.write_json(out, doc)
     print(format_table(doc))

@@ -68,5 +68,6 @@ def test_one_recommend_is_one_trace_across_the_services(built, tmp_path, monkeyp
     assert gateway.name == "fusionrec.v1.Recommender/Recommend" and gateway.parent_span_id.hex() == CALLER_SPAN
     assert retrieval.name == "fusionrec.v1.Retrieval/Retrieve" and retrieval.parent_span_id == gateway.span_id
     assert ranking.name == "fusionrec.v1.Ranking/Rank" and ranking.parent_span_id == gateway.span_id
-    attributes = {a.key: a.value.string_value for a in gateway.attributes}
-    assert attributes["fusionrec.request_id"] == "stack-trace-1"
+    for span in (gateway, retrieval, ranking):   # the caller's x-request-id reached every hop
+        attributes = {a.key: a.value.string_value for a in span.attributes}
+        assert attributes["fusionrec.request_id"] == "stack-trace-1", span.name

@@ -167,3 +167,29 @@ def test_the_build_command_refuses_bad_vectors_with_the_rule(brought_build, tmp_
     err = capsys.readouterr().err
     assert "build refused:" in err and "zeroed.npy: zero-norm rows are rejected" in err and "'i7'" in err
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())   # nothing published
+
+
+def test_same_encoder_vectors_encode_only_the_missing_items(brought_build, tmp_path):
+    """--item-vectors-same-encoder: items missing from the file are encoded by the build's own model,
+    and the text space stays the online text_encoder's (UpsertItems embeds into it)."""
+    from common.artifacts import open_artifacts
+    from core.item_text import item_text
+    from offline.build import BuildOptions, build
+    from offline.text_encoder import TextEncoder
+    data, _ = brought_build
+    raw = np.load(data / "vectors.npy")
+    ids = (data / "vectors.ids.txt").read_text().split()
+    partial = _write(tmp_path, raw[2:], ids=ids[2:], name="partial")         # i0 and i1 have no vector
+    final = build(BuildOptions(data=f"generic:{data}", artifacts=tmp_path / "artifacts",
+                               model_repo=tmp_path / "model_repository", cache_dir=tmp_path / "cache", epochs=1,
+                               progress=False, item_vectors=partial, item_vectors_same_encoder=True))
+    artifacts = open_artifacts(final.parent)
+    m = artifacts.manifest
+    assert m["text_space"] == "encoder" and m["item_vectors"]["encoded"] == 2
+    catalog = artifacts.json("catalog.json")
+    rows = [catalog["item_ids"].index(i) for i in ("i0", "i1")]
+    texts = [item_text(catalog["titles"][j], "", catalog["categories"][j]) for j in rows]
+    vectors = artifacts.npy("item_text.npy")
+    np.testing.assert_allclose(vectors[rows], TextEncoder().encode(texts), atol=1e-5)
+    j = catalog["item_ids"].index("i5")
+    np.testing.assert_allclose(vectors[j], raw[5] / np.linalg.norm(raw[5]), atol=1e-6)

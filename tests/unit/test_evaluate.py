@@ -311,7 +311,7 @@ def test_resolve_data_spec_finds_repo_relative_paths(tmp_path, monkeypatch) -> N
 
 def test_cli_parses_and_rejects_negative_limits(capsys) -> None:
     opts = options_from(parse(["eval", "--artifacts", "a", "--max-users", "30", "--max-impressions", "0"]))
-    assert opts.max_users == 30 and opts.max_impressions is None and opts.diversity_weight == 0.1
+    assert opts.max_users == 30 and opts.max_impressions is None and opts.diversity_weight is None
     assert opts.references and opts.reference_max_items == 20_000
     opts = options_from(parse(["eval", "--no-references", "--reference-max-items", "0"]))
     assert not opts.references and opts.reference_max_items is None

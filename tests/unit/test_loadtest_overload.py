@@ -130,3 +130,24 @@ def test_run_overload_on_a_fake_gateway_that_sheds():
     assert four["ndcg_vs_1x_paired"] == pytest.approx(0.0)
     assert all(r.user_id.startswith("u") and list(r.history_item_ids) == ["h1", "h2"] for r in servicer.requests)
     assert "goodput" in format_table(doc) and ("met" in format_table(doc) or "MISSED" in format_table(doc))
+
+
+def test_processes_cpu_counts_children_and_ignores_gone_ones():
+    import os
+    import subprocess
+    import sys
+    from tools.loadtest_overload import processes_cpu_s
+    # a child that burns ~0.3 s of CPU: counted through its parent (this process)
+    before = processes_cpu_s([os.getpid()])
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt=time.process_time()\n"
+                              "while time.process_time()-t<0.3: pass\ntime.sleep(5)"])
+    try:
+        import time
+        deadline = time.monotonic() + 10
+        while processes_cpu_s([os.getpid()]) - before < 0.25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_cpu_s([os.getpid()]) - before >= 0.25
+    finally:
+        child.kill()
+        child.wait()
+    assert processes_cpu_s([2 ** 22 + 12345]) == 0.0
