@@ -12,7 +12,7 @@ MODEL_REPO ?= model_repository
 TRITON_SITE = $(TRITON_VENV)/lib/python3.11/site-packages
 TRITON_HOME = $(TRITON_SITE)/pytriton/tritonserver
 
-.PHONY: help setup venv triton protos system-packages artifacts run test test-unit bench bench-batching bench-scale loadtest loadtest-overload eval clean
+.PHONY: help setup venv triton protos system-packages artifacts run test test-unit bench bench-batching bench-scale loadtest loadtest-overload eval eval-seeds clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -94,6 +94,11 @@ bench-scale: setup  ## synthetic catalogs (brought embeddings) built and served 
 
 eval: setup $(ARTIFACTS)/LATEST  ## offline quality report on the held-out test split -> reports/<dataset>/
 	$(FUSIONREC) eval --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) $(if $(EVAL_USERS),--max-users $(EVAL_USERS))
+
+SEEDS ?= 5
+
+eval-seeds: setup  ## SEEDS builds (seeds 0..SEEDS-1, temporary artifact roots), each evaluated: mean ± sd of nDCG@10 -> reports/<dataset>/seeds.json (EVAL_USERS=...)
+	$(FUSIONREC) eval-seeds --data $(DATA) --seeds $(SEEDS) $(if $(EVAL_USERS),--max-users $(EVAL_USERS))
 
 LOADTEST_ARGS ?= --ramp --rate 25 --ramp-step 25 --ramp-max 300 --duration 10 --warmup 3
 

@@ -12,7 +12,8 @@ The limit (GradientLimit) is Envoy's adaptive-concurrency gradient controller:
     refreshed every `probe_interval_s`, and measured afresh once the limit has sat at its floor
     for `stale_windows` windows (the machine got slower, e.g. from the cost of shedding itself).
     Unlike Envoy, no probe pins the limit at the floor: a burst is never refused for a
-    measurement. Until the first baseline the limit is open (max); only lateness cuts it.
+    measurement. The limit starts at the floor (a flood at start is not let in at once) and
+    stays there until the first baseline.
   * every `window_s`: sample = p90 latency of the calls finished in the window,
     gradient = clamp(min_rtt * (1 + buffer) / sample, 0.5, 2),
     limit = clamp(limit * gradient + sqrt(limit), min_concurrency, max_concurrency).
@@ -69,8 +70,8 @@ class GradientLimit:
         self.window_s, self.q, self.buffer = window_s, q, buffer
         self.probe_interval_s, self.stale_windows = probe_interval_s, stale_windows
         self.clock = clock
-        self.min_rtt: float | None = None   # until known the limit stays open (only lateness cuts it)
-        self._limit = float(max_limit)
+        self.min_rtt: float | None = None   # until known the limit stays at the floor
+        self._limit = float(min_limit)
         self._quiet: deque[float] = deque(maxlen=probe_samples)   # latencies of calls started uncrowded
         self._refresh_at = -math.inf
         self._window: list[float] = []
@@ -187,6 +188,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self.queue_s = queue_ms / 1000.0
         self.make_limit = make_limit or (lambda: GradientLimit(min_concurrency, max_concurrency))
         self.admissions: dict[str, Admission] = {}
+        self._guarded: dict[str, tuple[Callable, Callable]] = {}   # method -> (behaviour, guarded)
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -200,7 +202,11 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         if admission is None:   # a method the servicer implements: the label set stays bounded
             admission = self.admissions[method] = Admission(self.make_limit(), self.queue_s)
             ADMISSION_SHED.labels(self.service, method)   # exported at 0 from the first call
-        return handler._replace(unary_unary=self._guard(handler.unary_unary, admission, method))
+        behaviour = handler.unary_unary
+        cached = self._guarded.get(method)
+        if cached is None or cached[0] is not behaviour:   # built once per method (the shed path is hot)
+            cached = self._guarded[method] = (behaviour, self._guard(behaviour, admission, method))
+        return handler._replace(unary_unary=cached[1])
 
     def _guard(self, behaviour: Callable, admission: Admission, method: str) -> Callable:
         gauge = ADMISSION_LIMIT.labels(self.service, method)

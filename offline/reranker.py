@@ -3,6 +3,11 @@
 Each list is replayed as the greedy slate would be built: at position p the slate so far is the
 top-p of the pool by fused score, and every remaining pool item becomes a row of one query group
 (label = relevant), with its diversity features measured against that prefix.
+
+The build then chooses what ranking serves (choose_reranking, written to manifest "reranker"): the
+diversity weight from a small sweep on validation lists (0 included), the largest ILD@10 gain within
+2% of the sweep's best nDCG@10; and whether the trees may correct the fused order at all: when they
+lower validation nDCG@10 at weight 0, ranking serves the fused order with only the diversity step.
 """
 from __future__ import annotations
 
@@ -61,7 +66,7 @@ def train_reranker(x: np.ndarray, y: np.ndarray, groups: list[int], seed: int = 
 
 # The diversity weight is chosen by the build on validation lists (offline.build): a small grid,
 # 0 included; the largest ILD@10 gain whose nDCG@10 is within NDCG_TOLERANCE of the sweep's best.
-SWEEP_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+SWEEP_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)   # all in tools.evaluate's sweep
 NDCG_TOLERANCE = 0.02
 
 

@@ -85,6 +85,9 @@ class Ranker:
         self.reranker = DiversityReranker(booster if trees else NoCorrection(), item_text, item_category,
                                           item_side, weight)
         self.diversity_weight, self.rerank_trees = weight, trees
+        log.info("re-ranker configured", extra={"artifact_version": artifacts.version, "diversity_weight": weight,
+                                                "trees": trees, "weight_from": "flag" if diversity_weight is not None
+                                                and diversity_weight >= 0 else "build"})
         self.overlay = item_overlay(artifacts)   # online items, from the item log
         self.scorer = scorer
         self.n_items = n_items

@@ -28,6 +28,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("build", "build a new versioned artifact set from a dataset", "offline.__main__"),
     CommandSpec("eval", "offline quality report: replay held-out test users through a fresh stack",
                 "tools.evaluate"),
+    CommandSpec("eval-seeds", "N builds with different seeds, each evaluated: mean ± sd of nDCG@10 (build stability)",
+                "tools.eval_seeds"),
     CommandSpec("run", "start the whole system on loopback and serve until Ctrl-C", "tools.run"),
     CommandSpec("bench", "open-loop benchmark of the gateway on a fresh stack", "tools.bench"),
     CommandSpec("bench-batching", "fused ranker on Triton, dynamic batching on vs off", "tools.bench_batching"),

@@ -6,7 +6,8 @@ Fits reference recommenders (offline.references: EASE with λ tuned on validatio
 BPR) on every non-test interaction, starts the real system (Triton + retrieval + ranking + gateway,
 tools.stack.Stack), replays test users through it (tools.eval_replay), scores the references on the
 same users, histories and positives, compares every system side by side (the verdict: the full
-pipeline against the best reference), sweeps the re-ranker's diversity weight, repeats the replay
+pipeline against the best reference), sweeps the re-ranker's diversity weight (served: the build's
+choice from the manifest, as the ranking service does, unless --diversity-weight), repeats the replay
 for simulated cold users, scores held-out MIND impressions when the data has them, and writes
 reports/<dataset>/quality.{md,json} + PNG plots.
 """
