@@ -156,6 +156,13 @@ class Admission:
         self._drop(slot)
         return 0
 
+    @property
+    def saturated(self) -> bool:
+        """At the limit with callers already waiting: a new call would almost surely time out in
+        the queue, so it can be refused before any other interceptor runs."""
+        return self.inflight >= self.limiter.limit and (
+            self.queue_s <= 0 or len(self._waiters) >= max(1, self.limiter.limit // 8))
+
     def _drop(self, slot: asyncio.Future) -> None:
         slot.cancel()
         try:
@@ -189,9 +196,13 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self.make_limit = make_limit or (lambda: GradientLimit(min_concurrency, max_concurrency))
         self.admissions: dict[str, Admission] = {}
         self._guarded: dict[str, tuple[Callable, Callable]] = {}   # method -> (behaviour, guarded)
+        self._refusals: dict[str, grpc.RpcMethodHandler] = {}      # method -> refusing handler
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
+        known = self.admissions.get(details.method.rsplit("/", 1)[-1])
+        if known is not None and known.saturated:   # the cheap path: no inner interceptor, no decoding
+            return self._refusals[details.method.rsplit("/", 1)[-1]]
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None or details.method.startswith(EXEMPT_PREFIXES):
             return handler
@@ -202,23 +213,34 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         if admission is None:   # a method the servicer implements: the label set stays bounded
             admission = self.admissions[method] = Admission(self.make_limit(), self.queue_s)
             ADMISSION_SHED.labels(self.service, method)   # exported at 0 from the first call
+            self._refusals[method] = grpc.unary_unary_rpc_method_handler(self._refuse(method))
         behaviour = handler.unary_unary
         cached = self._guarded.get(method)
         if cached is None or cached[0] is not behaviour:   # built once per method (the shed path is hot)
             cached = self._guarded[method] = (behaviour, self._guard(behaviour, admission, method))
         return handler._replace(unary_unary=cached[1])
 
-    def _guard(self, behaviour: Callable, admission: Admission, method: str) -> Callable:
-        gauge = ADMISSION_LIMIT.labels(self.service, method)
+    def _refuse(self, method: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
         shed = ADMISSION_SHED.labels(self.service, method)
         refused = GRPC_REQUESTS.labels(self.service, method, "RESOURCE_EXHAUSTED")
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            shed.inc()
+            refused.inc()   # never reaches the servicer's own request metrics
+            # Not context.abort(): raising costs more than the rest of the refusal; with a
+            # non-OK code grpc.aio sends no response message.
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(SHED_MESSAGE)
+        return refuse
+
+    def _guard(self, behaviour: Callable, admission: Admission, method: str) -> Callable:
+        gauge = ADMISSION_LIMIT.labels(self.service, method)
+        refuse = self._refuse(method)
 
         async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             admitted_with = await admission.acquire()
             if not admitted_with:
-                shed.inc()
-                refused.inc()   # never reaches the servicer's own request metrics
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, SHED_MESSAGE)
+                return await refuse(request, context)
             start = time.perf_counter()
             budget = context.time_remaining()
             cancelled = False

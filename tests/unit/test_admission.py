@@ -227,3 +227,46 @@ def test_interceptor_sheds_fast_and_never_health_or_status():
     assert [code for code, _, _ in exempt] == ["OK", "OK"]      # Status and health are never shed
     assert [code for code, _, _ in done] == ["OK", "OK"] and calls == 2
 
+
+
+class Counting(grpc.aio.ServerInterceptor):
+    """An inner interceptor (as the gateway's token check): counts the calls that reach it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def intercept_service(self, continuation, details):
+        self.calls += 1
+        return await continuation(details)
+
+
+def test_saturated_calls_are_refused_before_inner_interceptors_and_decoding():
+    async def go():
+        inner = Counting()
+        interceptor = AdmissionInterceptor("retrieval", min_concurrency=1, max_concurrency=1, queue_ms=0)
+        server = grpc.aio.server(interceptors=[interceptor, inner])
+        pb_grpc.add_RetrievalServicer_to_server(SlowRetrieval(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.RetrievalStub(channel)
+                busy = asyncio.ensure_future(stub.Retrieve(pb.RetrieveRequest(), timeout=5))
+                await asyncio.sleep(0.05)
+                reached = inner.calls
+                junk = channel.unary_unary("/fusionrec.v1.Retrieval/Retrieve")   # undecodable bytes
+                codes = []
+                for call in [stub.Retrieve(pb.RetrieveRequest(), timeout=5) for _ in range(5)] + [junk(b"\xff\xff", timeout=5)]:
+                    try:
+                        await call
+                        codes.append("OK")
+                    except grpc.aio.AioRpcError as e:
+                        codes.append(e.code().name)
+                await busy
+                return codes, inner.calls - reached
+        finally:
+            await server.stop(None)
+
+    codes, reached_inner = asyncio.run(go())
+    assert codes == ["RESOURCE_EXHAUSTED"] * 6
+    assert reached_inner == 0
