@@ -37,6 +37,7 @@ from enum import StrEnum
 import grpc
 import numpy as np
 
+from common.admission import report_late
 from common.config import GatewayConfig
 from common.item_follower import ItemLogFollower
 from common.metrics import UNKNOWN_ITEMS, record_degraded, record_stage
@@ -130,8 +131,13 @@ RANKING = HopReasons(DegradedReason.RANKING_TIMEOUT, DegradedReason.RANKING_UNAV
 
 def observe_hop(estimate: LatencyEstimate, error: grpc.aio.AioRpcError, seconds: float) -> None:
     """A late call needed more than the time it had: counted when that is above the estimate (a
-    short deadline says nothing). A fast failure (down, shed) says nothing of latency either."""
-    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and seconds > estimate.mean:
+    short deadline says nothing). A fast failure (down, shed) says nothing of latency either.
+    A hop late or refused (shed) is overload: the admission limit hears of it (a fallback answer
+    comes back in time, so latency alone would not show it)."""
+    code = error.code()
+    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        report_late()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and seconds > estimate.mean:
         estimate.observe(seconds)
 
 
@@ -379,6 +385,7 @@ class RecommendPipeline:
         run.slate = in_order(np.array(run.candidates.items, np.int64))
         remaining = run.deadline - time.monotonic() - self.reserve_s
         if remaining <= MIN_TIMEOUT_S:
+            report_late()
             raise StepFailed(DegradedReason.RANKING_TIMEOUT, "no budget left for ranking")
         run.stages.append("rank")
         started = time.monotonic()

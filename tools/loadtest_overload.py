@@ -161,8 +161,9 @@ def holds(summary: dict, p99_target_ms: float, max_bad_share: float) -> bool:
 
 
 def format_table(doc: dict) -> str:
+    security = {True: ", TLS + tokens", False: ", plaintext (--insecure-dev)"}.get(doc.get("tls_and_auth"), "")
     lines = [f"highest rate holding p99 <= {doc['p99_target_ms']:g} ms: {doc['base_rate']:g} rps "
-             f"(deadline {doc['deadline_ms']:g} ms)",
+             f"(deadline {doc['deadline_ms']:g} ms{security})",
              f"{'x':>4} {'offered':>8} {'goodput/s':>9} {'vs peak':>7} {'shed':>6} {'shed p50':>8} "
              f"{'p50 ms':>7} {'p99 ms':>7} {'degr':>6} {'nDCG srv':>8} {'nDCG off':>8} {'d vs 1x':>8} {'core-ms':>7}"]
     for p in doc["phases"]:
@@ -293,6 +294,7 @@ def drive(args: argparse.Namespace, cpu_seconds: Callable[[], float] | None = No
         deadline_s=(args.deadline_ms or 200.0) / 1000.0, factors=factors,
         p99_target_ms=args.p99_target_ms or 100.0, max_bad_share=args.max_error_rate,
         drain_s=args.drain_s, progress=None if args.quiet else sys.stderr, cpu_seconds=cpu_seconds))
+    doc["tls_and_auth"] = not getattr(args, "insecure_dev", False)
     out = Path(args.out or "reports/loadtest/overload.json")
     report.write_json(out, doc)
     print(format_table(doc))

@@ -270,3 +270,40 @@ def test_saturated_calls_are_refused_before_inner_interceptors_and_decoding():
     codes, reached_inner = asyncio.run(go())
     assert codes == ["RESOURCE_EXHAUSTED"] * 6
     assert reached_inner == 0
+
+
+def test_a_handler_can_report_its_call_late():
+    """The gateway answers a fallback in time when a hop timed out: report_late() makes that call
+    count as late, and outside a call it does nothing."""
+    from common.admission import report_late
+    report_late()   # no call running: no effect, no error
+    seen = []
+
+    class Recorder(Admission):
+        def release(self, latency_s, admitted_with, late=False):
+            seen.append(late)
+            super().release(latency_s, admitted_with, late)
+
+    async def go():
+        interceptor = AdmissionInterceptor("t", min_concurrency=4, max_concurrency=4)
+        interceptor.admissions["Retrieve"] = Recorder(GradientLimit(4, 4), 0.001)
+        interceptor._refusals["Retrieve"] = grpc.unary_unary_rpc_method_handler(interceptor._refuse("Retrieve"))
+
+        class Servicer(pb_grpc.RetrievalServicer):
+            async def Retrieve(self, request, context):
+                if request.user_id == "late":
+                    report_late()
+                return pb.RetrieveResponse()
+        server = grpc.aio.server(interceptors=[interceptor])
+        pb_grpc.add_RetrievalServicer_to_server(Servicer(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.RetrievalStub(channel)
+                for user in ("ok", "late", "ok"):
+                    await stub.Retrieve(pb.RetrieveRequest(user_id=user), timeout=5)
+        finally:
+            await server.stop(None)
+    asyncio.run(go())
+    assert seen == [False, True, False]
