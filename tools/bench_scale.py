@@ -184,7 +184,8 @@ def serve(root: Path, model_repo: Path, run_dir: Path, args: argparse.Namespace)
     rss = summary["rss_mib"]
     return {"p50_ms": lat.get("p50"), "p99_ms": lat.get("p99"), "core_ms_per_request": round(sum(cpu.values()), 2),
             "cpu_ms_per_request": cpu, "achieved_rps": summary.get("achieved_rps"),
-            "error_rate": summary.get("error_rate"), "degraded_share": summary.get("degraded_share"),
+            "error_rate": summary.get("error_rate"), "errors": summary.get("errors"),
+            "degraded_share": summary.get("degraded_share"),
             "rss_mib": rss, "resident_mib": round(rss.get("services_total", 0) + rss.get("triton", 0), 1),
             "stack_start_s": round(start_s, 1), "rate": args.rate, "duration_s": args.duration,
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
