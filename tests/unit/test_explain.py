@@ -356,10 +356,10 @@ def explained_reply(stack, **kw) -> pb.RecommendResponse:
 def test_cli_prints_the_explanation_table(stack, monkeypatch, capsys):
     reply = explained_reply(stack)
     sent = []
-    monkeypatch.setattr(client, "recommend", lambda target, request, timeout: sent.append(request) or reply)
+    monkeypatch.setattr(client, "recommend", lambda channel, request, timeout: sent.append(request) or reply)
     parser = argparse.ArgumentParser()
     client.add_arguments(parser)
-    assert client.run(parser.parse_args(["--target", "x:1", "--user", "u", "--k", "4", "--explain"])) == 0
+    assert client.run(parser.parse_args(["--insecure-dev", "--target", "x:1", "--user", "u", "--k", "4", "--explain"])) == 0
     out = capsys.readouterr().out
     assert sent[0].explain is True
     header = next(line for line in out.splitlines() if line.startswith("rank"))
@@ -375,7 +375,7 @@ def test_cli_prints_the_explanation_table(stack, monkeypatch, capsys):
 
     # Without --explain nothing is asked and no table is printed.
     sent.clear()
-    client.run(parser.parse_args(["--target", "x:1", "--user", "u"]))
+    client.run(parser.parse_args(["--insecure-dev", "--target", "x:1", "--user", "u"]))
     assert sent[0].explain is False and "correction" not in capsys.readouterr().out
 
 
@@ -386,10 +386,10 @@ def test_cli_table_marks_absent_figures_and_json_carries_the_explanation(stack, 
     assert "fused + correction" not in table   # the formula line is printed only for re-ranked slates
     assert len(rows) == len(reply.items) and all(line.split()[-4:-1] == ["-", "-", "-"] for line in rows)
     assert "ordered by retrieval" in table
-    monkeypatch.setattr(client, "recommend", lambda target, request, timeout: reply)
+    monkeypatch.setattr(client, "recommend", lambda channel, request, timeout: reply)
     parser = argparse.ArgumentParser()
     client.add_arguments(parser)
-    client.run(parser.parse_args(["--target", "x:1", "--user", "u", "--explain", "--json"]))
+    client.run(parser.parse_args(["--insecure-dev", "--target", "x:1", "--user", "u", "--explain", "--json"]))
     data = json.loads(capsys.readouterr().out)
     e = data["items"][0]["explanation"]
     assert e["stage"] == "EXPLAINED_STAGE_RETRIEVAL" and e["channels"][0]["channel"] == "bert"

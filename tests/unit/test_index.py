@@ -187,7 +187,7 @@ def test_faiss_gpu_setting(monkeypatch):
 def test_retrieval_with_faiss_gpu_on_fails_at_start_without_a_gpu(monkeypatch, tmp_path):
     from retrieval import server
     monkeypatch.setattr(fi, "gpu_count", lambda: 0)
-    config = RetrievalConfig(port=1, artifacts=tmp_path / "none", faiss_gpu="on")
+    config = RetrievalConfig(port=1, artifacts=tmp_path / "none", faiss_gpu="on", insecure_dev=True)
     with pytest.raises(RuntimeError, match="no GPU is visible"):   # before any artifact is read
         asyncio.run(server.run(config))
 
