@@ -57,6 +57,13 @@ class EncoderError(RuntimeError):
     """The text encoder answered with something unusable (nothing was appended)."""
 
 
+class TextSpaceBrought(Exception):
+    """The served catalog's vectors were brought to the build: the text_encoder cannot place new
+    items in their space (UpsertItemsRequest carries no vectors), so items come by a rebuild."""
+    MESSAGE = ("items: this catalog's item vectors were brought to the build (manifest text_space=brought) "
+               "and UpsertItems has no vector field; add items by rebuilding with their vectors")
+
+
 class ItemWriter:
     def __init__(self, states: VersionSet[ServingState], triton: InferenceServerClient,
                  item_log: ItemLog, follower: ItemLogFollower) -> None:
@@ -79,6 +86,8 @@ class ItemWriter:
     async def upsert(self, items: Sequence[NewItem], timeout_s: float) -> UpsertResult:
         items = list(items)
         state = self.states.get()
+        if state.text_space == "brought":
+            raise TextSpaceBrought()
         catalog = state.catalog
         vectors = await self.embed([i.embedding_text() for i in items], state.encoder_version,
                                    catalog.overlay.text_dim, timeout_s)

@@ -26,7 +26,7 @@ from gateway.auth import TokenFileError, auth_interceptors
 from gateway.erase import UserDataUnavailable, UserEraser
 from gateway.event_log import EventLog
 from gateway.events import EventIngester, IngestResult
-from gateway.items import EncoderError, ItemWriter
+from gateway.items import EncoderError, ItemWriter, TextSpaceBrought
 from gateway.recommend import SERVICE, ExplainedStage, ItemExplanation, Recommendation, RecommendPipeline
 from gateway.replica_monitor import REPLICAS_HEALTH, ReplicaMonitor, ReplicaService
 from gateway.serving_state import ServingState
@@ -133,6 +133,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             return pb.UpsertItemsResponse(added=done.added, updated=done.updated, item_log_seq=done.item_log_seq)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except TextSpaceBrought:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, TextSpaceBrought.MESSAGE)
         except ItemLogUnavailable:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "items not added: the item store is unavailable; retry")
         except (InferenceServerException, grpc.aio.AioRpcError, EncoderError, asyncio.TimeoutError) as e:

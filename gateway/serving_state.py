@@ -15,8 +15,12 @@ class ServingState:
     catalog: Catalog                  # artifact items + the item log applied on top (follower)
     base_history: ArtifactHistoryStore
     encoder_version: str
+    # "brought": the build's item vectors came from another model (--item-vectors), so the online
+    # text_encoder would put new items in another space; "encoder": the text_encoder made them.
+    text_space: str = "encoder"
 
     @classmethod
     def load(cls, artifacts: ArtifactSet) -> "ServingState":
         return cls(artifacts.version, Catalog(artifacts), ArtifactHistoryStore(artifacts),
-                   str(artifacts.manifest["models"][TEXT_ENCODER_NAME]))
+                   str(artifacts.manifest["models"][TEXT_ENCODER_NAME]),
+                   str(artifacts.manifest.get("text_space", "encoder")))

@@ -327,3 +327,18 @@ def test_recommend_for_an_erased_user_with_a_fake_store(tiny_artifacts):
     state = ServingState.load(tiny_artifacts)
     pipeline, retrieval, _ = make(state, store=FakeRecentStore(erased_at=1.0))
     assert len(recommend(pipeline).items) == 5 and retrieval.requests[0].user_id == ""
+
+
+def test_upsert_into_a_catalog_of_brought_vectors_is_refused_and_logs_nothing(setup, tiny_artifacts, tmp_path):
+    """With --item-vectors the text space is another model's: the text_encoder cannot place new
+    items in it, so UpsertItems answers INVALID_ARGUMENT naming `items` and writes nothing."""
+    import dataclasses
+    from protos import fusionrec_pb2 as pb
+    state, servicer, _, _, item_log, _ = setup
+    brought = dataclasses.replace(state, text_space="brought")
+    servicer.items.states = type("States", (), {"get": lambda self: brought})()
+    reply, context = call(servicer.UpsertItems, pb.UpsertItemsRequest(items=[pb.NewItem(item_id="new", title="T")]))
+    assert reply is None and context.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert context.details.startswith("items:") and "text_space=brought" in context.details
+    assert asyncio.run(item_log.read(0)) == []
+    assert state.text_space == "encoder"   # what a build without brought vectors serves
