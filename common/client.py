@@ -3,12 +3,11 @@ probes, the operator tools): reconnect backoff short enough that a restarted dep
 again within a second, and the interceptors every outgoing call carries."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import grpc
 
-if TYPE_CHECKING:
-    from common.security import Security
+from common.security import Security, process_default
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
@@ -48,16 +47,6 @@ def client_interceptors() -> list[Any]:
     return tracing.client_interceptors()
 
 
-# This process's Security (common.security.process_security sets it at start); None = plaintext,
-# which fails closed: our TLS ports refuse a plaintext caller.
-_default_security: "Security | None" = None
-
-
-def set_default_security(security: "Security | None") -> None:
-    global _default_security
-    _default_security = security
-
-
 def tls_name_override(target: str) -> list[tuple[str, Any]]:
     """A multi-address `ipv4:a:p,b:q` target has no single host to check the server cert against:
     check the first address (every replica's cert names it; on loopback, 127.0.0.1)."""
@@ -70,11 +59,11 @@ def tls_name_override(target: str) -> list[tuple[str, Any]]:
 
 
 def open_channel(target: str, *, options: Sequence[tuple[str, Any]] = (), aio: bool = True,
-                 security: "Security | None" = None, token: str | None = None) -> Any:
+                 security: Security | None = None, token: str | None = None) -> Any:
     """A channel to one of our services (aio unless aio=False): TLS with this process's cert
     (mTLS) unless security is plaintext (--insecure-dev). token: a bearer token sent on every
     call (`authorization: Bearer ...`, the public API; not sent over plaintext)."""
-    security = security or _default_security
+    security = security or process_default()
     if security is None or security.insecure:
         opts = channel_options(options)
         if aio:

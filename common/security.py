@@ -106,14 +106,23 @@ def add_port(server: Any, address: str, security: Security, require_client_auth:
 def process_security(config: Any) -> Security:
     """This process's Security, read once from its config (cached: the services ask at start and
     again when binding): fails when TLS files are missing, warns once under --insecure-dev, and
-    becomes the default of common.client.open_channel."""
-    from common import client
+    becomes the default of common.client.open_channel (process_default)."""
+    global _process_default
     security = Security.from_config(config)
     if security.insecure:
         log.warning("--insecure-dev: TLS, mTLS and token checks are OFF; every port is plaintext and "
                     "unauthenticated (development only)")
-    client.set_default_security(security)
+    _process_default = security
     return security
+
+
+# This process's Security once process_security ran; None = not set (a tool or test process):
+# open_channel then speaks plaintext, which fails closed against our TLS ports.
+_process_default: Security | None = None
+
+
+def process_default() -> Security | None:
+    return _process_default
 
 
 def read_secret(path: str | Path) -> str:

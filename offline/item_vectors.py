@@ -16,13 +16,13 @@ searched by inner product, as the encoder's unit vectors are).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from common.artifacts import sha256_file
 from common.logs import get_logger
 
 log = get_logger("offline.item_vectors")
@@ -56,12 +56,6 @@ def ids_file_for(path: Path) -> Path:
     return path.with_suffix(".ids.txt")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _quote(ids: Sequence[str]) -> str:
@@ -191,4 +185,4 @@ def load_brought_vectors(path: Path, catalog_ids: Sequence[str], expected_dim: i
         out[missing] = check_rows([catalog_ids[j] for j in missing], encoded, expected_dim,
                                   path, f"{space}, encoded")
         log.info("catalog items without a brought vector encoded", extra={"count": len(missing)})
-    return BroughtVectors(out, str(path), file_sha256(path), expected_dim, len(ids), len(missing), len(unknown))
+    return BroughtVectors(out, str(path), sha256_file(path), expected_dim, len(ids), len(missing), len(unknown))

@@ -12,25 +12,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.auth import bearer_metadata
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
+from tests.integration.helpers import code_of
 
 pytestmark = pytest.mark.integration
-
-
-def _code(call, *args, **kwargs) -> str:
-    try:
-        call(*args, **kwargs)
-        return "OK"
-    except grpc.RpcError as e:
-        return e.code().name
 
 
 def test_no_token_or_a_junk_one_is_unauthenticated_and_health_stays_open(stack, known_user):
     request = pb.RecommendRequest(user_id=known_user[0], k=5)
     with stack.gateway_channel(scopes=None) as channel:   # TLS, client cert, no token
         stub = pb_grpc.RecommenderStub(channel)
-        assert _code(stub.Recommend, request, timeout=5) == "UNAUTHENTICATED"
-        assert _code(stub.Recommend, request, timeout=5, metadata=bearer_metadata("x" * 43)) == "UNAUTHENTICATED"
-        assert _code(stub.Recommend, request, timeout=5,
+        assert code_of(stub.Recommend, request, timeout=5) == "UNAUTHENTICATED"
+        assert code_of(stub.Recommend, request, timeout=5, metadata=bearer_metadata("x" * 43)) == "UNAUTHENTICATED"
+        assert code_of(stub.Recommend, request, timeout=5,
                      metadata=bearer_metadata(stack.tokens["recommend"])) == "OK"   # the same call, a real token
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -44,7 +37,7 @@ def test_a_read_token_cannot_write_and_the_write_is_not_applied(stack, known_use
         with pytest.raises(grpc.RpcError) as e:
             stub.UpsertItems(upsert, timeout=10)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "'items'" in e.value.details()
-        assert _code(stub.DeleteUserData, pb.DeleteUserDataRequest(user_id=known_user[0]), timeout=5) == "PERMISSION_DENIED"
+        assert code_of(stub.DeleteUserData, pb.DeleteUserDataRequest(user_id=known_user[0]), timeout=5) == "PERMISSION_DENIED"
     with stack.gateway_channel(scopes="items") as channel:
         # nothing was written: deleting the id now finds no live item
         assert pb_grpc.RecommenderStub(channel).DeleteItems(pb.DeleteItemsRequest(item_ids=[item]), timeout=10).deleted == 0
@@ -56,4 +49,4 @@ def test_the_events_token_reports_events_and_nothing_else(stack, known_user):
     with stack.gateway_channel(scopes="events") as channel:
         stub = pb_grpc.RecommenderStub(channel)
         assert stub.ReportEventBatch(batch, timeout=10).accepted == 1
-        assert _code(stub.Recommend, pb.RecommendRequest(user_id=known_user[0], k=5), timeout=5) == "PERMISSION_DENIED"
+        assert code_of(stub.Recommend, pb.RecommendRequest(user_id=known_user[0], k=5), timeout=5) == "PERMISSION_DENIED"

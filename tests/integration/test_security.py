@@ -17,6 +17,7 @@ from core.features import FUSED_RANKER_NAME
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 from tools.credentials import Credentials
+from tests.integration.helpers import code_of
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -27,17 +28,9 @@ def credentials(stack) -> Credentials:
     return Credentials.load(stack.credentials_path)
 
 
-def _code(call, *args, **kwargs) -> str:
-    try:
-        call(*args, **kwargs)
-        return "OK"
-    except grpc.RpcError as e:
-        return e.code().name
-
-
 def test_plaintext_to_the_gateway_fails(stack, known_user):
     with grpc.insecure_channel(stack.addr("gateway")) as channel:
-        code = _code(pb_grpc.RecommenderStub(channel).Recommend, pb.RecommendRequest(user_id=known_user[0], k=5),
+        code = code_of(pb_grpc.RecommenderStub(channel).Recommend, pb.RecommendRequest(user_id=known_user[0], k=5),
                      timeout=3)
     assert code == "UNAVAILABLE"
 
@@ -71,7 +64,7 @@ def test_the_api_callers_cert_cannot_call_the_internal_services(stack, credentia
             ("ranking", pb_grpc.RankingStub, "Status", pb.StatusRequest())):
         with open_channel(stack.addr(name), aio=False, security=credentials.security,
                           token=credentials.token("all")) as channel:
-            assert _code(getattr(stub_class(channel), method), request, timeout=3) == "UNAVAILABLE", (name, method)
+            assert code_of(getattr(stub_class(channel), method), request, timeout=3) == "UNAVAILABLE", (name, method)
     with stack.channel("retrieval") as ch:
         after = pb_grpc.RetrievalStub(ch).Status(pb.StatusRequest(), timeout=5)
     assert after.item_log_seq == before.item_log_seq and list(after.loaded_versions) == list(before.loaded_versions)

@@ -135,7 +135,7 @@ def test_a_build_with_brought_vectors_serves_them(brought_build):
     import faiss
     import torch
     from common.artifacts import open_artifacts
-    from offline.item_vectors import file_sha256
+    from common.artifacts import sha256_file
     data, final = brought_build
     artifacts = open_artifacts(final.parent)
     raw = np.load(data / "vectors.npy")
@@ -150,7 +150,7 @@ def test_a_build_with_brought_vectors_serves_them(brought_build):
                                m["models"]["fused_ranker"] / "model.pt"))    # the fused ranker's text features
     np.testing.assert_allclose(model.item_text.numpy(), expected, atol=1e-6)
     assert m["text_space"] == "brought"
-    assert m["item_vectors"] == {"file": str(data / "vectors.npy"), "sha256": file_sha256(data / "vectors.npy"),
+    assert m["item_vectors"] == {"file": str(data / "vectors.npy"), "sha256": sha256_file(data / "vectors.npy"),
                                  "dim": 384, "rows": 400, "encoded": 0, "unknown_ids_ignored": 0}
 
 
