@@ -62,13 +62,24 @@ class StrictDecodeInterceptor(grpc.aio.ServerInterceptor):
         # the count of the refusals it stands for (the metric counts every one).
         self.log_every_s = log_every_s
         self._logged: dict[str, tuple[float, int]] = {}   # method -> (last line at, refused since)
+        # method -> (the inner handler's parts, their wrapped replacements): built once per method,
+        # not per call (an inner interceptor hands a fresh namedtuple each call, with the same parts).
+        self._wrapped: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        method = details.method.rsplit("/", 1)[-1]
+        parts = (handler.request_deserializer, handler.unary_unary, handler.unary_stream,
+                 handler.stream_unary, handler.stream_stream)
+        cached = self._wrapped.get(details.method)
+        if cached is None or any(a is not b for a, b in zip(cached[0], parts)):
+            cached = self._wrapped[details.method] = (parts, self._replacements(details.method, handler))
+        return handler._replace(**cached[1])
+
+    def _replacements(self, full_method: str, handler: grpc.RpcMethodHandler) -> dict[str, Any]:
+        method = full_method.rsplit("/", 1)[-1]
         reject = self._rejecter(method, message_name(handler.request_deserializer))
         replaced: dict[str, Any] = {"request_deserializer": lenient(handler.request_deserializer)}
         if handler.unary_unary is not None:
@@ -79,7 +90,7 @@ class StrictDecodeInterceptor(grpc.aio.ServerInterceptor):
             replaced["stream_unary"] = _guard_stream(handler.stream_unary, reject)
         elif handler.stream_stream is not None:
             replaced["stream_stream"] = _guard_stream(handler.stream_stream, reject)
-        return handler._replace(**replaced)
+        return replaced
 
     def _rejecter(self, method: str, name: str) -> Callable[[grpc.aio.ServicerContext, int | None], Awaitable[None]]:
         async def reject(context: grpc.aio.ServicerContext, position: int | None) -> None:
