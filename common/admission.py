@@ -12,8 +12,11 @@ The limit (GradientLimit) is Envoy's adaptive-concurrency gradient controller:
     refreshed every `probe_interval_s`, and measured afresh once the limit has sat at its floor
     for `stale_windows` windows (the machine got slower, e.g. from the cost of shedding itself).
     Unlike Envoy, no probe pins the limit at the floor: a burst is never refused for a
-    measurement. The limit starts at the floor (a flood at start is not let in at once) and
-    stays there until the first baseline.
+    measurement. The limit starts at INITIAL_LIMIT (clamped to the bounds; a flood at start is
+    not let in at once) and only late windows move it until the first baseline. The floor is
+    low (--min-concurrency 2): on a small machine the equilibrium (throughput x latency, about
+    2-4 calls for ~20 core-ms calls on 2 cores) is below 8, and a floor above it kept the limit
+    where admitted calls ran out of time (measured: at 6x, most answers degraded or late).
   * every `window_s`: sample = p90 latency of the calls finished in the window,
     gradient = clamp(min_rtt * (1 + buffer) / sample, 0.5, 2),
     limit = clamp(limit * gradient + sqrt(limit), min_concurrency, max_concurrency).
@@ -25,9 +28,16 @@ The limit (GradientLimit) is Envoy's adaptive-concurrency gradient controller:
     hop timed out or was refused and it answers a fallback) cuts the limit by 0.8 at least:
     deadlines cap latency, so the gradient alone would not see that overload.
 Over the limit a call waits at most `queue_ms` for a slot (FIFO), then is refused. When callers
-are already waiting, a new call is refused at once, before the inner interceptors (the gateway's
-token check) run and before its payload is decoded: under a flood the refusal is the hot path
-(measured: ~0.45 server core-ms per refused call, most of it grpc.aio's own per-call cost).
+are already waiting, a new call is refused at once by the AdmissionGate, the outermost interceptor:
+before tracing, decoding and the gateway's token check run (they sit inside it). Under a flood the
+refusal is the hot path: measured ~0.35-0.45 server core-ms per refused call, nearly all of it
+grpc.aio's own per-call cost (a pass-through interceptor layer adds ~0.02). A refused call gets
+no trace span (metrics count it).
+
+Not grpc.aio.server(maximum_concurrent_rpcs=N): measured on grpcio 1.81, calls over N are refused
+at once but only after every Python interceptor has run for them (it saves ~0.07 core-ms per
+refusal against the gate), and it refuses health checks and Status too: an overloaded process
+would look dead to its probes.
 
 Never limited: health checks, reflection, the replicas' Status probes (the gateway must see an
 overloaded replica as alive) and streaming methods (a ReportEvents stream lives long; its
@@ -54,6 +64,7 @@ EXEMPT_METHODS = frozenset({"Status"})
 LATE_BACKOFF = 0.8      # multiplicative decrease when calls of the window ran out of time
 LATE_SHARE = 0.1        # a call that ends with less than this share of its deadline left was late
 LATE_MARGIN_S = 0.002   # ... or with less than this
+INITIAL_LIMIT = 8       # where a method's limit starts (clamped to min/max concurrency)
 
 
 # The running call's "late" flag (set by the admission wrapper, read when the call ends).
@@ -80,7 +91,7 @@ class GradientLimit:
 
     def __init__(self, min_limit: int = 8, max_limit: int = 64, *, window_s: float = 0.1,
                  q: float = 0.9, buffer: float = 0.25, probe_samples: int = 50,
-                 probe_interval_s: float = 10.0, stale_windows: int = 5,
+                 probe_interval_s: float = 10.0, stale_windows: int = 5, initial: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not 1 <= min_limit <= max_limit:
             raise ValueError(f"concurrency limits: need 1 <= min ({min_limit}) <= max ({max_limit})")
@@ -89,7 +100,7 @@ class GradientLimit:
         self.probe_interval_s, self.stale_windows = probe_interval_s, stale_windows
         self.clock = clock
         self.min_rtt: float | None = None   # until known the limit stays at the floor
-        self._limit = float(min_limit)
+        self._limit = float(min(max_limit, max(min_limit, initial or min_limit)))   # default: the floor
         self._quiet: deque[float] = deque(maxlen=probe_samples)   # latencies of calls started uncrowded
         self._refresh_at = -math.inf
         self._window: list[float] = []
@@ -211,16 +222,17 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         GradientLimit(min_concurrency, max_concurrency)   # fail at start on bad bounds
         self.service = service
         self.queue_s = queue_ms / 1000.0
-        self.make_limit = make_limit or (lambda: GradientLimit(min_concurrency, max_concurrency))
+        self.make_limit = make_limit or (lambda: GradientLimit(min_concurrency, max_concurrency,
+                                                               initial=INITIAL_LIMIT))
         self.admissions: dict[str, Admission] = {}
         self._guarded: dict[str, tuple[Callable, Callable]] = {}   # method -> (behaviour, guarded)
         self._refusals: dict[str, grpc.RpcMethodHandler] = {}      # method -> refusing handler
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
-        known = self.admissions.get(details.method.rsplit("/", 1)[-1])
-        if known is not None and known.saturated:   # the cheap path: no inner interceptor, no decoding
-            return self._refusals[details.method.rsplit("/", 1)[-1]]
+        refusal = self.refusal_if_saturated(details.method)
+        if refusal is not None:   # the cheap path: no inner interceptor, no decoding
+            return refusal
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None or details.method.startswith(EXEMPT_PREFIXES):
             return handler
@@ -237,6 +249,16 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         if cached is None or cached[0] is not behaviour:   # built once per method (the shed path is hot)
             cached = self._guarded[method] = (behaviour, self._guard(behaviour, admission, method))
         return handler._replace(unary_unary=cached[1])
+
+    def refusal_if_saturated(self, full_method: str) -> grpc.RpcMethodHandler | None:
+        """The refusing handler when the method is at its limit with callers waiting, else None."""
+        method = full_method.rsplit("/", 1)[-1]
+        known = self.admissions.get(method)
+        return self._refusals[method] if known is not None and known.saturated else None
+
+    def gate(self) -> "AdmissionGate":
+        """This limit's cheap refusal, to run outermost (common.server.standard_interceptors)."""
+        return AdmissionGate(self)
 
     def _refuse(self, method: str) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
         shed = ADMISSION_SHED.labels(self.service, method)
@@ -278,6 +300,19 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         return admitted
 
 
+class AdmissionGate(grpc.aio.ServerInterceptor):
+    """Outermost: a call to a saturated method is refused before any other interceptor runs
+    (each costs Python per call, refused or not). The AdmissionInterceptor, further in, admits."""
+
+    def __init__(self, admission: AdmissionInterceptor) -> None:
+        self.admission = admission
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        refusal = self.admission.refusal_if_saturated(details.method)
+        return refusal if refusal is not None else await continuation(details)
+
+
 def out_of_time(context: grpc.aio.ServicerContext, budget: float | None) -> bool:
     """The call used nearly all of the deadline it had when admitted (None: no deadline)."""
     if budget is None:
@@ -286,7 +321,7 @@ def out_of_time(context: grpc.aio.ServicerContext, budget: float | None) -> bool
     return left is not None and left < max(LATE_MARGIN_S, LATE_SHARE * budget)
 
 
-def admission_interceptors(config: ServerConfig, service: str) -> list[grpc.aio.ServerInterceptor]:
+def admission_interceptors(config: ServerConfig, service: str) -> list[AdmissionInterceptor]:
     """The admission interceptor for a service, or none with --no-admission."""
     if config.no_admission:
         return []

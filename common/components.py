@@ -5,12 +5,16 @@ Shapes are checked against the manifest's counts and dims; a mismatch refuses th
 """
 from __future__ import annotations
 
+import struct
+import zipfile
+
 import faiss
 import numpy as np
 
 from common.artifacts import ArtifactError, ArtifactSet, check_shape
 from common.faiss_index import GPU_MAX_K, load_index
-from core.channels import BertChannel, CfChannel, ItemToItemChannel, ItemVectors, PopularChannel
+from core.channels import (BertChannel, CfChannel, ItemToItemChannel, ItemVectors, PopularChannel,
+                           SequentialChannel)
 from core.item_overlay import ItemOverlay
 from core.limits import DEFAULT_QUOTAS
 from core.retriever import Retriever
@@ -25,12 +29,17 @@ def _load_index(artifacts: ArtifactSet, name: str, gpu: bool) -> tuple[faiss.Ind
     return index, GPU_MAX_K if on_gpu else None
 
 
-def load_retriever(artifacts: ArtifactSet, gpu: bool = False) -> Retriever:
-    """gpu: search flat and IVF indexes on the GPU (see common.faiss_index.resolve_faiss_gpu)."""
+def load_retriever(artifacts: ArtifactSet, gpu: bool = False, seq_encoder=None) -> Retriever:
+    """gpu: search flat and IVF indexes on the GPU (see common.faiss_index.resolve_faiss_gpu).
+    seq_encoder: history -> vector for the sequential channel in this process (the offline build
+    and evaluation pass offline.serving.seq_encoder.InProcessSeqEncoder); None: the query brings
+    it (query.encoded, from Triton) or the channel proposes nothing."""
     m = artifacts.manifest
     n_items, text_dim, cf_dim = m["counts"]["items"], m["dims"]["text"], m["dims"]["cf"]
-    item_text = artifacts.npy("item_text.npy")
-    item_cf = artifacts.npy("item_cf.npy")
+    # Memory-mapped: the text and CF indexes hold the vectors they search; these tables are read
+    # for history rows only (query vectors, CF fold-in), so only touched pages become resident.
+    item_text = artifacts.npy("item_text.npy", mmap=True)
+    item_cf = artifacts.npy("item_cf.npy", mmap=True)
     user_cf = artifacts.npy("user_cf.npy")
     check_shape("item_text.npy", item_text, n_items, text_dim)
     check_shape("item_cf.npy", item_cf, n_items, cf_dim)
@@ -48,7 +57,24 @@ def load_retriever(artifacts: ArtifactSet, gpu: bool = False) -> Retriever:
     item2item = item_to_item_channel(artifacts)
     # Per-channel quotas tuned by the build on validation users (offline/quotas.py).
     quotas = checked_quotas(m.get("retrieval", {}).get("quotas") or DEFAULT_QUOTAS)
-    return Retriever(artifacts.version, bert, cf_channel, popular, overlay, quotas, extra=[item2item])
+    sequential = sequential_channel(artifacts, gpu, seq_encoder)   # None for a set built before it
+    return Retriever(artifacts.version, bert, cf_channel, popular, overlay, quotas,
+                     extra=[item2item, *([sequential] if sequential is not None else [])])
+
+
+def sequential_channel(artifacts: ArtifactSet, gpu: bool, encoder=None) -> SequentialChannel | None:
+    """index_seq.faiss + seq_text_proj.npy / seq_text_bias.npy (written by the build's sequential
+    stage, names in offline/serving/seq_encoder.py) when the manifest has a "sequential" section."""
+    m = artifacts.manifest
+    if "sequential" not in m:
+        return None
+    dim, text_dim = m["sequential"]["dim"], m["dims"]["text"]
+    index, max_k = _load_index(artifacts, "seq", gpu)
+    check_shape("index_seq.faiss", np.empty((index.ntotal, index.d)), m["counts"]["items"], dim)
+    proj, bias = artifacts.npy("seq_text_proj.npy"), artifacts.npy("seq_text_bias.npy")
+    check_shape("seq_text_proj.npy", proj, text_dim, dim)
+    check_shape("seq_text_bias.npy", bias.reshape(1, -1), 1, dim)
+    return SequentialChannel(index, encoder, max_k, text_proj=(proj, bias))
 
 
 def item_to_item_channel(artifacts: ArtifactSet) -> ItemToItemChannel:
@@ -56,8 +82,7 @@ def item_to_item_channel(artifacts: ArtifactSet) -> ItemToItemChannel:
     weights [n_items, N] float32, N = the manifest's item2item.top_n."""
     name = "item_neighbours.npz"
     m = artifacts.manifest
-    with np.load(artifacts.path(name), allow_pickle=False) as z:
-        ids, weights = z["ids"], z["weights"]
+    ids, weights = (npz_member(artifacts.path(name), key) for key in ("ids", "weights"))
     top_n = m.get("item2item", {}).get("top_n")
     if not isinstance(top_n, int):
         raise ArtifactError(f"manifest item2item.top_n: an integer is needed for {name}, got {top_n!r}")
@@ -65,9 +90,39 @@ def item_to_item_channel(artifacts: ArtifactSet) -> ItemToItemChannel:
     check_shape(f"{name} weights", weights, m["counts"]["items"], top_n)
     if ids.dtype != np.int32 or weights.dtype != np.float32:
         raise ArtifactError(f"{name}: dtypes {ids.dtype}/{weights.dtype}, want int32/float32")
-    if ids.size and (ids.min() < -1 or ids.max() >= m["counts"]["items"]):
+    if ids.size and not _ids_within(ids, -1, m["counts"]["items"] - 1):
         raise ArtifactError(f"{name}: neighbour ids outside -1..{m['counts']['items'] - 1}")
+    if isinstance(ids, np.memmap):   # the check read every page: map them afresh, so only rows served stay resident
+        ids = npz_member(artifacts.path(name), "ids")
     return ItemToItemChannel(ids, weights)
+
+
+def _ids_within(ids: np.ndarray, lo: int, hi: int, chunk: int = 1 << 16) -> bool:
+    flat = ids.reshape(len(ids), -1)
+    return all(flat[j:j + chunk].min() >= lo and flat[j:j + chunk].max() <= hi for j in range(0, len(flat), chunk))
+
+
+def npz_member(path, key: str) -> np.ndarray:
+    """One array of an .npz, memory-mapped read-only when it is stored uncompressed (np.savez: at 1M
+    items the 800 MB neighbour table then costs only the rows read); else read whole."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        with np.load(path, allow_pickle=False) as z:
+            return z[key]
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])   # the local file header
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ArtifactError(f"{path}: {key} holds Python objects")
+    if not shape or 0 in shape:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
 def item_overlay(artifacts: ArtifactSet, catalog: dict | None = None) -> ItemOverlay:

@@ -52,6 +52,11 @@ class RetrievalConfig(ServerConfig):
     faiss_threads: int = _flag(1, "FAISS OpenMP threads (1 is fastest for one query per call)")
     faiss_gpu: str = _flag("auto", "search flat/IVF indexes on the GPU: auto (if faiss sees one), "
                                    "on (required, else fail at start), off", choices=("auto", "on", "off"))
+    # The sequential channel's query vector comes from Triton's seq_encoder (retrieval/seq_encoder.py),
+    # over mTLS with this process's --tls-* files; any failure skips the channel, never the call.
+    triton_url: str = _flag("", "Triton gRPC address serving seq_encoder (empty = none: the sequential channel is skipped)")
+    triton_timeout_ms: float = _flag(20.0, "upper bound on one seq_encoder call")
+    triton_deadline_share: float = _flag(0.4, "most of the call's remaining deadline one seq_encoder call may use")
 
 
 @dataclass(frozen=True)

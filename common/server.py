@@ -55,10 +55,11 @@ def observed(service: str, method: str) -> Callable:
 def standard_interceptors(config: ServerConfig, service: str) -> list[grpc.aio.ServerInterceptor]:
     """What every service runs on every call, outermost first. One line per concern; each
     interceptor lives in its own module under common/."""
-    chain: list[grpc.aio.ServerInterceptor] = []
+    admission = admission_interceptors(config, service)   # [] with --no-admission
+    chain: list[grpc.aio.ServerInterceptor] = [a.gate() for a in admission]   # saturated: refused first
     chain.append(tracing.server_interceptor(config, service))   # W3C trace context + request id in logs
     chain.append(StrictDecodeInterceptor(service))   # undecodable requests -> INVALID_ARGUMENT
-    chain.extend(admission_interceptors(config, service))   # over the limit -> RESOURCE_EXHAUSTED early
+    chain.extend(admission)   # over the limit -> RESOURCE_EXHAUSTED early (after queue_ms at most)
     return chain
 
 

@@ -10,6 +10,7 @@ class ChannelName(StrEnum):
     CF = auto()         # collaborative filtering: ALS user vector against item factors
     POPULAR = auto()    # most popular items: cold start and the gateway's fallback
     ITEM2ITEM = auto()  # item-to-item: offline neighbours of the user's most recent items
+    SEQUENTIAL = auto()  # next item: a trained sequence encoder's user vector against item vectors
 
 
 CHANNEL_NAMES: tuple[str, ...] = tuple(c.value for c in ChannelName)

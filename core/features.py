@@ -11,7 +11,7 @@ import numpy as np
 
 from core.channel_names import CHANNEL_NAMES
 
-FEATURE_SPEC_VERSION = "4"   # 4: the item2item channel's score and rank
+FEATURE_SPEC_VERSION = "5"   # 4: the item2item channel's score and rank; 5: the sequential channel's
 
 CHANNELS: tuple[str, ...] = CHANNEL_NAMES   # retrieval features, in this order
 
@@ -43,6 +43,12 @@ FUSED_RANKER_MAX_CANDIDATES = 1000    # per request; the served model refuses mo
 TEXT_ENCODER_NAME = "text_encoder"
 TEXT_ENCODER_INPUTS: tuple[TensorSpec, ...] = (("text", "BYTES", (-1,)),)
 TEXT_ENCODER_OUTPUTS: tuple[TensorSpec, ...] = (("embedding", "FP32", (-1, -1)),)
+
+# Triton model seq_encoder: a user's recent history in, the sequential channel's query vector out
+# (offline/serving/seq_encoder.py; inner product against the item vectors of index_seq.faiss).
+SEQ_ENCODER_NAME = "seq_encoder"
+SEQ_ENCODER_INPUTS: tuple[TensorSpec, ...] = (("history", "INT64", (-1,)),)    # [L] item indices, oldest first
+SEQ_ENCODER_OUTPUTS: tuple[TensorSpec, ...] = (("vector", "FP32", (-1,)),)     # [D]
 
 # Versions Triton holds per model: the one serving and the one being swapped in (hot swap).
 MODEL_VERSIONS_KEPT = 2

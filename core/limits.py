@@ -33,7 +33,9 @@ MAX_RANK_K = MAX_K               # Rank serves the public k unchanged
 
 # -- retrieval defaults (the build tunes quotas on validation users and records them in the manifest)
 DEFAULT_CANDIDATES = 300
-DEFAULT_QUOTAS = {ChannelName.BERT: 60, ChannelName.CF: 90, ChannelName.POPULAR: 30, ChannelName.ITEM2ITEM: 120}
+# A set without a sequential channel leaves its share to the others (core.merge fills up).
+DEFAULT_QUOTAS = {ChannelName.BERT: 45, ChannelName.CF: 75, ChannelName.POPULAR: 15, ChannelName.ITEM2ITEM: 90,
+                  ChannelName.SEQUENTIAL: 75}
 BERT_HISTORY = 50           # only the most recent part of a history shapes the content vector
 ITEM2ITEM_HISTORY = 50      # the item-to-item channel sums the neighbours of this many recent items
 ITEM2ITEM_DECAY = 0.95      # ... each one weighing this much less than the next newer one

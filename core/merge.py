@@ -26,15 +26,17 @@ class CandidateMerger:
         """results hold each channel's list (already over-fetched); quotas are per-channel caps."""
         channels = list(results)
         chosen_items, chosen_which = self._choose(results, quotas, total)
-        per_channel = {c: int((chosen_which == j).sum()) for j, c in enumerate(channels)}
+        counts = np.bincount(chosen_which, minlength=len(channels)) if len(chosen_which) else [0] * len(channels)
+        per_channel = {c: int(counts[j]) for j, c in enumerate(channels)}
 
-        position = {int(item): j for j, item in enumerate(chosen_items)}
+        # Each channel item's row in the merged list (or none), by a sorted lookup: no per-item Python.
+        order = np.argsort(chosen_items, kind="stable")
+        ordered = chosen_items[order]
         columns = {}
         for channel, result in results.items():
             scores = np.zeros(len(chosen_items), np.float32)
             col_ranks = np.zeros(len(chosen_items), np.int32)
-            rows = np.array([position.get(int(i), -1) for i in result.items], np.int64)
-            hit = rows >= 0
+            rows, hit = _rows_in(ordered, order, np.asarray(result.items))
             scores[rows[hit]] = result.scores[hit]
             col_ranks[rows[hit]] = np.flatnonzero(hit) + 1
             columns[channel] = (scores, col_ranks)
@@ -68,3 +70,13 @@ class CandidateMerger:
         in_quota = fresh & (nth < caps[which] if len(which) else fresh)
         chosen = np.concatenate([np.flatnonzero(in_quota), np.flatnonzero(fresh & ~in_quota)])[:total]
         return items[chosen], which[chosen]
+
+
+def _rows_in(ordered: np.ndarray, order: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each of `items` in the merged list, hit mask); ordered = merged items sorted, order =
+    the argsort that sorted them (merged items are unique)."""
+    if not len(ordered) or not len(items):
+        return np.zeros(len(items), np.int64), np.zeros(len(items), bool)
+    at = np.minimum(np.searchsorted(ordered, items), len(ordered) - 1)
+    hit = ordered[at] == items
+    return order[at], hit

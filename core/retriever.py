@@ -62,9 +62,21 @@ class Retriever:
             self.bert.vectors.table = table
         if len(upserted):
             self.bert.add(upserted, applied.vectors)
+        self._add_sequential(upserted, applied.vectors)
         if len(applied.deleted) or self.blocked.hits(upserted).any():   # an upsert may bring a deleted item back
             self._set_blocked(BlockedItems(self.overlay.deleted_mask))
         return applied
+
+    def _add_sequential(self, upserted: np.ndarray, vectors: np.ndarray) -> None:
+        """Online items (index >= n_items) into the sequential channel's index, their vector from the
+        content path alone (text @ seq_text_proj + bias); catalog items keep their learned vectors."""
+        sequential = self.generator.channels.get("sequential")
+        online = upserted >= self.n_items
+        if sequential is None or not online.any():
+            return
+        content = sequential.content_vectors(vectors[online])
+        if content is not None:
+            sequential.add(upserted[online], content)
 
     def _set_blocked(self, blocked: BlockedItems) -> None:
         # Built once per change (packed bits + FAISS selector), never per query.
@@ -73,9 +85,11 @@ class Retriever:
             channel.blocked = blocked
 
     def retrieve(self, user_id: str, history: np.ndarray, exclude: np.ndarray,
-                 total: int = DEFAULT_CANDIDATES, quotas: dict[str, int] | None = None) -> Retrieval:
-        """history [L] int64 oldest first; exclude [E] int64. Seen, excluded and deleted items never return."""
-        return self.generator.retrieve(RetrievalQuery(user_id, history, exclude), total, quotas)
+                 total: int = DEFAULT_CANDIDATES, quotas: dict[str, int] | None = None,
+                 encoded: dict[str, np.ndarray] | None = None) -> Retrieval:
+        """history [L] int64 oldest first; exclude [E] int64. Seen, excluded and deleted items never return.
+        encoded: query vectors computed upstream, by channel name (the seq_encoder on Triton)."""
+        return self.generator.retrieve(RetrievalQuery(user_id, history, exclude, dict(encoded or {})), total, quotas)
 
     def channel_results(self, user_id: str, history: np.ndarray, exclude: np.ndarray, want: int,
                         names: list[str] | None = None):

@@ -12,6 +12,8 @@ class RetrievalQuery:
     user_id: str                                                     # looks up a trained CF vector
     history: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # [L] int64, oldest first
     exclude: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))   # [E] int64, never returned
+    # Query vectors computed upstream (e.g. the seq_encoder on Triton), keyed by channel name.
+    encoded: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

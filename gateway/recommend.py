@@ -151,13 +151,21 @@ def latest_occurrence(items: np.ndarray) -> np.ndarray:
     return np.array(list(dict.fromkeys(reversed(items.tolist())))[::-1], np.int64)
 
 
-def channels_of(candidates: pb.Candidates) -> dict[int, list[str]]:
-    """item -> the channels that retrieved it (rank > 0 in the channel's column)."""
-    out: dict[int, list[str]] = {int(i): [] for i in candidates.items}
-    for column in candidates.channels:
-        for item, rank in zip(candidates.items, column.ranks):
-            if rank > 0:
-                out[int(item)].append(column.channel)
+def channels_of(candidates: pb.Candidates, items: list[int] | None = None,
+                candidate_items: np.ndarray | None = None) -> dict[int, list[str]]:
+    """item -> the channels that retrieved it (rank > 0 in the channel's column), for `items` only
+    (None: every candidate). Provenance is asked for the served slate only: a lookup per served
+    item and column, not a walk over every candidate. candidate_items: candidates.items decoded."""
+    every = np.asarray(candidates.items, np.int64) if candidate_items is None else candidate_items
+    wanted = every.tolist() if items is None else items
+    order = np.argsort(every, kind="stable")   # first occurrence of each item: the merged list has no repeats
+    ordered = every[order]
+    at = np.minimum(np.searchsorted(ordered, wanted), max(len(ordered) - 1, 0))
+    out: dict[int, list[str]] = {}
+    for item, j in zip(wanted, at.tolist()):
+        if len(ordered) and ordered[j] == item:
+            row = int(order[j])
+            out[int(item)] = [c.channel for c in candidates.channels if c.ranks[row] > 0]
     return out
 
 
@@ -226,6 +234,7 @@ class RecommendRun:
     history: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     retrieval_user: str = ""                          # user id retrieval may look up (CF); "" = unknown
     candidates: pb.Candidates | None = None
+    candidate_items: np.ndarray | None = None          # candidates.items decoded once [N] int64
     slate: ChannelResult = EMPTY                      # what is served, best first
     channels: dict[int, list[str]] = field(default_factory=dict)
     reasons: list[DegradedReason] = field(default_factory=list)
@@ -261,6 +270,8 @@ class RecommendRun:
     def recommendation(self) -> Recommendation:
         catalog = self.catalog
         slate = self.slate.items.tolist()
+        if self.candidates is not None:   # provenance of the served items only (the fallback set its own)
+            self.channels = channels_of(self.candidates, slate, self.candidate_items)
         explained = self.explanations(slate) if self.query.explain else {}
         items = [RecommendedItem(catalog.item_id(item), score, rank, tuple(self.channels.get(item, ())),
                                  catalog.title(item), catalog.category(item), explained.get(item))
@@ -347,8 +358,10 @@ class RecommendPipeline:
             raise StepFailed(RETRIEVAL.of(e), e.details() or "") from e
         self.budget.retrieve.observe(time.monotonic() - started)
         candidates = retrieved.candidates
-        run.candidates = select_candidates(candidates, drop_unknown(run.catalog, np.asarray(candidates.items,
-                                                                                           np.int64), "candidates"))
+        items = np.asarray(candidates.items, np.int64)
+        keep = drop_unknown(run.catalog, items, "candidates")
+        run.candidates = select_candidates(candidates, keep)
+        run.candidate_items = items if keep.all() else items[keep]
         run.versions["index"] = retrieved.index_version
         run.remote_ms.update({f"retrieval.{k}": v for k, v in retrieved.stage_ms.items()})
 
@@ -380,9 +393,9 @@ class RecommendPipeline:
     async def rank(self, run: RecommendRun) -> None:
         if run.candidates is None:   # the popular fallback is the answer
             return
-        run.channels = channels_of(run.candidates)
         # Served if ranking fails: the retrieval order (the filter step takes deleted items out).
-        run.slate = in_order(np.array(run.candidates.items, np.int64))
+        run.slate = in_order(run.candidate_items if run.candidate_items is not None
+                             else np.array(run.candidates.items, np.int64))
         remaining = run.deadline - time.monotonic() - self.reserve_s
         if remaining <= MIN_TIMEOUT_S:
             report_late()

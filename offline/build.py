@@ -25,7 +25,7 @@ from common.artifacts import next_version, open_artifacts, publish, write_manife
 from common.components import load_retriever
 from core.item_text import item_text as embedding_text
 from common.faiss_index import index_info
-from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME, retrieval_features
+from core.features import FUSED_RANKER_NAME, RETRIEVAL_FEATURES, TEXT_ENCODER_NAME, retrieval_features
 from common.logs import get_logger
 from offline import datasets
 from offline.cf import train_als
@@ -35,10 +35,16 @@ from offline.index import RECALL_K, build_index, recall_at_k
 from offline.item_neighbours import NeighbourConfig, item_neighbours, save_neighbours
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
-from offline.ranker import MAX_HISTORY, RankingList, score_lists, train_ranker
+from offline.ranker import MAX_HISTORY, RankingList, cut_lists, score_lists, train_ranker
 from offline.reranker import (NDCG_TOLERANCE, choose_reranking, diversity_sweep, rerank_training_groups,
                               train_reranker)
 from offline.serving.export import RANKER_WEIGHTS, publish_fused_ranker, publish_text_encoder, script_ranker
+from offline.serving.export import publish_seq_encoder
+from offline.serving.seq_encoder import SEQ_ENCODER_WEIGHTS
+from offline.serving.seq_encoder import (SEQ_INDEX, SEQ_INDEX_NAME, SEQ_ITEM_VECTORS, SEQ_TEXT_BIAS,
+                                         SEQ_TEXT_PROJ, InProcessSeqEncoder, script_encoder)
+from offline.sequential import SeqConfig, recall_figures, train_sequential, user_vectors
+from core.features import SEQ_ENCODER_NAME
 from offline.serving.fused_ranker import FusedRanker
 from offline.split import dataset_split, split_impressions
 from offline.text_encoder import TextEncoder
@@ -50,6 +56,12 @@ log = get_logger("offline.build")
 HISTORY_KEEP = 100   # recent history per user kept for serving
 QUOTA_USERS = 2000    # validation users the channel quotas are tuned on (bounds the stage's time)
 INDEX_QUERIES = 100   # sample queries per FAISS index, for tuning and again for measuring recall
+# Fused-ranker training lists (offline/ranker.py): late cut points per ranker user's training
+# sequence, weighing less than the validation lists (their targets were seen by the CF tables).
+RANKER_CUTS = 4
+RANKER_CUT_WEIGHT = 0.5
+RANKER_BATCH = 4      # lists per optimizer step
+RANKER_PATIENCE = 2   # epochs without a better validation nDCG@10 before stopping
 
 
 @dataclass
@@ -214,7 +226,8 @@ def build(opts: BuildOptions) -> Path:
         figures.update(users=str(len(cf_users)), factors=str(opts.cf_factors))
 
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=_ensure(opts.artifacts)))
-    version = max(next_version(opts.artifacts), next_version(opts.model_repo / FUSED_RANKER_NAME))
+    version = max(next_version(opts.artifacts), next_version(opts.model_repo / FUSED_RANKER_NAME),
+                  next_version(opts.model_repo / SEQ_ENCODER_NAME))
     with stages.stage("item2item", figures := {}):
         # Sparse top-N neighbours per item from the training sequences (offline/item_neighbours.py).
         neighbour_config = NeighbourConfig()
@@ -226,6 +239,37 @@ def build(opts: BuildOptions) -> Path:
         del neighbours   # retrieval loads the file like a service does
         figures.update(top_n=str(neighbour_config.top_n), window=str(neighbour_config.window),
                        filled=f"{item2item_info['filled']:.2f}")
+
+    with stages.stage("sequential", figures := {}):
+        # The next-item encoder (offline/sequential.py) on the training sequences: its item vectors
+        # are index_seq.faiss, its TorchScript the seq_encoder Triton serves to retrieval.
+        seq_train = user_sequences(ds.users[tr], inter_items[tr], ds.timestamps[tr])
+        seq_config = SeqConfig(seed=opts.seed)
+        seq = train_sequential([seq_train[u] for u in sorted(seq_train)], item_text, seq_config,
+                               progress=opts.progress)
+        script_encoder(seq.encoder, staging / SEQ_ENCODER_WEIGHTS)
+        np.save(staging / SEQ_ITEM_VECTORS, seq.item_vectors)
+        np.save(staging / SEQ_TEXT_PROJ, seq.text_proj)
+        np.save(staging / SEQ_TEXT_BIAS, seq.text_bias)
+        # Validation users (train history -> validation items, seen ones excluded): the figures, and
+        # their vectors as the index's tuning / measuring queries.
+        seq_valid = user_sequences(ds.users[split.valid], inter_items[split.valid], ds.timestamps[split.valid])
+        seq_users = [u for u in sorted(seq_valid, key=lambda u: zlib.crc32(u.encode())) if u in seq_train][:QUOTA_USERS]
+        seq_queries = user_vectors(seq.encoder, [seq_train[u] for u in seq_users])
+        seq_figures = recall_figures(seq.item_vectors, seq_queries, [seq_train[u] for u in seq_users],
+                                     [np.unique(seq_valid[u]) for u in seq_users])
+        seq_index = build_index(seq.item_vectors, queries=seq_queries[::2] if len(seq_users) > 1 else None,
+                                k=RECALL_K, seed=opts.seed)
+        faiss.write_index(seq_index, str(staging / SEQ_INDEX))
+        seq_index_recall = recall_at_k(seq_index, seq.item_vectors, seq_queries[1::2], RECALL_K) if len(seq_users) > 1 else 1.0
+        seq_index_info = {**asdict(index_info(seq_index)), f"recall@{RECALL_K}": seq_index_recall}
+        del seq_index
+        sequential_info = {**seq_config.describe(), "softmax": seq.softmax, "steps": seq.steps,
+                           "train_loss": [round(x, 4) for x in seq.losses], "valid_users": len(seq_users),
+                           "valid": {k: round(v, 4) for k, v in seq_figures.items()}}
+        figures.update(steps=str(seq.steps), softmax=seq.softmax,
+                       loss=f"{seq.losses[0]:.3f}->{seq.losses[-1]:.3f}" if seq.losses else "-",
+                       recall_at_300=f"{seq_figures['recall@300']:.3f}")
 
     with stages.stage("index", figures := {}):
         rng = np.random.default_rng(opts.seed)
@@ -294,10 +338,15 @@ def build(opts: BuildOptions) -> Path:
                               "interactions_dropped": folded.interactions_dropped},
             "quality": quality,
         }
+        # The sequential channel (its "sequential" section is what tells the loader the set has it).
+        manifest["sequential"] = sequential_info
+        indexes[SEQ_INDEX_NAME] = seq_index_info
+        quality[f"index_seq_recall@{RECALL_K}"] = seq_index_recall
+        quality.update({f"seq_{k}_valid": v for k, v in sequential_info["valid"].items()})
         write_manifest(staging, manifest)
 
     with stages.stage("quotas", figures := {}):
-        retriever = load_retriever(open_artifacts(staging))
+        retriever = load_retriever(open_artifacts(staging), seq_encoder=InProcessSeqEncoder(staging / SEQ_ENCODER_WEIGHTS))
         train_seq = user_sequences(ds.users[split.train], inter_items[split.train], ds.timestamps[split.train])
         hist_seq = user_sequences(ds.users[split.train | split.valid], inter_items[split.train | split.valid],
                                    ds.timestamps[split.train | split.valid])
@@ -316,14 +365,46 @@ def build(opts: BuildOptions) -> Path:
         # Users are split too: the re-ranker learns from fused scores the ranker did not train on.
         ranker_users = [u for u in sorted(valid_t) if zlib.crc32(u.encode()) % 10 < 7]
         rerank_users = [u for u in sorted(valid_t) if zlib.crc32(u.encode()) % 10 >= 7]
-        train_lists = _lists(retriever, train_seq, valid_t, ranker_users)
+        # Validation lists: each ranker user's whole training history -> the validation period.
+        valid_lists = _lists(retriever, train_seq, valid_t, ranker_users)
+
+        def retrieve_prefix(history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            # An anonymous query: the CF vector is folded in from the prefix alone.
+            c = retriever.retrieve("", history, np.zeros(0, np.int64)).candidates
+            return c.items, retrieval_features(c.columns, len(c.items))
+
+        # Training lists: late cut points inside the same users' training sequences, candidates
+        # from the real retriever on the prefix (offline.ranker.cut_lists).
+        train_lists = cut_lists(retrieve_prefix, train_seq, ranker_users, RANKER_CUTS, RANKER_CUT_WEIGHT)
+        n_cut = len(train_lists)
         # Impressions (MIND) are real negatives; the held-out ones never train (offline.split).
         train_lists += _impression_lists(retriever, impressions_train, index_of)
         impression_test = _impression_lists(retriever, impressions_held_out, index_of)
-        torch.manual_seed(opts.seed)   # the initial weights: same seed, same model
-        model = FusedRanker(item_text, cf.item_factors, cf.gram, cf.alpha, cf.regularization, popularity,
-                            age, item_category, len(categories), train_lists[0].features.shape[1])
-        losses = train_ranker(model, train_lists, epochs=opts.epochs, seed=opts.seed, progress=opts.progress)
+        n_features = len(RETRIEVAL_FEATURES)
+
+        def new_model() -> FusedRanker:
+            torch.manual_seed(opts.seed)   # the initial weights: same seed, same model
+            return FusedRanker(item_text, cf.item_factors, cf.gram, cf.alpha, cf.regularization, popularity,
+                               age, item_category, len(categories), n_features)
+
+        train_args = {"seed": opts.seed, "progress": opts.progress, "batch": RANKER_BATCH}
+        tuned = None
+        if any(l.labels.any() for l in train_lists) and any(l.labels.any() for l in valid_lists):
+            # Epochs chosen by early stopping on validation nDCG@10, then refit on train + valid.
+            tuned = train_ranker(new_model(), train_lists, epochs=opts.epochs, valid=valid_lists,
+                                 patience=RANKER_PATIENCE, **train_args)
+            epochs = max(tuned.best_epoch, 1)
+        else:   # too little data to hold lists out: train on everything for the fixed epochs
+            epochs = opts.epochs
+        model = new_model()
+        final = train_ranker(model, train_lists + valid_lists, epochs=epochs, **train_args)
+        losses = final.losses
+        manifest["ranker"] = {
+            "lists": len(train_lists) + len(valid_lists), "cut_lists": n_cut,
+            "valid_lists": len(valid_lists), "cuts_per_user": RANKER_CUTS, "cut_weight": RANKER_CUT_WEIGHT,
+            "max_epochs": opts.epochs, "epochs_chosen": epochs, "refit": tuned is not None,
+            "refit_on": "train+valid" if tuned else "all lists (no early stopping: too few lists)",
+            "valid_ndcg@10": [round(v, 5) for v in tuned.valid_ndcg] if tuned else None}
         model_dir = staging / "model"
         model_dir.mkdir()
         scripted = script_ranker(model, model_dir / RANKER_WEIGHTS)
@@ -339,7 +420,9 @@ def build(opts: BuildOptions) -> Path:
             quality["impression_popularity_auc"] = _mean_auc(
                 [popularity[l.candidates] for l in impression_test], impression_test)
             figures["imp_auc"] = f"{quality['impression_auc']:.3f}"
-        figures.update(lists=str(len(train_lists)), loss=f"{losses[0]:.3f}->{losses[-1]:.3f}",
+        if tuned:
+            figures["valid_ndcg"] = f"{max(tuned.valid_ndcg):.3f}@{epochs}"
+        figures.update(lists=str(len(train_lists) + len(valid_lists)), loss=f"{losses[0]:.3f}->{losses[-1]:.3f}",
                        auc=f"{quality['ranker_auc']:.3f}", pop_auc=f"{quality['popularity_auc']:.3f}")
 
     with stages.stage("reranker", figures := {}):
@@ -394,6 +477,9 @@ def build(opts: BuildOptions) -> Path:
         manifest["stages"] = [{"stage": n, "seconds": round(s, 2), "peak_mib": round(m)} for n, s, m, _ in stages.rows]
         model_version_dir = publish_fused_ranker(opts.model_repo, model_src / RANKER_WEIGHTS, version)
         manifest["models"][TEXT_ENCODER_NAME] = publish_text_encoder(opts.model_repo, encoder)
+        if (staging / SEQ_ENCODER_WEIGHTS).exists():   # Triton serves it to retrieval (retrieval/seq_encoder.py)
+            publish_seq_encoder(opts.model_repo, staging / SEQ_ENCODER_WEIGHTS, version)
+            manifest["models"][SEQ_ENCODER_NAME] = str(version)
         shutil.rmtree(model_src)
         manifest["model_checksum"] = hashlib.sha256((model_version_dir / RANKER_WEIGHTS).read_bytes()).hexdigest()
         write_manifest(staging, manifest)

@@ -23,13 +23,13 @@ from common.security import process_security, read_secret
 from common.triton import admin_headers
 from common.versions import VersionSet, version_or_abort, watch_versions
 from common.wire import candidates_from_proto, known_indices, reasons_to_proto
-from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
+from core.features import FUSED_RANKER_NAME, SEQ_ENCODER_NAME, TEXT_ENCODER_NAME
 from core.limits import MAX_RANK_CANDIDATES, MAX_RANK_HISTORY, MAX_RANK_K
 from core.rerank import SlateExplanation
 from core.text_rules import FINITE, VERSION_FORM
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
-from ranking.ranker import SERVICE, Ranker
+from ranking.ranker import SERVICE, Ranker, log
 from ranking.triton_scorer import TritonScorer, ensure_loaded
 
 RERANK_RESERVE_S = 0.004   # kept back from the deadline for the re-ranker and the reply
@@ -46,11 +46,18 @@ def known_candidates(items: np.ndarray, columns: dict[str, tuple[np.ndarray, np.
     return kept, {c: (scores[rows], ranks[rows]) for c, (scores, ranks) in columns.items()}, None
 
 
-def scores_error(candidates: pb.Candidates) -> str | None:
+def scores_error(candidates: pb.Candidates,
+                 columns: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> str | None:
     """NaN or an infinity in a channel's scores would reach the fused model and the re-ranker as a
-    feature (and the slate's order): an INVALID_ARGUMENT message naming the column and entry, or None."""
+    feature (and the slate's order): an INVALID_ARGUMENT message naming the column and entry, or None.
+    columns: candidates_from_proto's decoded columns, checked instead of decoding the scores again
+    (used only when the channel names are distinct, i.e. one column each)."""
+    decoded = columns if columns is not None and len(columns) == len(candidates.channels) else None
     for c, column in enumerate(candidates.channels):
-        bad = np.flatnonzero(~np.isfinite(np.asarray(column.scores, np.float32)))
+        scores = decoded[column.channel][0] if decoded is not None else np.asarray(column.scores, np.float32)
+        if np.isfinite(scores).all():
+            continue
+        bad = np.flatnonzero(~np.isfinite(scores))
         if len(bad):
             return f"candidates.channels[{c}].scores[{bad[0]}]: {FINITE}"
     return None
@@ -85,7 +92,7 @@ class RankingServicer(pb_grpc.RankingServicer):
             items, columns = candidates_from_proto(request.candidates)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        error = scores_error(request.candidates)
+        error = scores_error(request.candidates, columns)
         if error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         ids = np.array(request.history, np.int64)
@@ -125,12 +132,29 @@ async def run(config: RankingConfig) -> None:
     versions: VersionSet[Ranker] = VersionSet()
     tasks: list[asyncio.Task] = []
 
+    seq_versions: dict[str, str] = {}   # artifact version -> its seq_encoder version
+
     async def load(artifacts: ArtifactSet) -> None:
         models = {name: str(v) for name, v in artifacts.manifest["models"].items()
                   if name in (FUSED_RANKER_NAME, TEXT_ENCODER_NAME)}
         serving = {FUSED_RANKER_NAME: {r.model_version for r in versions.loaded.values()},
                    TEXT_ENCODER_NAME: {r.encoder_version for r in versions.loaded.values() if r.encoder_version}}
         await ensure_loaded(triton, models, serving, headers=admin)
+        await ensure_seq_encoder(artifacts)
+
+    async def ensure_seq_encoder(artifacts: ArtifactSet) -> None:
+        """seq_encoder is retrieval's model, loaded here (only ranking holds Triton's model-control
+        secret); one that fails to load skips retrieval's sequential channel, not this version."""
+        seq = artifacts.manifest["models"].get(SEQ_ENCODER_NAME)
+        if seq is None:
+            return
+        keep = {SEQ_ENCODER_NAME: {seq_versions[v] for v in versions.loaded if v in seq_versions}}
+        try:
+            await ensure_loaded(triton, {SEQ_ENCODER_NAME: str(seq)}, keep, headers=admin)
+            seq_versions[artifacts.version] = str(seq)
+        except RuntimeError as e:
+            log.warning("seq_encoder not loaded: retrieval skips the sequential channel",
+                        extra={"version": artifacts.version, "error": str(e)[:200]})
         ranker = await asyncio.to_thread(Ranker, artifacts, TritonScorer(triton, models[FUSED_RANKER_NAME]),
                                          config.reranker_threads, config.diversity_weight)
         await ranker.warm_up()

@@ -10,8 +10,10 @@ import asyncio
 import faiss
 import grpc
 import numpy as np
+from tritonclient.grpc.aio import InferenceServerClient
 
 from common.artifacts import ArtifactSet, open_artifacts
+from common.client import triton_channel_args
 from common.components import load_retriever
 from common.config import RetrievalConfig, parse_config
 from common.faiss_index import resolve_faiss_gpu
@@ -24,11 +26,13 @@ from common.security import process_security
 from common.versions import VersionSet, version_or_abort, watch_versions
 from common.wire import candidates_to_proto, known_indices
 from core.channel_names import MERGED
+from core.features import SEQ_ENCODER_NAME
 from core.limits import MAX_RETRIEVE_CANDIDATES, MAX_RETRIEVE_EXCLUDE, MAX_RETRIEVE_HISTORY, MAX_USER_ID
 from core.retriever import Retriever
 from core.text_rules import VERSION_FORM, plain_error
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
+from retrieval.seq_encoder import SeqEncoderClient
 
 SERVICE = "retrieval"
 
@@ -67,10 +71,12 @@ def strings_error(request: pb.RetrieveRequest) -> str | None:
 
 
 class RetrievalServicer(pb_grpc.RetrievalServicer):
-    def __init__(self, versions: VersionSet[Retriever], follower: ItemLogFollower, default_candidates: int) -> None:
+    def __init__(self, versions: VersionSet[Retriever], follower: ItemLogFollower, default_candidates: int,
+                 seq_encoder: SeqEncoderClient | None = None) -> None:
         self.versions = versions
         self.follower = follower
         self.default_candidates = default_candidates
+        self.seq_encoder = seq_encoder   # the sequential channel's query vector (Triton); None: no such call
 
     @observed(SERVICE, "Retrieve")
     async def Retrieve(self, request: pb.RetrieveRequest, context: grpc.aio.ServicerContext) -> pb.RetrieveResponse:
@@ -83,8 +89,15 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         history, exclude, error = validate(request, retriever.total)
         if error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+        # Before the channels: the sequential channel's vector from Triton (failure -> {} and the
+        # channel is skipped), within a bounded share of the remaining deadline.
+        encoded, seq_ms = ({}, None) if self.seq_encoder is None else \
+            await self.seq_encoder.encoded(retriever.version, history, context.time_remaining())
         result = retriever.retrieve(request.user_id, history, exclude,
-                                    request.num_candidates or self.default_candidates, dict(request.quotas))
+                                    request.num_candidates or self.default_candidates, dict(request.quotas),
+                                    encoded=encoded)
+        if seq_ms is not None:
+            result.stage_ms[SEQ_ENCODER_NAME] = seq_ms
         observe(result)
         c = result.candidates
         return pb.RetrieveResponse(candidates=candidates_to_proto(c.items, c.columns),
@@ -114,7 +127,13 @@ def follow(retriever: Retriever):
 
 
 async def run(config: RetrievalConfig) -> None:
-    process_security(config)   # no TLS files and no --insecure-dev: fails at once, naming the flags
+    security = process_security(config)   # no TLS files and no --insecure-dev: fails at once, naming the flags
+    if not 0 < config.triton_deadline_share <= 1:
+        raise SystemExit(f"--triton-deadline-share must be in (0, 1], got {config.triton_deadline_share}")
+    # Triton (seq_encoder) over mTLS with this process's cert; the asyncio client must be made in the loop.
+    triton = InferenceServerClient(config.triton_url, **security.triton_client_kwargs(),
+                                   channel_args=triton_channel_args()) if config.triton_url else None
+    seq_encoder = SeqEncoderClient(triton, config.triton_timeout_ms / 1000.0, config.triton_deadline_share)
     faiss.omp_set_num_threads(config.faiss_threads)
     gpu = resolve_faiss_gpu(config.faiss_gpu)   # faiss_gpu=on without a GPU stops here
     item_log = open_item_log(config.item_log)
@@ -124,6 +143,8 @@ async def run(config: RetrievalConfig) -> None:
 
     async def load(artifacts: ArtifactSet) -> None:
         retriever = await asyncio.to_thread(load_retriever, artifacts, gpu)
+        if SEQ_ENCODER_NAME in artifacts.manifest["models"]:   # before it is offered: its first call has it
+            seq_encoder.versions[retriever.version] = str(artifacts.manifest["models"][SEQ_ENCODER_NAME])
         await offer_followed(versions, follower, retriever.version, retriever, follow(retriever),
                              retriever.overlay.folded_seq)
         ARTIFACT_INFO.clear()
@@ -138,11 +159,11 @@ async def run(config: RetrievalConfig) -> None:
         tasks.append(asyncio.create_task(tail(follower)))
         tasks.append(asyncio.create_task(watch_versions(config.artifacts, versions.newest, load)))
 
-    servicer = RetrievalServicer(versions, follower, config.candidates)
+    servicer = RetrievalServicer(versions, follower, config.candidates, seq_encoder)
     try:
         await serve(config, [pb.DESCRIPTOR.services_by_name["Retrieval"].full_name],
                     lambda server: pb_grpc.add_RetrievalServicer_to_server(servicer, server), on_start=start,
-                    service=SERVICE)
+                    on_stop=triton.close if triton is not None else None, service=SERVICE)
     finally:
         for task in tasks:
             task.cancel()

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import random
+import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,8 @@ def format_table(doc: dict) -> str:
     lines = [f"highest rate holding p99 <= {doc['p99_target_ms']:g} ms: {doc['base_rate']:g} rps "
              f"(deadline {doc['deadline_ms']:g} ms{security})",
              f"{'x':>4} {'offered':>8} {'goodput/s':>9} {'vs peak':>7} {'shed':>6} {'shed p50':>8} "
-             f"{'p50 ms':>7} {'p99 ms':>7} {'degr':>6} {'nDCG srv':>8} {'nDCG off':>8} {'d vs 1x':>8} {'core-ms':>7}"]
+             f"{'p50 ms':>7} {'p99 ms':>7} {'degr':>6} {'nDCG srv':>8} {'nDCG off':>8} {'d vs 1x':>8} {'core-ms':>7} "
+             f"{'client':>6}"]
     for p in doc["phases"]:
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-"
@@ -174,7 +176,8 @@ def format_table(doc: dict) -> str:
             f"{p['shed_share']:>6.1%} {f(p['shed_latency_ms']['p50'], '.1f'):>8} "
             f"{f(p['latency_ms']['p50'], '.1f'):>7} {f(p['latency_ms']['p99'], '.1f'):>7} "
             f"{p['degraded_share']:>6.1%} {f(p['ndcg_served'], '.4f'):>8} {f(p['ndcg_offered'], '.4f'):>8} "
-            f"{f(p['ndcg_vs_1x_paired'], '+.4f'):>8} {f(p.get('core_ms_per_request'), '.1f'):>7}"
+            f"{f(p['ndcg_vs_1x_paired'], '+.4f'):>8} {f(p.get('core_ms_per_request'), '.1f'):>7} "
+            f"{f(p.get('client_core_ms_per_request'), '.2f'):>6}"
             + ("  [client-limited]" if p["client_limited"] else ""))
     v = doc["verdict"]
     lines.append(f"non-degraded goodput at {' and '.join(f'{x:g}x' for x in v['target_factors'])} >= "
@@ -232,8 +235,12 @@ async def run_overload(target: str, replay: Replay, *, start_rate: float, step: 
         say(f"phase {factor:g}x: {base * factor:g} rps")
         scores, on_answer = replay.scorer()
         cpu_before = cpu_seconds() if cpu_seconds else None
+        client_before = own_cpu_s()
         result = await step_at(base * factor, duration, warmup, on_answer)
+        client_ms = (own_cpu_s() - client_before) * 1000.0
         figures, users = phase_figures(result, scores, replay.user_of, factor)
+        # The load client's own CPU (it shares the machine with the system under test).
+        figures["client_core_ms_per_request"] = round(client_ms / max(round(base * factor * (warmup + duration)), 1), 3)
         if cpu_before is not None:
             used_ms = (cpu_seconds() - cpu_before) * 1000.0
             sent = max(round(base * factor * (warmup + duration)), 1)
@@ -259,6 +266,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search-duration", type=float, default=4.0, help="overload: measured seconds per search step")
     p.add_argument("--test-users", type=int, default=None, help="overload: at most this many test users replayed")
     p.add_argument("--data", default=None, help="overload: <kind>:<path> the build read (default: the manifest's)")
+
+
+def own_cpu_s() -> float:
+    """User + system CPU seconds of this process so far (gRPC's C-core threads included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def processes_cpu_s(pids: Iterable[int]) -> float:

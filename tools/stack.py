@@ -41,13 +41,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.artifacts import latest_dir
 from common.pki import Pki, ensure_pki
 from common.security import Security
-from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME
+from core.features import FUSED_RANKER_NAME, SEQ_ENCODER_NAME, TEXT_ENCODER_NAME
 from common.logs import get_logger
 from common.triton import REPO, admin_headers, triton_command
 
 log = get_logger("stack")
 HOST = "127.0.0.1"
 TRITON_MODELS = (FUSED_RANKER_NAME, TEXT_ENCODER_NAME)
+# Loaded too when the model repository has it (a build before the sequential channel has not).
+OPTIONAL_TRITON_MODELS = (SEQ_ENCODER_NAME,)
 SERVICES = ("retrieval", "ranking", "gateway")   # start order: the gateway needs the other two
 
 
@@ -249,11 +251,15 @@ class Stack:
         """Start Triton (again: same ports); wait=False returns once spawned (the supervisor)."""
         ports = self._ports.setdefault("triton", {"grpc": free_port(), "metrics": free_port()})
         self._secure()
-        argv, env = triton_command(self.model_repo, ports["grpc"], ports["metrics"], list(TRITON_MODELS), HOST,
+        argv, env = triton_command(self.model_repo, ports["grpc"], ports["metrics"], self.triton_models(), HOST,
                                    security=self.security("triton"), admin_secret=self._admin_secret)
         self._spawn("triton", argv, env, ports)
         if wait:
             self.wait_triton(timeout_s)
+
+    def triton_models(self) -> list[str]:
+        """The models Triton loads at start (explicit model control): every version its config keeps."""
+        return [*TRITON_MODELS, *(m for m in OPTIONAL_TRITON_MODELS if (self.model_repo / m / "config.pbtxt").exists())]
 
     def start_service(self, name: str, artifacts: Path | None = None) -> None:
         """Start one replica (again: with the ports it had before). Does not wait for SERVING."""
@@ -266,6 +272,8 @@ class Stack:
                 "--metrics-port", str(ports["metrics"]), "--artifacts", str(artifacts or self.artifacts),
                 "--item-log", store]
         argv += self._tls_args(service)
+        if service == "retrieval":
+            argv += ["--triton-url", self.addr("triton")]   # seq_encoder (the sequential channel)
         if service == "ranking":
             argv += ["--triton-url", self.addr("triton")]
             if self._admin_secret:
@@ -315,7 +323,7 @@ class Stack:
             while time.monotonic() < deadline:
                 self._check_alive("triton")
                 try:
-                    if client.is_server_ready() and all(client.is_model_ready(m) for m in TRITON_MODELS):
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in self.triton_models()):
                         return
                 except Exception:  # not listening yet
                     pass

@@ -23,15 +23,17 @@ from pathlib import Path
 
 import torch
 
-from core.features import FEATURE_SPEC_VERSION, FUSED_RANKER_NAME, TEXT_ENCODER_NAME
+from core.features import FEATURE_SPEC_VERSION, FUSED_RANKER_NAME, SEQ_ENCODER_NAME, TEXT_ENCODER_NAME
 from offline.serving.fused_ranker import FusedRanker
-from offline.serving.triton_config import fused_ranker_config, text_encoder_config, write_config
+from offline.serving.seq_encoder import SEQ_ENCODER_WEIGHTS
+from offline.serving.triton_config import fused_ranker_config, seq_encoder_config, text_encoder_config, write_config
 from offline.text_encoder import TextEncoder
 
 HERE = Path(__file__).resolve().parent
 # Triton model -> its python model, written to <version>/model.py.
 TRITON_MODELS = {FUSED_RANKER_NAME: HERE / "fused_ranker_triton.py",
-                 TEXT_ENCODER_NAME: HERE / "text_encoder_triton.py"}
+                 TEXT_ENCODER_NAME: HERE / "text_encoder_triton.py",
+                 SEQ_ENCODER_NAME: HERE / "seq_encoder_triton.py"}
 SERVED_MODELS = tuple(TRITON_MODELS)
 RANKER_WEIGHTS = "model.pt"
 SPEC_FILE = "feature_spec.json"   # in each fused_ranker version: the spec it was exported for
@@ -72,6 +74,25 @@ def _drop_other_specs(model_root: Path) -> None:
         known = json.loads(spec.read_text()).get("feature_spec_version") if spec.exists() else None
         if folder.name.isdigit() and known != FEATURE_SPEC_VERSION:
             shutil.rmtree(folder)
+
+
+def publish_seq_encoder(model_repo: Path, weights: Path, version: int) -> Path:
+    """model_repo/seq_encoder/<version>/{seq_encoder.pt, model.py} and config.pbtxt -> the version
+    folder. Triton holds the newest MODEL_VERSIONS_KEPT versions (config's version policy), as for
+    the fused ranker."""
+    model_root = _ensure(Path(model_repo) / SEQ_ENCODER_NAME)
+    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_root))
+    shutil.copy2(weights, tmp / SEQ_ENCODER_WEIGHTS)
+    shutil.copy2(TRITON_MODELS[SEQ_ENCODER_NAME], tmp / "model.py")
+    final = model_root / str(version)
+    tmp.rename(final)
+    write_config(seq_encoder_config(), model_root)
+    return final
+
+
+def load_seq_encoder(model_repo: Path, version: int | str) -> torch.jit.ScriptModule:
+    """The sequential encoder as Triton serves it (history [L] -> vector [D])."""
+    return torch.jit.load(str(Path(model_repo) / SEQ_ENCODER_NAME / str(version) / SEQ_ENCODER_WEIGHTS)).eval()
 
 
 def publish_text_encoder(model_repo: Path, encoder: TextEncoder) -> str:

@@ -35,6 +35,7 @@ class FusedRanker(nn.Module):
         # Filled by freeze() at export: the projected item text, so serving skips a [N, Dt] x [Dt, H] matmul.
         self.register_buffer("item_hidden", torch.zeros(0, hidden))
         self.cf_alpha = float(cf_alpha)
+        self.n_items, self.text_dim = int(item_text.shape[0]), int(item_text.shape[1])   # kept after freeze()
         self.max_history = MAX_HISTORY
         self.cf_reg = float(cf_reg)
         dt = item_text.shape[1]
@@ -67,8 +68,15 @@ class FusedRanker(nn.Module):
 
     @torch.jit.unused
     def freeze(self) -> None:
+        """Project the item text once; the served model then needs only the projection, so the
+        [I, Dt] text table is dropped (an [I, 0] tensor keeps its row count): at 1M items 1.5 GB
+        less in Triton."""
+        if self.item_text.shape[1] == 0:   # frozen already
+            return
         with torch.no_grad():
             self.item_hidden = torch.tanh(self.text_proj(self.item_text))
+            # A new empty tensor, not a slice: a view would still save the whole storage.
+            self.item_text = torch.empty(self.item_text.shape[0], 0)
 
     def known_rows(self, table: Tensor, items: Tensor) -> Tensor:
         """Rows of a per-item table; zeros for online items (no CF factor, no popularity yet)."""

@@ -27,7 +27,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 # The feature spec versions (core/features.py) whose inputs this code scores; tests check that the
 # current one is listed, so bumping the spec means reviewing this file.
-KNOWN_FEATURE_SPEC_VERSIONS = ("4",)
+KNOWN_FEATURE_SPEC_VERSIONS = ("5",)
 INPUTS = ("history", "candidates", "features", "extra_text", "extra_category")   # forward_batch order
 
 
@@ -50,7 +50,8 @@ class TritonPythonModel:
         folder = os.path.join(args["model_repository"], args["model_version"])
         self.model = torch.jit.load(os.path.join(folder, "model.pt")).eval()
         self.n_items = int(self.model.item_text.shape[0])
-        self.text_dim = int(self.model.item_text.shape[1])
+        # A frozen model keeps only the projected text ([I, 0] item_text) and records its text_dim.
+        self.text_dim = int(self.model.text_dim if hasattr(self.model, "text_dim") else self.model.item_text.shape[1])
 
     def execute(self, requests):
         """One batcher-gathered list of requests -> one response each, in order."""

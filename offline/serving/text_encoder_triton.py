@@ -25,7 +25,7 @@ from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 MAX_TEXTS = 256
 # Texts are raw: the config carries no feature spec version today; one it names must be known.
-KNOWN_FEATURE_SPEC_VERSIONS = ("4",)
+KNOWN_FEATURE_SPEC_VERSIONS = ("5",)
 
 
 class TritonPythonModel:

@@ -11,7 +11,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from core.features import (FEATURE_SPEC_VERSION, FUSED_RANKER_INPUTS, FUSED_RANKER_MAX_BATCH,
                            FUSED_RANKER_MAX_CANDIDATES, FUSED_RANKER_NAME, FUSED_RANKER_OUTPUTS,
                            FUSED_RANKER_QUEUE_DELAY_US, MODEL_VERSIONS_KEPT, OPTIONAL_INPUTS,
+                           SEQ_ENCODER_INPUTS, SEQ_ENCODER_NAME, SEQ_ENCODER_OUTPUTS,
                            TEXT_ENCODER_INPUTS, TEXT_ENCODER_NAME, TEXT_ENCODER_OUTPUTS, TensorSpec)
+from core.limits import MAX_RETRIEVE_HISTORY
 
 
 def fused_ranker_config(max_candidates: int = FUSED_RANKER_MAX_CANDIDATES, threads: int = 1,
@@ -33,6 +35,23 @@ def text_encoder_config(max_length: int, threads: int = 1) -> mc.ModelConfig:
     config.input.extend(_tensor(mc.ModelInput, spec) for spec in TEXT_ENCODER_INPUTS)
     config.output.extend(_tensor(mc.ModelOutput, spec) for spec in TEXT_ENCODER_OUTPUTS)
     _parameters(config, max_length=max_length)
+    return config
+
+
+# seq_encoder: one user's history per request; requests queued while an execution runs share the next.
+SEQ_ENCODER_MAX_BATCH = 16
+SEQ_ENCODER_QUEUE_DELAY_US = 0
+
+
+def seq_encoder_config(threads: int = 1, max_batch: int = SEQ_ENCODER_MAX_BATCH,
+                       queue_delay_us: int = SEQ_ENCODER_QUEUE_DELAY_US) -> mc.ModelConfig:
+    """The sequential user encoder (retrieval's sequential channel): history [1, L] -> vector [1, D]."""
+    config = _python_model(SEQ_ENCODER_NAME, max_batch, threads)
+    config.input.extend(_tensor(mc.ModelInput, spec, ragged=True) for spec in SEQ_ENCODER_INPUTS)
+    config.output.extend(_tensor(mc.ModelOutput, spec) for spec in SEQ_ENCODER_OUTPUTS)
+    config.dynamic_batching.SetInParent()
+    config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    _parameters(config, max_history=MAX_RETRIEVE_HISTORY)   # retrieval never sends more (core/limits.py)
     return config
 
 

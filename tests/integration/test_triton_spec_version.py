@@ -16,7 +16,7 @@ from common.pki import ensure_pki
 from common.security import Security
 from common.triton import triton_command
 from offline.serving.export import TRITON_MODELS
-from offline.serving.triton_config import fused_ranker_config, text_encoder_config, write_config
+from offline.serving.triton_config import fused_ranker_config, seq_encoder_config, text_encoder_config, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +28,9 @@ def _free_port() -> int:
 
 
 def _repository_naming_spec(root: Path, spec_version: str) -> Path:
-    """Both Triton models, version 1, their configs naming `spec_version` (no weights: the check
+    """Every Triton model, version 1, their configs naming `spec_version` (no weights: the check
     comes first)."""
-    for config in (fused_ranker_config(), text_encoder_config(64)):
+    for config in (fused_ranker_config(), text_encoder_config(64), seq_encoder_config()):
         config.parameters["feature_spec_version"].string_value = spec_version
         (root / config.name / "1").mkdir(parents=True)
         write_config(config, root / config.name)

@@ -67,6 +67,16 @@ def test_floor_until_a_baseline_then_grows_while_latency_is_flat_up_to_max():
     assert seen[-1] == 64                                               # and stops at max
 
 
+def test_initial_limit_is_clamped_and_late_windows_take_it_down_to_the_floor_before_a_baseline():
+    clock = Clock()
+    assert limiter(clock, min_limit=2, max_limit=4, initial=8).limit == 4
+    limit = limiter(clock, min_limit=2, initial=8)
+    assert limit.limit == 8 and limit.min_rtt is None
+    assert feed(limit, clock, 0.010, windows=3, inflight=8) == [8] * 3   # no baseline, no lateness: held
+    seen = feed(limit, clock, 0.010, windows=10, inflight=8, late_first=True)
+    assert seen[0] < 8 and seen[-1] == 2                                 # calls ran out of time: down to the floor
+
+
 def test_shrinks_when_latency_rises_and_never_below_min():
     clock = Clock()
     limit = limiter(clock)
@@ -307,3 +317,50 @@ def test_a_handler_can_report_its_call_late():
             await server.stop(None)
     asyncio.run(go())
     assert seen == [False, True, False]
+
+
+def test_standard_chain_refuses_a_saturated_method_before_tracing_and_inner_interceptors():
+    """common.server.standard_interceptors puts the admission's gate outermost: a refused call runs
+    no tracing (no span), no decoding and no inner interceptor (the gateway's token check)."""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from common import tracing
+    from common.config import ServerConfig
+    from common.server import standard_interceptors
+
+    service = "admission-gate-test"
+    exporter = InMemorySpanExporter()
+    tracing.add_span_processor(service, SimpleSpanProcessor(exporter))
+
+    async def go():
+        inner = Counting()
+        config = ServerConfig(min_concurrency=1, max_concurrency=1, queue_ms=0.0)
+        server = grpc.aio.server(interceptors=[*standard_interceptors(config, service), inner])
+        pb_grpc.add_RetrievalServicer_to_server(SlowRetrieval(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.RetrievalStub(channel)
+                await stub.Retrieve(pb.RetrieveRequest(), timeout=5)   # the method's admission exists
+                busy = asyncio.ensure_future(stub.Retrieve(pb.RetrieveRequest(), timeout=5))
+                await asyncio.sleep(0.05)
+                reached = inner.calls
+                codes = []
+                for _ in range(5):
+                    try:
+                        await stub.Retrieve(pb.RetrieveRequest(), timeout=5)
+                        codes.append("OK")
+                    except grpc.aio.AioRpcError as e:
+                        codes.append(e.code().name)
+                await busy
+                return codes, inner.calls - reached
+        finally:
+            await server.stop(None)
+
+    codes, reached_inner = asyncio.run(go())
+    spans = [s for s in exporter.get_finished_spans() if s.name.endswith("/Retrieve")]
+    assert codes == ["RESOURCE_EXHAUSTED"] * 5
+    assert reached_inner == 0
+    assert len(spans) == 2   # the two admitted calls only

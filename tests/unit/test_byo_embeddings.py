@@ -148,7 +148,11 @@ def test_a_build_with_brought_vectors_serves_them(brought_build):
     m = artifacts.manifest
     model = torch.jit.load(str(final.parent.parent / "model_repository" / "fused_ranker" /
                                m["models"]["fused_ranker"] / "model.pt"))    # the fused ranker's text features
-    np.testing.assert_allclose(model.item_text.numpy(), expected, atol=1e-6)
+    # The served model keeps the projection of those vectors (freeze() drops the raw table).
+    with torch.no_grad():
+        projected = torch.tanh(model.text_proj(torch.from_numpy(expected.astype(np.float32)))).numpy()
+    assert model.item_text.shape == (len(order), 0) and model.text_dim == 384
+    np.testing.assert_allclose(model.item_hidden.numpy(), projected, atol=1e-5)
     assert m["text_space"] == "brought"
     assert m["item_vectors"] == {"file": str(data / "vectors.npy"), "sha256": sha256_file(data / "vectors.npy"),
                                  "dim": 384, "rows": 400, "encoded": 0, "unknown_ids_ignored": 0}

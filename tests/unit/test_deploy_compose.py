@@ -66,6 +66,7 @@ def test_services_and_commands() -> None:
     assert gw["--retrieval-addr"] == f"retrieval:{_flags(services['retrieval']['command'])['--port']}"
     assert gw["--ranking-addr"] == f"ranking:{_flags(services['ranking']['command'])['--port']}"
     assert _flags(services["ranking"]["command"])["--triton-url"] == "triton:8001"
+    assert _flags(services["retrieval"]["command"])["--triton-url"] == "triton:8001"   # seq_encoder
 
 
 def test_gpu_overlay_puts_triton_and_faiss_on_a_gpu() -> None:
@@ -181,9 +182,9 @@ SECRET_DIR = "/run/secrets/"
 # Who shares a network with whom (compose isolates by network membership, not by port).
 EXPECTED_NEIGHBOURS = {
     "gateway": {"retrieval", "ranking", "triton", "redis", "prometheus", "grafana"},
-    "retrieval": {"gateway", "redis", "prometheus"},
+    "retrieval": {"gateway", "triton", "redis", "prometheus"},   # triton: seq_encoder
     "ranking": {"gateway", "triton", "redis", "prometheus"},
-    "triton": {"ranking", "gateway", "prometheus"},
+    "triton": {"ranking", "gateway", "retrieval", "prometheus"},
     "redis": {"gateway", "retrieval", "ranking"},
 }
 

@@ -105,6 +105,7 @@ def test_service_flags_point_at_the_other_tiers() -> None:
     assert args["gateway"]["--retrieval-addr"] == "$(RETRIEVAL_ADDR)"
     assert args["gateway"]["--ranking-addr"] == "$(RANKING_ADDR)"
     assert args["ranking"]["--triton-url"] == "$(TRITON_URL)"
+    assert args["retrieval"]["--triton-url"] == "$(TRITON_URL)"   # seq_encoder
     assert config["RETRIEVAL_ADDR"].endswith(f"retrieval.fusionrec.svc.cluster.local:{GRPC_TIERS['retrieval']}")
     assert config["RANKING_ADDR"].endswith(f"ranking.fusionrec.svc.cluster.local:{GRPC_TIERS['ranking']}")
     assert config["TRITON_URL"] == "triton.fusionrec.svc.cluster.local:8001"
@@ -249,7 +250,7 @@ EXPECTED_INGRESS = {
     "gateway": {("any", 50051), (PROMETHEUS, 9101)},
     "retrieval": {("gateway", 50052), (PROMETHEUS, 9102)},
     "ranking": {("gateway", 50053), (PROMETHEUS, 9103)},
-    "triton": {("ranking", 8001), ("gateway", 8001), (PROMETHEUS, 8002)},
+    "triton": {("ranking", 8001), ("gateway", 8001), ("retrieval", 8001), (PROMETHEUS, 8002)},
 }
 
 
@@ -393,12 +394,13 @@ def test_each_service_admits_exactly_the_expected_peers(name: str) -> None:
 
 def test_internal_services_are_reached_only_by_the_gateway_and_triton_also_by_ranking() -> None:
     """The issue's rule in words: no one but the gateway reaches retrieval or ranking gRPC; Triton's
-    gRPC only ranking and the gateway (text_encoder for UpsertItems); nothing reaches another's metrics."""
+    gRPC only ranking, the gateway (text_encoder for UpsertItems) and retrieval (seq_encoder);
+    nothing reaches another's metrics."""
     for name, grpc_port in (("retrieval", 50052), ("ranking", 50053), ("triton", 8001)):
         labels = _by_kind("Deployment")[name]["spec"]["template"]["metadata"]["labels"]
         callers = {peer for peer, port in _allowed(labels) if port == grpc_port}
         assert "any" not in callers and PROMETHEUS not in callers
-        assert callers == ({"gateway", "ranking"} if name == "triton" else {"gateway"})
+        assert callers == ({"gateway", "ranking", "retrieval"} if name == "triton" else {"gateway"})
 
 
 def test_redis_in_the_namespace_is_reachable_by_the_services_only() -> None:

@@ -10,7 +10,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from core.features import FEATURE_SPEC_VERSION
 from offline.serving.export import TRITON_MODELS
-from offline.serving.triton_config import fused_ranker_config, read_config, text_encoder_config, write_config
+from offline.serving.triton_config import (fused_ranker_config, read_config, seq_encoder_config, text_encoder_config,
+                                           write_config)
 
 FUSED_RANKER_BEFORE = """name: "fused_ranker"
 backend: "python"
@@ -60,6 +61,31 @@ def test_written_configs_mean_what_the_previous_writer_wrote(tmp_path: Path) -> 
         assert read_config(path) == _parse(before), config.name
     # A zero queue delay still has to switch dynamic batching on.
     assert read_config(tmp_path / "fused_ranker" / "config.pbtxt").HasField("dynamic_batching")
+
+
+SEQ_ENCODER = """name: "seq_encoder"
+backend: "python"
+max_batch_size: 16
+input [
+  { name: "history" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true }
+]
+output [
+  { name: "vector" data_type: TYPE_FP32 dims: [ -1 ] }
+]
+dynamic_batching { max_queue_delay_microseconds: 0 }
+instance_group [ { kind: KIND_CPU count: 1 } ]
+version_policy: { latest: { num_versions: 2 } }
+parameters: { key: "torch_threads" value: { string_value: "1" } }
+parameters: { key: "max_history" value: { string_value: "1000" } }
+"""
+
+
+def test_seq_encoder_config_is_batched_one_user_per_request(tmp_path: Path) -> None:
+    config = seq_encoder_config()
+    (tmp_path / config.name).mkdir()
+    path = write_config(config, tmp_path / config.name)
+    assert read_config(path) == _parse(SEQ_ENCODER)
+    assert read_config(path).HasField("dynamic_batching")
 
 
 def test_served_models_know_the_current_feature_spec_version() -> None:

@@ -1,0 +1,89 @@
+"""The sequential channel's query vector, computed by the `seq_encoder` model on Triton.
+
+Retrieval asks Triton once per Retrieve, before the channels run, with the user's history (item
+indices, oldest first) and puts the vector in RetrievalQuery.encoded["sequential"]. The call gets a
+bounded share of the caller's remaining deadline (never more than the configured cap); on any
+failure or timeout the answer is None and retrieval runs without the channel (it comes back empty
+and is named in skipped_channels): a Triton problem degrades the answer, never fails the call.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException
+
+from common.logs import get_logger
+from common.metrics import DEGRADED
+from common.tracing import outgoing_headers
+from core.reasons import DegradedReason
+
+log = get_logger("retrieval.seq_encoder")
+SERVICE = "retrieval"
+CHANNEL = "sequential"        # the channel the vector is for (core/channel_names.py)
+MODEL = "seq_encoder"         # core.features.SEQ_ENCODER_NAME
+INPUT, DTYPE = "history", "INT64"
+OUTPUT = "vector"
+MIN_TIMEOUT_S = 0.001         # less left than this: do not call at all
+LOG_EVERY_S = 10.0            # failures are logged at most this often (with the count held back)
+
+
+class SeqEncoderClient:
+    """Shared by every loaded artifact version; `versions` maps an artifact version to the
+    seq_encoder model version its manifest names (absent: that version has no encoder)."""
+
+    def __init__(self, client, timeout_cap_s: float, deadline_share: float) -> None:
+        self.client = client   # tritonclient.grpc.aio.InferenceServerClient, or None (no Triton configured)
+        self.timeout_cap_s = timeout_cap_s
+        self.deadline_share = deadline_share
+        self.versions: dict[str, str] = {}
+        self._outputs = [InferRequestedOutput(OUTPUT)]
+        self._failures = 0
+        self._logged_at = 0.0
+
+    def timeout_s(self, remaining_s: float | None) -> float:
+        """The call's budget: a share of what the caller has left, capped."""
+        if remaining_s is None:
+            return self.timeout_cap_s
+        return min(self.timeout_cap_s, self.deadline_share * max(remaining_s, 0.0))
+
+    async def encoded(self, artifact_version: str, history: np.ndarray,
+                      remaining_s: float | None) -> tuple[dict[str, np.ndarray], float | None]:
+        """({"sequential": vector [D] float32}, the call's ms), or ({}, ...) when there is no
+        encoder (ms None: no call) or the call failed."""
+        model_version = self.versions.get(artifact_version)
+        if self.client is None or not model_version:
+            return {}, None
+        timeout = self.timeout_s(remaining_s)
+        if timeout < MIN_TIMEOUT_S:
+            self._failed("no time left")
+            return {}, None
+        start = time.perf_counter()
+        vector = await self._infer(model_version, history, timeout)
+        return ({CHANNEL: vector} if vector is not None else {}), (time.perf_counter() - start) * 1000.0
+
+    async def _infer(self, model_version: str, history: np.ndarray, timeout: float) -> np.ndarray | None:
+        array = np.ascontiguousarray(history, np.int64)[None]   # batch dim: one user per request
+        tensor = InferInput(INPUT, list(array.shape), DTYPE)
+        tensor.set_data_from_numpy(array)
+        try:
+            result = await self.client.infer(MODEL, [tensor], model_version=model_version, outputs=self._outputs,
+                                             client_timeout=timeout, headers=outgoing_headers())
+            vector = result.as_numpy(OUTPUT)
+        except InferenceServerException as e:
+            self._failed((e.status() or "error").lower())
+            return None
+        if vector is None or vector.ndim != 2 or vector.shape[0] != 1 or not np.isfinite(vector).all():
+            self._failed("bad output")
+            return None
+        return vector[0].astype(np.float32, copy=False)
+
+    def _failed(self, why: str) -> None:
+        DEGRADED.labels(SERVICE, DegradedReason.TRITON_UNAVAILABLE.value).inc()
+        self._failures += 1
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_EVERY_S:
+            log.warning("seq_encoder unavailable: the sequential channel is skipped",
+                        extra={"reason": why[:60], "failures": self._failures})
+            self._failures, self._logged_at = 0, now
