@@ -74,7 +74,7 @@ class DynamicSplits:
         return combined
 
 
-ZERO_THRESHOLD = 1e-35   # LightGBM's kZeroThreshold: |v| <= it is "zero" for missing_type Zero
+ZERO_THRESHOLD = float(np.float32(1e-35))   # LightGBM's kZeroThreshold (a float): |v| <= it reads as zero
 
 
 def _representatives(t: np.ndarray) -> np.ndarray:

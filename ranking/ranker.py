@@ -138,10 +138,13 @@ class Ranker:
             with stage_timer(SERVICE, "triton", out.stage_ms):
                 online = self.overlay
                 needs_extra = (len(items) and items.max() >= self.n_items) or (len(history) and history.max() >= self.n_items)
-                # Online items' vectors travel with the request while one is involved (issue 14 moves them into Triton).
-                fused = await self.scorer.score(
-                    history, items, features, timeout_s,
-                    online.vectors if needs_extra else None, online.category_ids if needs_extra else None)
+                if needs_extra:   # only the involved online items' rows travel, not every online item's
+                    sent_history, sent_items, extra_text, extra_category = involved_online(
+                        history, items, self.n_items, online.vectors, online.category_ids)
+                    fused = await self.scorer.score(sent_history, sent_items, features, timeout_s,
+                                                    extra_text, extra_category)
+                else:
+                    fused = await self.scorer.score(history, items, features, timeout_s, None, None)
         except ScorerUnavailable as e:
             reason = _scorer_reason(e)
             log.warning("fused ranker unavailable, serving retrieval order", extra={"reason": str(reason)})
@@ -163,6 +166,25 @@ class Ranker:
             out.items, out.scores = items[top], fused[top]
             out.explanation = SlateExplanation(fused[top].astype(np.float32)) if explain else None
         return out
+
+
+def involved_online(history: np.ndarray, items: np.ndarray, n_items: int, vectors: np.ndarray,
+                    categories: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(history, items, extra_text, extra_category) for the fused ranker with the request's online
+    items (indices >= n_items) renumbered n_items + 0..m-1 and only their m rows of the online
+    tables. The model numbers online items per request (row = index - n_items) and only looks their
+    rows up, so the scores are those of the whole table; the request no longer grows with the
+    number of online items (issue 14). vectors/categories: row j = index n_items + j."""
+    involved = np.unique(np.concatenate([history[history >= n_items], items[items >= n_items]]))
+
+    def renumbered(ids: np.ndarray) -> np.ndarray:
+        out = ids.astype(np.int64, copy=True)
+        online = out >= n_items
+        out[online] = n_items + np.searchsorted(involved, out[online])
+        return out
+
+    rows = involved - n_items
+    return renumbered(history), renumbered(items), vectors[rows], np.asarray(categories)[rows]
 
 
 def _grown(table: np.ndarray, rows: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from common.artifacts import ArtifactSet
 from common.components import load_retriever
+from offline.serving.seq_encoder import in_process_encoder
 from core.features import FUSED_RANKER_NAME, retrieval_features
 from common.wire import candidates_from_proto
 from offline.eval_aggregate import SLATE_K, UserResult, first_k, top_k_by_score
@@ -52,7 +53,7 @@ class StackReplayer:
         self.k = k
         self.item_ids: list[str] = artifacts.json("catalog.json")["item_ids"]
         self.index_of = {iid: j for j, iid in enumerate(self.item_ids)}
-        self.retriever = load_retriever(artifacts)
+        self.retriever = load_retriever(artifacts, seq_encoder=in_process_encoder(artifacts))
         self.item_text = artifacts.npy("item_text.npy")
         booster = lgb.Booster(model_file=str(artifacts.path("reranker.txt")))
         threadpool_limits(1, "openmp")   # as the ranking service: one LightGBM thread

@@ -122,3 +122,10 @@ class InProcessSeqEncoder:
         with torch.inference_mode():
             out = self.module(torch.from_numpy(np.ascontiguousarray(history, np.int64)))
         return out.numpy() if out.numel() else None
+
+
+def in_process_encoder(artifacts) -> InProcessSeqEncoder | None:
+    """The encoder of an artifact set (common.artifacts.ArtifactSet) that has one, for
+    common.components.load_retriever(..., seq_encoder=) in offline code; None for an older set."""
+    path = artifacts.path(SEQ_ENCODER_WEIGHTS)
+    return InProcessSeqEncoder(path) if "sequential" in artifacts.manifest and path.exists() else None

@@ -34,7 +34,7 @@ def test_seen_and_excluded_never_returned(retriever):
 
 def test_unknown_user_without_history_gets_popular_only(retriever):
     out = retriever.retrieve("nobody", np.zeros(0, np.int64), np.zeros(0, np.int64), total=50)
-    assert set(out.skipped) == {"bert", "cf", "item2item"}
+    assert set(out.skipped) == {"bert", "cf", "item2item", "sequential"}
     assert out.candidates.per_channel["popular"] == 50
 
 
@@ -52,6 +52,30 @@ def test_cf_fold_in_matches_trained_vector():
         folded = channel.user_vector("not-trained", np.unique(items[users == user]))
         assert np.corrcoef(folded, cf.user_factors[user])[0, 1] > 0.999
 
+
+
+def test_cf_known_user_vector_is_folded_in_from_the_request_history():
+    """A known user's CF vector follows the request's recent events, not the stale trained row
+    (which stays the answer only when no history item has a factor)."""
+    from core.channels import CfChannel
+    from core.foldin import fold_in
+    rng = np.random.default_rng(0)
+    items, factors = rng.normal(size=(50, 8)).astype(np.float32), rng.normal(size=(2, 8)).astype(np.float32)
+    gram = items.T @ items
+    channel = CfChannel(faiss.IndexFlatIP(8), ["known", "other"], factors, items, gram, 10.0, 0.05)
+    recent = np.array([3, 7, 11, 40], np.int64)
+    vector = channel.user_vector("known", recent)
+    np.testing.assert_allclose(vector, fold_in(items, gram, recent, 10.0, 0.05), rtol=1e-5)
+    assert not np.allclose(vector, factors[0])
+    assert not np.allclose(channel.user_vector("known", recent[:2]), vector)   # the history matters
+    # Only the newest `history` items count.
+    long = np.r_[rng.integers(0, 50, 300), recent].astype(np.int64)
+    np.testing.assert_allclose(channel.user_vector("known", long),
+                               fold_in(items, gram, long[-channel.history:], 10.0, 0.05), rtol=1e-5)
+    # No factor in the history (online items only, or none): the trained row; unknown users get nothing.
+    np.testing.assert_array_equal(channel.user_vector("known", np.array([50, 51], np.int64)), factors[0])
+    np.testing.assert_array_equal(channel.user_vector("known", np.zeros(0, np.int64)), factors[0])
+    assert channel.user_vector("nobody", np.zeros(0, np.int64)) is None
 
 def test_hnsw_index_meets_recall_target():
     rng = np.random.default_rng(0)
@@ -85,8 +109,9 @@ def test_quota_grid_covers_every_channel_without_exploding():
     from offline.quotas import compositions, quota_grid
     assert len(compositions(5, 4)) == 56 and all(sum(c) == 5 for c in compositions(5, 4))
     grid = quota_grid(300)
-    assert len(grid) == 56 and all(sum(q.values()) == 300 and set(q) == set(CHANNEL_NAMES) for q in grid)
-    assert {"bert": 0, "cf": 0, "popular": 0, "item2item": 300} in grid
+    assert len(grid) == len(compositions(5, len(CHANNEL_NAMES))) == 126
+    assert all(sum(q.values()) == 300 and set(q) == set(CHANNEL_NAMES) for q in grid)
+    assert {"bert": 0, "cf": 0, "popular": 0, "item2item": 300, "sequential": 0} in grid
 
 
 def test_tune_quotas_prefers_the_channel_that_recalls_the_targets(retriever):

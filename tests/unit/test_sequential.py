@@ -38,7 +38,8 @@ def planted(tmp_path_factory):
     sequences = [_chain(succ, int(rng.integers(N_ITEMS)), LENGTH) for _ in range(USERS)]
     text = rng.standard_normal((N_ITEMS, TEXT_DIM)).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)   # random text: it says nothing about the order
-    config = SeqConfig(dim=32, max_history=10, epochs=40, max_steps=300, batch=64, dropout=0.1, seed=0)
+    config = SeqConfig(dim=32, max_history=10, layers=1, epochs=30, max_steps=150, batch=64, dropout=0.1, lr=5e-3,
+                       seed=0)
     model = train_sequential(sequences, text, config, progress=False)
     path = tmp_path_factory.mktemp("seq") / "seq_encoder.pt"
     script_encoder(model.encoder, path)

@@ -50,7 +50,7 @@ def test_event_types_and_channel_names():
     assert EVENT_TYPES == ("impression", "click", "purchase", "add_to_cart", "like")
     assert HISTORY_TYPES == set(EVENT_TYPES) - {EventType.IMPRESSION}
     assert "impression | click | purchase | add_to_cart | like" in (REPO / "protos" / "fusionrec.proto").read_text()
-    assert CHANNEL_NAMES == tuple(CHANNELS) == ("bert", "cf", "popular", "item2item")
+    assert CHANNEL_NAMES == tuple(CHANNELS) == ("bert", "cf", "popular", "item2item", "sequential")
 
 
 SERVICE_MODULES = sorted([*(REPO / "gateway").glob("*.py"), *(REPO / "ranking").glob("*.py")])
