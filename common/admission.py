@@ -89,7 +89,7 @@ def percentile(values: list[float], q: float) -> float:
 class GradientLimit:
     """The concurrency limit, from latencies only (no gRPC, no asyncio); clock injectable."""
 
-    def __init__(self, min_limit: int = 8, max_limit: int = 64, *, window_s: float = 0.1,
+    def __init__(self, min_limit: int = 2, max_limit: int = 64, *, window_s: float = 0.1,
                  q: float = 0.9, buffer: float = 0.25, probe_samples: int = 50,
                  probe_interval_s: float = 10.0, stale_windows: int = 5, initial: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -215,7 +215,7 @@ class Admission:
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """One Admission per unary method of the service, created at its first call."""
 
-    def __init__(self, service: str, min_concurrency: int = 8, max_concurrency: int = 64,
+    def __init__(self, service: str, min_concurrency: int = 2, max_concurrency: int = 64,
                  queue_ms: float = 2.0, make_limit: Callable[[], GradientLimit] | None = None) -> None:
         if queue_ms < 0:
             raise ValueError(f"--queue-ms must be >= 0, got {queue_ms}")

@@ -39,7 +39,7 @@ class ServerConfig:
     # Overload (issue 13): an adaptive concurrency limit per method (common/admission.py); calls over
     # it wait at most queue_ms, then get RESOURCE_EXHAUSTED.
     no_admission: bool = _flag(False, "no adaptive concurrency limit: every call is admitted")
-    min_concurrency: int = _flag(8, "floor of the adaptive concurrency limit (calls in flight per method)")
+    min_concurrency: int = _flag(2, "floor of the adaptive concurrency limit (calls in flight per method)")
     max_concurrency: int = _flag(64, "ceiling of the adaptive concurrency limit (calls in flight per method)")
     queue_ms: float = _flag(2.0, "longest wait for a slot under the limit before RESOURCE_EXHAUSTED")
     otlp_endpoint: str = _flag("", "OTLP/gRPC collector that receives trace spans, e.g. http://otel-collector:4317 "

@@ -230,3 +230,37 @@ def test_selfcheck_runs_against_a_subprocess_server() -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode in (0, 1), proc.stderr
     assert "achieved" in proc.stdout and "schedule lag" in proc.stdout
+
+
+def test_lean_connector_sends_the_token_over_tls_without_trace_headers(tmp_path: Path) -> None:
+    """The load client's channel: TLS with the client cert, the bearer token as per-call metadata,
+    and no tracing interceptors (no traceparent: the gateway starts each trace)."""
+    from common.pki import ensure_pki
+    from common.security import Security, add_port
+    from tools.loadtest import lean_connector
+
+    pki = ensure_pki(tmp_path / "pki")
+    seen: list[dict[str, str]] = []
+
+    class Recording(ScriptedRecommender):
+        async def Recommend(self, request, context):
+            seen.append({k: v for k, v in context.invocation_metadata()})
+            return fusionrec_pb2.RecommendResponse(request_id=request.request_id)
+
+    async def go() -> LoadResult:
+        server = grpc.aio.server()
+        fusionrec_pb2_grpc.add_RecommenderServicer_to_server(Recording(), server)
+        port = add_port(server, "127.0.0.1:0", Security(pki.service_ca, pki.cert("gateway"), pki.key("gateway"),
+                                                        client_ca=pki.gateway_clients_ca), require_client_auth=True)
+        await server.start()
+        try:
+            connect, metadata = lean_connector(Security(pki.service_ca, pki.cert("client"), pki.key("client")), "tok-1")
+            return await run_open_loop(f"127.0.0.1:{port}", 50, 0.2, _by_index, connect=connect, metadata=metadata)
+        finally:
+            await server.stop(None)
+
+    result = asyncio.run(go())
+    assert {s.code for s in result.samples} == {"OK"} and seen
+    assert all(md.get("authorization") == "Bearer tok-1" and "traceparent" not in md for md in seen)
+    plain_connect, plain_metadata = lean_connector(None, "tok-1")
+    assert plain_metadata is None   # never a token over plaintext

@@ -181,9 +181,9 @@ def test_an_online_item_in_the_log_is_rankable_with_its_vector_sent_to_the_model
     assert sorted(response.items) == sorted(items.tolist())
     sent = ranker.scorer.calls[-1]
     assert sent["candidates"].tolist() == items.tolist()
-    # Every online item the log allocated travels, in index order (a deleted one keeps its row).
-    assert sent["extra_text"].shape == (2, len(vector)) and np.allclose(sent["extra_text"][0], vector)
-    assert sent["extra_category"].tolist() == [3, 2]   # category_names: "", category0, category1, ...
+    # Only the involved online items' rows travel (not the deleted "gone"), numbered per request.
+    assert sent["extra_text"].shape == (1, len(vector)) and np.allclose(sent["extra_text"][0], vector)
+    assert sent["extra_category"].tolist() == [3]   # category_names: "", category0, category1, ...
     # The re-ranker's tables cover the online items and take a catalog item's new vector and category.
     assert len(ranker.reranker.item_text) >= n + 2 and np.allclose(ranker.reranker.item_text[n], vector)
     assert np.allclose(ranker.reranker.item_text[11], other) and ranker.reranker.item_category[11] == 4

@@ -59,7 +59,8 @@ def test_tabulated_slate_equals_position_by_position(zero_as_missing, monkeypatc
         fused = rng.standard_normal(n).astype(np.float32)
         retrieval = rng.random((n, F)).astype(np.float32)
         k = int(rng.integers(1, 20))
-        fast, slow = reranker.rerank_explained(items, fused, retrieval, k), plain.rerank_explained(items, fused, retrieval, k)
+        fast = reranker.rerank_explained(items, fused, retrieval, k)
+        slow = plain.rerank_explained(items, fused, retrieval, k)
         np.testing.assert_array_equal(fast[0], slow[0])
         np.testing.assert_array_equal(fast[1], slow[1])
         for a, b in zip((fast[2].fused, fast[2].correction, fast[2].penalty),
