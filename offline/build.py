@@ -31,7 +31,7 @@ from offline import datasets
 from offline.cf import train_als
 from offline.item_log_fold import fold_item_log, read_item_log
 from offline.item_vectors import load_brought_vectors
-from offline.index import RECALL_K, build_index, recall_at_k
+from offline.index import EXACT_BELOW, RECALL_K, build_index, recall_at_k
 from offline.item_neighbours import NeighbourConfig, item_neighbours, save_neighbours
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
@@ -258,8 +258,9 @@ def build(opts: BuildOptions) -> Path:
         seq_queries = user_vectors(seq.encoder, [seq_train[u] for u in seq_users])
         seq_figures = recall_figures(seq.item_vectors, seq_queries, [seq_train[u] for u in seq_users],
                                      [np.unique(seq_valid[u]) for u in seq_users])
-        seq_index = build_index(seq.item_vectors, queries=seq_queries[::2] if len(seq_users) > 1 else None,
-                                k=RECALL_K, seed=opts.seed)
+        # IVF above the exact size: HNSW construction over ~1M vectors takes far longer than this stage.
+        seq_index = build_index(seq.item_vectors, ivf_above=EXACT_BELOW,
+                                queries=seq_queries[::2] if len(seq_users) > 1 else None, k=RECALL_K, seed=opts.seed)
         faiss.write_index(seq_index, str(staging / SEQ_INDEX))
         seq_index_recall = recall_at_k(seq_index, seq.item_vectors, seq_queries[1::2], RECALL_K) if len(seq_users) > 1 else 1.0
         seq_index_info = {**asdict(index_info(seq_index)), f"recall@{RECALL_K}": seq_index_recall}

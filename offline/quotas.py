@@ -4,7 +4,7 @@ between the channels (core.channel_names) that recalls the most validation posit
 Which channel deserves the slots depends on the data (text carries news, behaviour carries movies),
 so the build measures it instead of fixing it. Each user's channel lists are fetched once and
 re-merged for every split tried. The search grows linearly, not exponentially, with the channels:
-a coarse grid (every split of the total in COARSE_UNITS equal parts: 56 for 4 channels), then
+a coarse grid (every split of the total in COARSE_UNITS equal parts: 126 for 5 channels), then
 hill climbing from the best point, moving one unit from one channel to another, at FINE_UNITS
 parts and again at twice as many. Ties keep the split closest to the default.
 """
@@ -111,5 +111,5 @@ def tune_quotas(retriever: Retriever, histories: dict[str, np.ndarray], targets:
 
 
 def quota_key(quotas: dict[str, int]) -> str:
-    """'bert/cf/popular/item2item' counts, in core.channel_names order."""
+    """'bert/cf/popular/item2item/sequential' counts, in core.channel_names order."""
     return "/".join(str(quotas.get(c, 0)) for c in CHANNEL_NAMES)

@@ -70,6 +70,10 @@ class ItemTower(nn.Module):
             ids = ids * id_keep.unsqueeze(-1)
         return ids + self.proj(self.item_text[items])
 
+    def full(self) -> Tensor:
+        """Every item's vector [N, D], without a gather (its backward would scatter into the table)."""
+        return self.ids.weight + self.proj(self.item_text)
+
     @torch.no_grad()
     def table(self, chunk: int = 65_536) -> Tensor:
         n = len(self.item_text)
@@ -159,7 +163,7 @@ def _step_loss(encoder: SeqEncoder, tower: ItemTower, batch: Tensor, full: bool,
     if len(goal) == 0:
         return out.sum() * 0.0
     if full:
-        logits = users @ tower(torch.arange(n)).T             # [P, N]
+        logits = users @ tower.full().T                       # [P, N]
         return nn.functional.cross_entropy(logits, goal)
     # Sampled softmax: the batch's distinct targets + uniform negatives share one candidate set.
     negatives = torch.from_numpy(rng.integers(0, n, c.negatives))

@@ -134,14 +134,6 @@ async def run(config: RankingConfig) -> None:
 
     seq_versions: dict[str, str] = {}   # artifact version -> its seq_encoder version
 
-    async def load(artifacts: ArtifactSet) -> None:
-        models = {name: str(v) for name, v in artifacts.manifest["models"].items()
-                  if name in (FUSED_RANKER_NAME, TEXT_ENCODER_NAME)}
-        serving = {FUSED_RANKER_NAME: {r.model_version for r in versions.loaded.values()},
-                   TEXT_ENCODER_NAME: {r.encoder_version for r in versions.loaded.values() if r.encoder_version}}
-        await ensure_loaded(triton, models, serving, headers=admin)
-        await ensure_seq_encoder(artifacts)
-
     async def ensure_seq_encoder(artifacts: ArtifactSet) -> None:
         """seq_encoder is retrieval's model, loaded here (only ranking holds Triton's model-control
         secret); one that fails to load skips retrieval's sequential channel, not this version."""
@@ -155,6 +147,14 @@ async def run(config: RankingConfig) -> None:
         except RuntimeError as e:
             log.warning("seq_encoder not loaded: retrieval skips the sequential channel",
                         extra={"version": artifacts.version, "error": str(e)[:200]})
+
+    async def load(artifacts: ArtifactSet) -> None:
+        models = {name: str(v) for name, v in artifacts.manifest["models"].items()
+                  if name in (FUSED_RANKER_NAME, TEXT_ENCODER_NAME)}
+        serving = {FUSED_RANKER_NAME: {r.model_version for r in versions.loaded.values()},
+                   TEXT_ENCODER_NAME: {r.encoder_version for r in versions.loaded.values() if r.encoder_version}}
+        await ensure_loaded(triton, models, serving, headers=admin)
+        await ensure_seq_encoder(artifacts)
         ranker = await asyncio.to_thread(Ranker, artifacts, TritonScorer(triton, models[FUSED_RANKER_NAME]),
                                          config.reranker_threads, config.diversity_weight)
         await ranker.warm_up()
