@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import numpy as np
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
@@ -17,14 +18,16 @@ from tritonclient.utils import InferenceServerException
 from common.logs import get_logger
 from common.metrics import DEGRADED
 from common.tracing import outgoing_headers
+from core.channel_names import ChannelName
+from core.features import SEQ_ENCODER_INPUTS, SEQ_ENCODER_NAME, SEQ_ENCODER_OUTPUTS
 from core.reasons import DegradedReason
 
 log = get_logger("retrieval.seq_encoder")
 SERVICE = "retrieval"
-CHANNEL = "sequential"        # the channel the vector is for (core/channel_names.py)
-MODEL = "seq_encoder"         # core.features.SEQ_ENCODER_NAME
-INPUT, DTYPE = "history", "INT64"
-OUTPUT = "vector"
+CHANNEL = ChannelName.SEQUENTIAL   # the channel the vector is for
+MODEL = SEQ_ENCODER_NAME
+(INPUT, DTYPE, _), = SEQ_ENCODER_INPUTS
+(OUTPUT, _, _), = SEQ_ENCODER_OUTPUTS
 MIN_TIMEOUT_S = 0.001         # less left than this: do not call at all
 LOG_EVERY_S = 10.0            # failures are logged at most this often (with the count held back)
 
@@ -73,6 +76,9 @@ class SeqEncoderClient:
             vector = result.as_numpy(OUTPUT)
         except InferenceServerException as e:
             self._failed((e.status() or "error").lower())
+            return None
+        except grpc.RpcError as e:   # what tritonclient does not wrap (a closing channel)
+            self._failed(type(e).__name__)
             return None
         if vector is None or vector.ndim != 2 or vector.shape[0] != 1 or not np.isfinite(vector).all():
             self._failed("bad output")
