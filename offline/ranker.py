@@ -8,8 +8,8 @@ the validation period as targets (what serving looks like), and cut points late 
 training sequence (history = the prefix, targets = the items up to the next cut: `sequence_cuts`),
 which multiply the lists several-fold. The CF and item-to-item tables were fitted on the training
 split, so a list cut inside it has targets those tables saw: its channel scores are optimistic. Only
-late cuts are used (the build measured on validation what earlier ones cost), with a weight below
-the validation lists' one. Epochs are chosen by early stopping on validation nDCG@10
+late cuts are used, with a weight below the validation lists' one (offline/build.py RANKER_CUTS,
+RANKER_CUT_WEIGHT: a first choice, not yet compared with others on validation). Epochs are chosen by early stopping on validation nDCG@10
 (`train_ranker(valid=...)`), then the build refits on train + valid for that many epochs.
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 COMPONENTS = ("gateway", "retrieval", "ranking", "triton")
 TOTAL, CHECKPOINT = 10_000, 1_000
-IN_FLIGHT = 8   # the admission floor (--min-concurrency): the exact counts below hold only unshed
+IN_FLIGHT = 8   # the admission starting limit (INITIAL_LIMIT): the exact counts below hold only unshed
 # One call in VALID_EVERY goes through retrieval and ranking (~100/s with both cores busy); the
 # others break one validation rule each and stop in the gateway (~2,000/s): about 30 s in all.
 VALID_EVERY = 4
