@@ -24,7 +24,7 @@ import numpy as np
 
 from common.artifacts import next_version, publish, write_manifest
 from common.faiss_index import index_info
-from core.features import FUSED_RANKER_NAME, RERANK_FEATURES, TEXT_ENCODER_NAME
+from core.features import FUSED_RANKER_NAME, RERANK_FEATURES, SEQ_ENCODER_NAME, TEXT_ENCODER_NAME
 from core.rerank import FUSED_COLUMN
 from core.scoring import ScorerUnavailable
 
@@ -34,6 +34,7 @@ CF_USER_SHARE = 0.75        # the rest of the users have no trained CF vector: t
 CF_ALPHA, CF_REGULARIZATION = 10.0, 0.05
 RERANK_GROUPS, RERANK_ROWS, RERANK_ROUNDS = 20, 30, 3
 NEIGHBOURS = 8               # item2item neighbours per item (the build keeps ~100)
+SEQ_DIM = 8                  # the sequential channel's vector size (the build's is 64)
 
 
 def item_id(j: int) -> str:
@@ -77,6 +78,8 @@ def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_
         faiss.write_index(index, str(staging / f"index_{name}.faiss"))
         indexes[name] = {**asdict(index_info(index)), "recall@100": 1.0}
 
+    _write_sequential(staging, rng, n_items, text_dim, indexes)
+
     np.save(staging / "item_text.npy", item_text)
     np.save(staging / "item_cf.npy", item_cf)
     np.save(staging / "user_cf.npy", user_cf)
@@ -111,9 +114,12 @@ def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_
         "text_encoder": "tiny_random",
         "text_space": "encoder", "item_vectors": None,   # offline/build.py: vectors encoded, none brought
         "cf": {"alpha": CF_ALPHA, "regularization": CF_REGULARIZATION, "factors": cf_dim},
-        "models": {FUSED_RANKER_NAME: str(version), "reranker": str(version), TEXT_ENCODER_NAME: "1"},
+        "models": {FUSED_RANKER_NAME: str(version), "reranker": str(version), TEXT_ENCODER_NAME: "1",
+                   SEQ_ENCODER_NAME: str(version)},
         "indexes": indexes,
         "item2item": {"top_n": NEIGHBOURS, "window": None, "filled": 1.0},
+        "sequential": {"dim": SEQ_DIM, "steps": 0, "why": "tiny: untrained random vectors"},
+        "ranker": {"lists": 0, "refit": False, "why": "tiny: no fused ranker"},
         "quality": {},
         "retrieval": {"quotas": quotas, "recall@300_valid": {}},
         "reranker": {"trees": rerank_trees, "diversity_weight": diversity_weight, "why": "tiny: fixed",
@@ -125,6 +131,26 @@ def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_
         "item_log_fold": {"added": 0, "updated": 0, "dropped": 0, "interactions_dropped": 0},
     })
     return publish(root, staging, version)
+
+
+def _write_sequential(staging: Path, rng: np.random.Generator, n_items: int, text_dim: int, indexes: dict) -> None:
+    """The sequential channel's files (offline/serving/seq_encoder.py names), untrained: random item
+    vectors in a flat index, a random content projection, and a TorchScript encoder over them."""
+    import torch
+    from offline.serving.seq_encoder import (SEQ_ENCODER_WEIGHTS, SEQ_INDEX, SEQ_INDEX_NAME, SEQ_ITEM_VECTORS,
+                                             SEQ_TEXT_BIAS, SEQ_TEXT_PROJ, SeqEncoder, script_encoder)
+    item_seq = _unit_rows(rng, n_items, SEQ_DIM)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(SEQ_DIM))
+    index.add_with_ids(item_seq, np.arange(n_items, dtype=np.int64))
+    faiss.write_index(index, str(staging / SEQ_INDEX))
+    indexes[SEQ_INDEX_NAME] = {**asdict(index_info(index)), "recall@100": 1.0}
+    np.save(staging / SEQ_ITEM_VECTORS, item_seq)
+    np.save(staging / SEQ_TEXT_PROJ, (rng.standard_normal((text_dim, SEQ_DIM)) / np.sqrt(text_dim)).astype(np.float32))
+    np.save(staging / SEQ_TEXT_BIAS, np.zeros(SEQ_DIM, np.float32))
+    torch.manual_seed(0)
+    encoder = SeqEncoder(n_items, dim=SEQ_DIM, layers=1, heads=1, dropout=0.0)
+    encoder.item_vectors.copy_(torch.from_numpy(item_seq))
+    script_encoder(encoder, staging / SEQ_ENCODER_WEIGHTS)
 
 
 def _unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -28,6 +28,9 @@ def build_file_names() -> set[str]:
     names = set(re.findall(r'staging / "([\w.]+)"', source)) - {"model"}
     if 'staging / f"index_{name}.faiss"' in source:
         names |= {"index_text.faiss", "index_cf.faiss"}
+    # Files named by a constant of offline/serving/seq_encoder.py (staging / SEQ_...).
+    from offline.serving import seq_encoder
+    names |= {getattr(seq_encoder, c) for c in re.findall(r"staging / (SEQ_[A-Z_]+)", source)}
     return names
 
 
@@ -88,7 +91,8 @@ def test_seeded(tmp_path):
 
 
 def test_load_retriever_retrieves(tiny_artifacts):
-    retriever = load_retriever(tiny_artifacts)
+    from offline.serving.seq_encoder import in_process_encoder
+    retriever = load_retriever(tiny_artifacts, seq_encoder=in_process_encoder(tiny_artifacts))
     n = tiny_artifacts.manifest["counts"]["items"]
     assert retriever.index_sizes == {"text": n, "cf": n}
     assert retriever.quotas == tiny_artifacts.manifest["retrieval"]["quotas"]
@@ -100,7 +104,7 @@ def test_load_retriever_retrieves(tiny_artifacts):
         assert len(items) == 20 and len(set(items.tolist())) == 20
         assert not set(items.tolist()) & {1, 2, 3, 4, 5}
         assert result.failed == [] and result.skipped == []
-        assert set(result.candidates.columns) == {"bert", "cf", "popular", "item2item"}
+        assert set(result.candidates.columns) == {"bert", "cf", "popular", "item2item", "sequential"}
 
 
 def test_ranker_loads_and_ranks(tiny_artifacts):
