@@ -57,19 +57,28 @@ class CandidateMerger:
         items = np.concatenate([results[c].items for c in channels] or [np.zeros(0, np.int64)])
         order = np.lexsort((which, ranks))
         ranks, which, items = ranks[order], which[order], items[order]
-        # A proposal counts only where the item is proposed for the first time.
-        _, first = np.unique(items, return_index=True)
-        fresh = np.zeros(len(items), bool)
-        fresh[first] = True
-        # Pass 1: each channel's fresh proposals up to its quota; pass 2: the rest fill up.
+        caps = np.array([quotas.get(c, 0) for c in channels], np.int64)
+        # Pass 1: each channel's fresh proposals up to its quota, where a proposal is fresh if no
+        # channel with a quota proposed the item before it (a zero-quota channel must not claim an
+        # item and so take it out of another channel's quota); pass 2: the rest fill up, in order.
+        fresh = _first_proposals(items, caps[which] > 0 if len(which) else np.zeros(0, bool))
         nth = np.zeros(len(items), np.int64)
         for j in range(len(channels)):
             mask = fresh & (which == j)
             nth[mask] = np.arange(mask.sum())
-        caps = np.array([quotas.get(c, 0) for c in channels], np.int64)
         in_quota = fresh & (nth < caps[which] if len(which) else fresh)
-        chosen = np.concatenate([np.flatnonzero(in_quota), np.flatnonzero(fresh & ~in_quota)])[:total]
+        rest = _first_proposals(items, ~np.isin(items, items[in_quota]))
+        chosen = np.concatenate([np.flatnonzero(in_quota), np.flatnonzero(rest)])[:total]
         return items[chosen], which[chosen]
+
+
+def _first_proposals(items: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """Mask of the first eligible proposal of each item (proposals in merge order)."""
+    fresh = np.zeros(len(items), bool)
+    rows = np.flatnonzero(eligible)
+    _, first = np.unique(items[rows], return_index=True)
+    fresh[rows[first]] = True
+    return fresh
 
 
 def _rows_in(ordered: np.ndarray, order: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,9 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
                    help="the brought vectors were made by --text-model-dir's model with the build's recipe: "
                         "items without one are encoded, and online UpsertItems stays in the same space "
                         "(default: a catalog item without a vector fails the build; text_space=brought)")
+    b.add_argument("--sequential", action="store_true",
+                   help="also train the sequential next-item channel (served by Triton's seq_encoder; "
+                        "off by default: it does not yet earn its cost, README 'Quality')")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         text_model_dir=args.text_model_dir, max_items=args.max_items, max_users=args.max_users,
         epochs=args.epochs, seed=args.seed, progress=not args.no_progress,
         item_log=args.item_log, item_vectors=args.item_vectors, item_vector_ids=args.item_vector_ids,
-        item_vectors_same_encoder=args.item_vectors_same_encoder)
+        item_vectors_same_encoder=args.item_vectors_same_encoder, sequential=args.sequential)
     try:
         final = build(opts)
     except ItemVectorsError as e:   # a broken rule of the brought vectors: the message says which

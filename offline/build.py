@@ -82,6 +82,10 @@ class BuildOptions:
     item_vectors: Path | None = None          # .npy (+ ids file) or .parquet
     item_vector_ids: Path | None = None       # default: <item_vectors>.ids.txt beside it
     item_vectors_same_encoder: bool = False   # made by text_model_dir's model: encode missing ones, online upserts match
+    # The sequential next-item channel (offline/sequential.py, served by Triton's seq_encoder). Off by
+    # default: on ml-latest-small it recalls less than item2item and CF, does not raise merged
+    # recall@300, and its Triton hop costs ~3 core-ms per request (README "Quality").
+    sequential: bool = False
 
 
 @dataclass
@@ -240,37 +244,40 @@ def build(opts: BuildOptions) -> Path:
         figures.update(top_n=str(neighbour_config.top_n), window=str(neighbour_config.window),
                        filled=f"{item2item_info['filled']:.2f}")
 
-    with stages.stage("sequential", figures := {}):
-        # The next-item encoder (offline/sequential.py) on the training sequences: its item vectors
-        # are index_seq.faiss, its TorchScript the seq_encoder Triton serves to retrieval.
-        seq_train = user_sequences(ds.users[tr], inter_items[tr], ds.timestamps[tr])
-        seq_config = SeqConfig(seed=opts.seed)
-        seq = train_sequential([seq_train[u] for u in sorted(seq_train)], item_text, seq_config,
-                               progress=opts.progress)
-        script_encoder(seq.encoder, staging / SEQ_ENCODER_WEIGHTS)
-        np.save(staging / SEQ_ITEM_VECTORS, seq.item_vectors)
-        np.save(staging / SEQ_TEXT_PROJ, seq.text_proj)
-        np.save(staging / SEQ_TEXT_BIAS, seq.text_bias)
-        # Validation users (train history -> validation items, seen ones excluded): the figures, and
-        # their vectors as the index's tuning / measuring queries.
-        seq_valid = user_sequences(ds.users[split.valid], inter_items[split.valid], ds.timestamps[split.valid])
-        seq_users = [u for u in sorted(seq_valid, key=lambda u: zlib.crc32(u.encode())) if u in seq_train][:QUOTA_USERS]
-        seq_queries = user_vectors(seq.encoder, [seq_train[u] for u in seq_users])
-        seq_figures = recall_figures(seq.item_vectors, seq_queries, [seq_train[u] for u in seq_users],
-                                     [np.unique(seq_valid[u]) for u in seq_users])
-        # IVF above the exact size: HNSW construction over ~1M vectors takes far longer than this stage.
-        seq_index = build_index(seq.item_vectors, ivf_above=EXACT_BELOW,
-                                queries=seq_queries[::2] if len(seq_users) > 1 else None, k=RECALL_K, seed=opts.seed)
-        faiss.write_index(seq_index, str(staging / SEQ_INDEX))
-        seq_index_recall = recall_at_k(seq_index, seq.item_vectors, seq_queries[1::2], RECALL_K) if len(seq_users) > 1 else 1.0
-        seq_index_info = {**asdict(index_info(seq_index)), f"recall@{RECALL_K}": seq_index_recall}
-        del seq_index
-        sequential_info = {**seq_config.describe(), "softmax": seq.softmax, "steps": seq.steps,
-                           "train_loss": [round(x, 4) for x in seq.losses], "valid_users": len(seq_users),
-                           "valid": {k: round(v, 4) for k, v in seq_figures.items()}}
-        figures.update(steps=str(seq.steps), softmax=seq.softmax,
-                       loss=f"{seq.losses[0]:.3f}->{seq.losses[-1]:.3f}" if seq.losses else "-",
-                       recall_at_300=f"{seq_figures['recall@300']:.3f}")
+    sequential_info = None   # the stage is opt-in (BuildOptions.sequential)
+    if opts.sequential:
+        with stages.stage("sequential", figures := {}):
+            # The next-item encoder (offline/sequential.py) on the training sequences: its item vectors
+            # are index_seq.faiss, its TorchScript the seq_encoder Triton serves to retrieval.
+            seq_train = user_sequences(ds.users[tr], inter_items[tr], ds.timestamps[tr])
+            seq_config = SeqConfig(seed=opts.seed)
+            seq = train_sequential([seq_train[u] for u in sorted(seq_train)], item_text, seq_config,
+                                   progress=opts.progress)
+            script_encoder(seq.encoder, staging / SEQ_ENCODER_WEIGHTS)
+            np.save(staging / SEQ_ITEM_VECTORS, seq.item_vectors)
+            np.save(staging / SEQ_TEXT_PROJ, seq.text_proj)
+            np.save(staging / SEQ_TEXT_BIAS, seq.text_bias)
+            # Validation users (train history -> validation items, seen ones excluded): the figures, and
+            # their vectors as the index's tuning / measuring queries.
+            seq_valid = user_sequences(ds.users[split.valid], inter_items[split.valid], ds.timestamps[split.valid])
+            seq_users = [u for u in sorted(seq_valid, key=lambda u: zlib.crc32(u.encode())) if u in seq_train][:QUOTA_USERS]
+            seq_queries = user_vectors(seq.encoder, [seq_train[u] for u in seq_users])
+            seq_figures = recall_figures(seq.item_vectors, seq_queries, [seq_train[u] for u in seq_users],
+                                         [np.unique(seq_valid[u]) for u in seq_users])
+            # IVF above the exact size: HNSW construction over ~1M vectors takes far longer than this stage.
+            seq_index = build_index(seq.item_vectors, ivf_above=EXACT_BELOW,
+                                    queries=seq_queries[::2] if len(seq_users) > 1 else None, k=RECALL_K, seed=opts.seed)
+            faiss.write_index(seq_index, str(staging / SEQ_INDEX))
+            seq_index_recall = recall_at_k(seq_index, seq.item_vectors, seq_queries[1::2], RECALL_K) if len(seq_users) > 1 else 1.0
+            seq_index_info = {**asdict(index_info(seq_index)), f"recall@{RECALL_K}": seq_index_recall}
+            del seq_index
+            sequential_info = {**seq_config.describe(), "softmax": seq.softmax, "steps": seq.steps,
+                               "train_loss": [round(x, 4) for x in seq.losses], "valid_users": len(seq_users),
+                               "valid": {k: round(v, 4) for k, v in seq_figures.items()}}
+            figures.update(steps=str(seq.steps), softmax=seq.softmax,
+                           loss=f"{seq.losses[0]:.3f}->{seq.losses[-1]:.3f}" if seq.losses else "-",
+                           recall_at_300=f"{seq_figures['recall@300']:.3f}")
+
 
     with stages.stage("index", figures := {}):
         rng = np.random.default_rng(opts.seed)
@@ -340,14 +347,16 @@ def build(opts: BuildOptions) -> Path:
             "quality": quality,
         }
         # The sequential channel (its "sequential" section is what tells the loader the set has it).
-        manifest["sequential"] = sequential_info
-        indexes[SEQ_INDEX_NAME] = seq_index_info
-        quality[f"index_seq_recall@{RECALL_K}"] = seq_index_recall
-        quality.update({f"seq_{k}_valid": v for k, v in sequential_info["valid"].items()})
+        if sequential_info is not None:
+            manifest["sequential"] = sequential_info
+            indexes[SEQ_INDEX_NAME] = seq_index_info
+            quality[f"index_seq_recall@{RECALL_K}"] = seq_index_recall
+            quality.update({f"seq_{k}_valid": v for k, v in sequential_info["valid"].items()})
         write_manifest(staging, manifest)
 
     with stages.stage("quotas", figures := {}):
-        retriever = load_retriever(open_artifacts(staging), seq_encoder=InProcessSeqEncoder(staging / SEQ_ENCODER_WEIGHTS))
+        retriever = load_retriever(open_artifacts(staging), seq_encoder=InProcessSeqEncoder(staging / SEQ_ENCODER_WEIGHTS)
+                                   if opts.sequential else None)
         train_seq = user_sequences(ds.users[split.train], inter_items[split.train], ds.timestamps[split.train])
         hist_seq = user_sequences(ds.users[split.train | split.valid], inter_items[split.train | split.valid],
                                    ds.timestamps[split.train | split.valid])

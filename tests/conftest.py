@@ -17,11 +17,13 @@ DATA = f"movielens:{REPO / 'data' / 'ml-latest-small'}"
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(artifact root, model repository) of a small but real build: 600 items, 150 users."""
+    """(artifact root, model repository) of a small but real build: 600 items, 150 users, with the
+    opt-in sequential channel."""
     from offline.build import BuildOptions, build
     root = tmp_path_factory.mktemp("build")
     build(BuildOptions(data=DATA, artifacts=root / "artifacts", model_repo=root / "model_repository",
-                       cache_dir=REPO / ".cache", max_items=600, max_users=150, epochs=2, progress=False))
+                       cache_dir=REPO / ".cache", max_items=600, max_users=150, epochs=2, progress=False,
+                       sequential=True))   # the tests cover the opt-in channel too
     return root / "artifacts", root / "model_repository"
 
 

@@ -32,3 +32,15 @@ def test_total_caps_the_list():
     merged = CandidateMerger().merge({"bert": result(range(100)), "cf": result(range(100, 200))},
                                      {"bert": 50, "cf": 50}, total=30)
     assert len(merged.items) == 30
+
+
+def test_a_zero_quota_channel_does_not_claim_items_from_another_channels_quota():
+    # "a" has no quota but proposes first (round-robin order) the same items as "b": b's quota
+    # must still count them as b's, and the zero-quota channel only fills what is left.
+    results = {"a": ChannelResult(np.array([1, 2, 3, 9], np.int64), np.ones(4, np.float32)),
+               "b": ChannelResult(np.array([1, 2, 3], np.int64), np.ones(3, np.float32)),
+               "c": ChannelResult(np.array([7, 8], np.int64), np.ones(2, np.float32))}
+    merged = CandidateMerger().merge(results, {"a": 0, "b": 2, "c": 1}, 5)
+    # Pass 1: b's 1 and 2, c's 7; pass 2 fills in round-robin order: c's 8 (rank 2), then a's 3.
+    assert merged.items.tolist() == [1, 7, 2, 8, 3]
+    assert merged.per_channel == {"a": 1, "b": 2, "c": 2}
