@@ -7,6 +7,7 @@ import pytest
 
 from common.artifacts import open_artifacts
 from common.config import RankingConfig, parse_config
+from core.features import RETRIEVAL_FEATURES
 from core.rerank import DiversityReranker, NoCorrection
 from offline.ranker import RankingList
 from offline.reranker import NDCG_TOLERANCE, SWEEP_WEIGHTS, choose_reranking, choose_weight, diversity_sweep
@@ -59,7 +60,7 @@ def _lists(n_lists: int = 12, n: int = 40, d: int = 8, seed: int = 0):
     for _ in range(n_lists):
         items = rng.choice(200, n, replace=False).astype(np.int64)
         labels = (rng.random(n) < 0.1).astype(np.float32)
-        lists.append(RankingList(np.array([], np.int64), items, np.zeros((n, 4), np.float32), labels))
+        lists.append(RankingList(np.array([], np.int64), items, np.zeros((n, len(RETRIEVAL_FEATURES)), np.float32), labels))
         scores.append(rng.normal(size=n).astype(np.float32))
     return lists, scores, text
 

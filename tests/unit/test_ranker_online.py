@@ -10,10 +10,10 @@ from ranking.ranker import involved_online
 
 def test_involved_rows_score_as_the_whole_online_table(built, artifacts):
     model = load_ranker(built[1], artifacts.manifest["version"])
-    n = model.item_text.shape[0]
+    n = model.n_items   # the exported model keeps [I, 0] of the text table (only its projection)
     rng = np.random.default_rng(0)
     m = 500   # online items known to ranking; a request involves a handful
-    vectors = rng.standard_normal((m, model.item_text.shape[1])).astype(np.float32)
+    vectors = rng.standard_normal((m, model.text_dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     categories = rng.integers(0, 5, m).astype(np.int64)
     for _ in range(5):

@@ -19,7 +19,7 @@ max_batch_size: 16
 input [
   { name: "history" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true },
   { name: "candidates" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true },
-  { name: "features" data_type: TYPE_FP32 dims: [ -1, 8 ] allow_ragged_batch: true },
+  { name: "features" data_type: TYPE_FP32 dims: [ -1, 10 ] allow_ragged_batch: true },
   { name: "extra_text" data_type: TYPE_FP32 dims: [ -1, -1 ] optional: true allow_ragged_batch: true },
   { name: "extra_category" data_type: TYPE_INT64 dims: [ -1 ] optional: true allow_ragged_batch: true }
 ]
@@ -30,7 +30,7 @@ dynamic_batching { max_queue_delay_microseconds: 0 }
 instance_group [ { kind: KIND_CPU count: 1 } ]
 version_policy: { latest: { num_versions: 2 } }
 parameters: { key: "torch_threads" value: { string_value: "1" } }
-parameters: { key: "feature_spec_version" value: { string_value: "4" } }
+parameters: { key: "feature_spec_version" value: { string_value: "5" } }
 parameters: { key: "max_candidates" value: { string_value: "1000" } }
 """
 
