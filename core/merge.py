@@ -81,6 +81,12 @@ def _first_proposals(items: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     return fresh
 
 
+def rows_in(merged: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each of `items` in `merged`, a list without repeats; hit mask), by a sorted lookup."""
+    order = np.argsort(merged, kind="stable")
+    return _rows_in(merged[order], order, items)
+
+
 def _rows_in(ordered: np.ndarray, order: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(row of each of `items` in the merged list, hit mask); ordered = merged items sorted, order =
     the argsort that sorted them (merged items are unique)."""

@@ -134,10 +134,6 @@ def tabulated_scores(booster, splits: DynamicSplits, matrix: np.ndarray) -> np.n
     return rerank_scores(booster, flat).reshape(cells, m)
 
 
-def _tabulate(booster, splits: DynamicSplits, matrix: np.ndarray) -> np.ndarray:
-    return tabulated_scores(booster, splits, matrix)   # one name for tests to count calls by
-
-
 class SlatePool:
     """The re-ranker's pool and the slate-dependent features, updated as items are placed."""
 
@@ -233,7 +229,7 @@ class DiversityReranker:
             cell = splits.cell_of(matrix) if splits is not None else None
             if cell is not None:
                 if table is None:
-                    table = _tabulate(self.booster, splits, matrix)
+                    table = tabulated_scores(self.booster, splits, matrix)
                 raw = table[cell, np.arange(len(cell))]
             else:
                 raw = rerank_scores(self.booster, matrix)

@@ -46,6 +46,7 @@ from common.versions import VersionSet
 from core.channel_names import ChannelName
 from core.filters import ExcludedItemsFilter, SeenItemsFilter, apply_filters
 from core.limits import MAX_RETRIEVE_EXCLUDE
+from core.merge import rows_in
 from core.pipeline import Step, StepFailed, run_steps_async
 from core.reasons import DegradedReason
 from core.types import EMPTY, ChannelResult, RetrievalQuery
@@ -158,15 +159,9 @@ def channels_of(candidates: pb.Candidates, items: list[int] | None = None,
     item and column, not a walk over every candidate. candidate_items: candidates.items decoded."""
     every = np.asarray(candidates.items, np.int64) if candidate_items is None else candidate_items
     wanted = every.tolist() if items is None else items
-    order = np.argsort(every, kind="stable")   # first occurrence of each item: the merged list has no repeats
-    ordered = every[order]
-    at = np.minimum(np.searchsorted(ordered, wanted), max(len(ordered) - 1, 0))
-    out: dict[int, list[str]] = {}
-    for item, j in zip(wanted, at.tolist()):
-        if len(ordered) and ordered[j] == item:
-            row = int(order[j])
-            out[int(item)] = [c.channel for c in candidates.channels if c.ranks[row] > 0]
-    return out
+    rows, hit = rows_in(every, np.asarray(wanted, np.int64))   # the merged list has no repeats
+    return {int(item): [c.channel for c in candidates.channels if c.ranks[row] > 0]
+            for item, row, found in zip(wanted, rows.tolist(), hit.tolist()) if found}
 
 
 def evidence_of(candidates: pb.Candidates, items: list[int]) -> dict[int, tuple[ChannelEvidence, ...]]:

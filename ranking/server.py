@@ -55,8 +55,6 @@ def scores_error(candidates: pb.Candidates,
     decoded = columns if columns is not None and len(columns) == len(candidates.channels) else None
     for c, column in enumerate(candidates.channels):
         scores = decoded[column.channel][0] if decoded is not None else np.asarray(column.scores, np.float32)
-        if np.isfinite(scores).all():
-            continue
         bad = np.flatnonzero(~np.isfinite(scores))
         if len(bad):
             return f"candidates.channels[{c}].scores[{bad[0]}]: {FINITE}"

@@ -45,7 +45,8 @@ def test_tabulated_slate_equals_position_by_position(zero_as_missing, monkeypatc
     monkeypatch.setattr(rerank, "MAX_TABULATED_ROWS", 10**6)      # this model's 490 cells: tabulate anyway
     monkeypatch.setattr(rerank, "MAX_CELLS_PER_POSITION", 10**6)
     tables = []
-    monkeypatch.setattr(rerank, "_tabulate", lambda *a: tables.append(1) or rerank.tabulated_scores(*a))
+    tabulate = rerank.tabulated_scores
+    monkeypatch.setattr(rerank, "tabulated_scores", lambda *a: tables.append(1) or tabulate(*a))
     rng = np.random.default_rng(7)
     text, category, side = _tables(rng)
     booster = _booster(rng, zero_as_missing)
