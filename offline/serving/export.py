@@ -54,15 +54,26 @@ def load_ranker(model_repo: Path, version: int | str) -> torch.jit.ScriptModule:
 
 def publish_fused_ranker(model_repo: Path, weights: Path, version: int) -> Path:
     """model_repo/fused_ranker/<version>/{model.pt, model.py} and config.pbtxt -> the version folder."""
-    model_root = _ensure(Path(model_repo) / FUSED_RANKER_NAME)
+    final = _publish_version(model_repo, FUSED_RANKER_NAME, {RANKER_WEIGHTS: weights}, version, fused_ranker_config(),
+                             {SPEC_FILE: json.dumps({"feature_spec_version": FEATURE_SPEC_VERSION})})
+    _drop_other_specs(final.parent)
+    return final
+
+
+def _publish_version(model_repo: Path, name: str, files: dict[str, Path], version: int, config,
+                     texts: dict[str, str] | None = None) -> Path:
+    """model_repo/<name>/<version>/ with `files` (copied under their keys), the model's model.py and
+    `texts`, staged and renamed into place, then <name>/config.pbtxt -> the version folder."""
+    model_root = _ensure(Path(model_repo) / name)
     tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_root))
-    shutil.copy2(weights, tmp / RANKER_WEIGHTS)
-    shutil.copy2(TRITON_MODELS[FUSED_RANKER_NAME], tmp / "model.py")
-    (tmp / SPEC_FILE).write_text(json.dumps({"feature_spec_version": FEATURE_SPEC_VERSION}))
+    for target, source in files.items():
+        shutil.copy2(source, tmp / target)
+    shutil.copy2(TRITON_MODELS[name], tmp / "model.py")
+    for target, text in (texts or {}).items():
+        (tmp / target).write_text(text)
     final = model_root / str(version)
     tmp.rename(final)
-    write_config(fused_ranker_config(), model_root)
-    _drop_other_specs(model_root)
+    write_config(config, model_root)
     return final
 
 
@@ -80,14 +91,7 @@ def publish_seq_encoder(model_repo: Path, weights: Path, version: int) -> Path:
     """model_repo/seq_encoder/<version>/{seq_encoder.pt, model.py} and config.pbtxt -> the version
     folder. Triton holds the newest MODEL_VERSIONS_KEPT versions (config's version policy), as for
     the fused ranker."""
-    model_root = _ensure(Path(model_repo) / SEQ_ENCODER_NAME)
-    tmp = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_root))
-    shutil.copy2(weights, tmp / SEQ_ENCODER_WEIGHTS)
-    shutil.copy2(TRITON_MODELS[SEQ_ENCODER_NAME], tmp / "model.py")
-    final = model_root / str(version)
-    tmp.rename(final)
-    write_config(seq_encoder_config(), model_root)
-    return final
+    return _publish_version(model_repo, SEQ_ENCODER_NAME, {SEQ_ENCODER_WEIGHTS: weights}, version, seq_encoder_config())
 
 
 def load_seq_encoder(model_repo: Path, version: int | str) -> torch.jit.ScriptModule:
