@@ -47,7 +47,8 @@ def load_retriever(artifacts: ArtifactSet, gpu: bool = False, seq_encoder=None) 
     text_index, text_max_k = _load_index(artifacts, "text", gpu)
     cf_index, cf_max_k = _load_index(artifacts, "cf", gpu)
     check_shape("index_text.faiss", np.empty((text_index.ntotal, 0)), n_items)
-    check_shape("index_cf.faiss", np.empty((cf_index.ntotal, 0)), n_items)
+    # The CF index holds only items with training interactions (offline/build.py's index stage).
+    check_shape("index_cf.faiss", np.empty((cf_index.ntotal, 0)), m.get("indexes", {}).get("cf", {}).get("vectors", n_items))
     cf = m["cf"]
     overlay = item_overlay(artifacts)
     bert = BertChannel(text_index, ItemVectors(item_text, overlay), text_max_k)

@@ -11,7 +11,8 @@ Decisions, in order (the first that fails answers):
   method not in METHOD_SCOPES    PERMISSION_DENIED (fail closed: a new RPC is denied until mapped)
   token lacks the method's scope PERMISSION_DENIED naming the scope
   token over its rate            RESOURCE_EXHAUSTED (token bucket per token, per gateway process)
-A denied call never reaches the servicer, and its payload is not even decoded.
+A denied call never reaches the servicer, and its payload is not even decoded. The gateway
+re-reads the tokens file within a second of a change: rotation and revocation need no restart.
 
 Tokens file (JSON, mode 0600):
   {"format": "fusionrec-tokens/1",
@@ -197,6 +198,15 @@ def issue_tokens(path: Path, rate_per_s: float | None = None) -> dict[str, str]:
     return tokens
 
 
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file: (inode, mtime ns, size) of what the path points to; None: gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 # -- rate limits
 
 class TokenBucket:
@@ -270,24 +280,65 @@ def _deny_handler(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, 
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
-    """The gateway's per-service interceptor (runs inside the standard chain of common.server)."""
+    """The gateway's per-service interceptor (runs inside the standard chain of common.server).
+
+    Built from a file (from_file), it follows that file: at most once per RELOAD_INTERVAL_S a call
+    stats it, and a changed file (inode, mtime or size: an atomic rename, a Kubernetes secret's
+    symlink swap, an edit) is read again, so tokens are added and revoked without a restart. A new
+    file that does not load keeps the last good set (logged once per change): a bad edit must not
+    lock every caller out. Rate buckets survive a reload for tokens whose limits did not change."""
+    RELOAD_INTERVAL_S = 1.0
 
     def __init__(self, entries: Sequence[TokenEntry], default_rate_per_s: float = 0.0,
-                 default_burst: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.entries = list(entries)
+                 default_burst: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 path: Path | None = None) -> None:
         self.clock = clock
+        self.default_rate_per_s, self.default_burst = default_rate_per_s, default_burst
+        self.entries: list[TokenEntry] = []
         self.buckets: dict[str, TokenBucket] = {}
-        for e in self.entries:
-            rate = default_rate_per_s if e.rate_per_s is None else e.rate_per_s
-            burst = (default_burst if e.burst is None else e.burst) or rate   # 0: one second's worth
-            if rate > 0:
-                self.buckets[e.name] = TokenBucket(rate, burst, clock)
+        self._set_entries(entries)
         self._throttle = _Throttle(clock)
+        self.path = path
+        self._stamp = _file_stamp(path) if path is not None else None
+        self._checked = clock()
 
     @classmethod
     def from_file(cls, path: Path, default_rate_per_s: float = 0.0, default_burst: float = 0.0,
                   clock: Callable[[], float] = time.monotonic) -> "TokenAuth":
-        return cls(load_tokens(path), default_rate_per_s, default_burst, clock)
+        path = Path(path)
+        return cls(load_tokens(path), default_rate_per_s, default_burst, clock, path=path)
+
+    def _set_entries(self, entries: Sequence[TokenEntry]) -> None:
+        buckets: dict[str, TokenBucket] = {}
+        for e in entries:
+            rate = self.default_rate_per_s if e.rate_per_s is None else e.rate_per_s
+            burst = (self.default_burst if e.burst is None else e.burst) or rate   # 0: one second's worth
+            if rate > 0:
+                old = self.buckets.get(e.name)
+                same = old is not None and old.rate == rate and old.burst == max(1.0, burst)
+                buckets[e.name] = old if same else TokenBucket(rate, burst, self.clock)
+        self.entries, self.buckets = list(entries), buckets
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the tokens file when it changed (checked at most once per RELOAD_INTERVAL_S);
+        True when a new set was taken."""
+        now = self.clock()
+        if self.path is None or now - self._checked < self.RELOAD_INTERVAL_S:
+            return False
+        self._checked = now
+        stamp = _file_stamp(self.path)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            entries = load_tokens(self.path)
+        except TokenFileError as e:
+            log.error("tokens file changed but does not load; keeping the previous tokens",
+                      extra={"error": str(e), "tokens": len(self.entries)})
+            return False
+        self._set_entries(entries)
+        log.info("tokens reloaded", extra={"tokens": len(self.entries), "rate_limited_tokens": len(self.buckets)})
+        return True
 
     def authenticate(self, metadata: Iterable[Any]) -> TokenEntry | None:
         """The entry whose hash matches the call's bearer token, else None."""
@@ -307,6 +358,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     def decide(self, method: str, metadata: Iterable[Any]) -> Decision:
         if method.startswith(OPEN_SERVICES):
             return Decision(None, "", "open")
+        self.reload_if_changed()
         entry = self.authenticate(metadata)
         if entry is None:
             return Decision(grpc.StatusCode.UNAUTHENTICATED,

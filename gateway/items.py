@@ -20,6 +20,7 @@ from tritonclient.grpc.aio import InferenceServerClient
 
 from common.item_follower import ItemLogFollower
 from common.item_log import ItemLog
+from common.tracing import outgoing_headers
 from common.versions import VersionSet
 from core.features import TEXT_ENCODER_NAME
 from core.item_records import ItemOp, ItemRecord
@@ -77,7 +78,8 @@ class ItemWriter:
         tensor = InferInput("text", [len(texts)], "BYTES")
         tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
         result = await self.triton.infer(TEXT_ENCODER_NAME, [tensor], model_version=encoder_version,
-                                         client_timeout=timeout_s)
+                                         client_timeout=timeout_s,
+                                         headers=outgoing_headers())   # traceparent + x-request-id
         vectors = np.asarray(result.as_numpy("embedding"), np.float32)
         if vectors.shape != (len(texts), text_dim) or not np.isfinite(vectors).all():
             raise EncoderError(f"text_encoder: expected {len(texts)} x {text_dim} finite floats")

@@ -6,8 +6,9 @@ recall target against exact search on sample queries.
 - IVF with float16 vectors (IndexIVFScalarQuantizer QT_fp16) above that (or above EXACT_BELOW when
   faiss sees a GPU: faiss has no GPU HNSW), nlist ~ 2*sqrt(n), k-means (10 iterations) on a seeded
   sample of 40 points per list, nprobe tuned with a margin (IVF_TUNE_MARGIN).
-Ids are the row numbers: flat and HNSW sit in an IndexIDMap2 (they have no ids of their own);
-IVF stores ids itself, and IndexIDMap2 would mis-map its ids after remove_ids.
+Ids are the row numbers (or the given subset of them, `ids=`: the CF index holds only items with
+training interactions): flat and HNSW sit in an IndexIDMap2 (they have no ids of their own); IVF
+stores ids itself, and IndexIDMap2 would mis-map its ids after remove_ids.
 """
 from __future__ import annotations
 
@@ -92,14 +93,14 @@ def _sample(vectors: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
     return vectors[np.sort(rng.choice(len(vectors), size, replace=False))]
 
 
-def _fill(index: faiss.Index, kind: str, vectors: np.ndarray, seed: int, gpu: bool) -> faiss.Index:
-    """Train (IVF) and add the rows with their row numbers as ids; on one GPU when asked."""
+def _fill(index: faiss.Index, kind: str, vectors: np.ndarray, ids: np.ndarray, seed: int, gpu: bool) -> faiss.Index:
+    """Train (IVF) and add the rows with their ids; on one GPU when asked."""
     train = _sample(vectors, TRAIN_PER_LIST * index.nlist, np.random.default_rng(seed)) if kind == "ivf" else None
     if gpu:
         index = to_gpu(index, ngpu=1)
     if train is not None:
         index.train(train)
-    index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+    index.add_with_ids(vectors, ids)
     return faiss.index_gpu_to_cpu(index) if gpu else index
 
 
@@ -107,23 +108,25 @@ def _overlap(truth: np.ndarray, found: np.ndarray, k: int) -> float:
     return float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth, found)]))
 
 
-def _exact(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact inner-product top-k ids, without copying the vectors into an index."""
+def _exact(vectors: np.ndarray, queries: np.ndarray, k: int, ids: np.ndarray | None = None) -> np.ndarray:
+    """Exact inner-product top-k ids (row numbers, or ids[row]), without copying the vectors into an index."""
     queries, vectors = (np.ascontiguousarray(a, dtype=np.float32) for a in (queries, vectors))
-    return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)[1]
+    rows = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)[1]
+    return rows if ids is None else ids[rows]
 
 
 def tune(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int = RECALL_K,
-         target: float = RECALL_TARGET) -> float:
+         target: float = RECALL_TARGET, ids: np.ndarray | None = None) -> float:
     """Set the smallest ladder value whose recall@k on queries reaches target (else the largest);
-    returns the recall reached. Exact indexes have nothing to tune."""
+    returns the recall reached. vectors: the indexed rows (ids[j] the id of row j; None: j).
+    Exact indexes have nothing to tune."""
     info = index_info(index)
     k = min(k, len(vectors))
     ladder = search_ladder(info.kind, k, info.build.get("nlist", 0))
     if not ladder:
         return 1.0
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    truth = _exact(vectors, queries, k)
+    truth = _exact(vectors, queries, k, ids)
     for value in ladder:
         set_search_params(index, {SEARCH_PARAM[info.kind]: value})
         recall = _overlap(truth, index.search(queries, k)[1], k)
@@ -137,23 +140,37 @@ def tune(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int = 
 
 def build_index(vectors: np.ndarray, exact_below: int = EXACT_BELOW, ivf_above: int = IVF_ABOVE, *,
                 queries: np.ndarray | None = None, k: int = RECALL_K, target: float = RECALL_TARGET,
-                gpu: bool | None = None, seed: int = 0) -> faiss.Index:
-    """vectors [n, d] -> an inner-product index whose ids are the row numbers, its search parameter
-    tuned on queries [q, d] (default: a seeded sample of the vectors). gpu=None: use one if faiss
+                gpu: bool | None = None, seed: int = 0, ids: np.ndarray | None = None) -> faiss.Index:
+    """vectors [n, d] -> an inner-product index whose ids are the row numbers (ids: only these rows,
+    under their row numbers), its search parameter tuned on queries [q, d] (default: a seeded sample
+    of the indexed vectors). The kind follows the number of rows indexed. gpu=None: use one if faiss
     sees it."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    n, d = vectors.shape
+    ids, rows = _indexed_rows(vectors, ids)
+    n, d = rows.shape
     gpu = gpu_count() > 0 if gpu is None else gpu
     kind = choose_kind(n, gpu, exact_below, ivf_above)
-    index = _fill(_empty(kind, d, n), kind, vectors, seed, gpu)   # kind is never HNSW on a GPU
+    index = _fill(_empty(kind, d, n), kind, rows, ids, seed, gpu)   # kind is never HNSW on a GPU
     if queries is None:
-        queries = _sample(vectors, TUNE_QUERIES, np.random.default_rng(seed + 1))
-    tune(index, vectors, queries, max(k, TUNE_MIN_K), min(target + IVF_TUNE_MARGIN, 1.0) if kind == "ivf" else target)
+        queries = _sample(rows, TUNE_QUERIES, np.random.default_rng(seed + 1))
+    tune(index, rows, queries, max(k, TUNE_MIN_K), min(target + IVF_TUNE_MARGIN, 1.0) if kind == "ivf" else target, ids)
     return index
 
 
-def recall_at_k(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int) -> float:
-    """Mean overlap of the index's top-k with exact top-k for queries [q, d]."""
-    k = min(k, vectors.shape[0])
+def _indexed_rows(vectors: np.ndarray, ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, their rows as contiguous float32) for all rows (ids None) or the given ones."""
+    if ids is None:
+        return np.arange(len(vectors), dtype=np.int64), np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size == 0 or ids.min() < 0 or ids.max() >= len(vectors) or np.any(np.diff(ids) <= 0):
+        raise ValueError(f"ids: a non-empty increasing subset of the row numbers 0..{len(vectors) - 1}")
+    return ids, np.ascontiguousarray(vectors[ids], dtype=np.float32)
+
+
+def recall_at_k(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int,
+                ids: np.ndarray | None = None) -> float:
+    """Mean overlap of the index's top-k with exact top-k over the same rows (ids, as build_index
+    took them) for queries [q, d]."""
+    ids, rows = _indexed_rows(vectors, ids)
+    k = min(k, len(rows))
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    return _overlap(_exact(vectors, queries, k), index.search(queries, k)[1], k)
+    return _overlap(_exact(rows, queries, k, ids), index.search(queries, k)[1], k)

@@ -50,3 +50,31 @@ def test_the_events_token_reports_events_and_nothing_else(stack, known_user):
         stub = pb_grpc.RecommenderStub(channel)
         assert stub.ReportEventBatch(batch, timeout=10).accepted == 1
         assert code_of(stub.Recommend, pb.RecommendRequest(user_id=known_user[0], k=5), timeout=5) == "PERMISSION_DENIED"
+
+
+def test_a_token_added_to_the_running_gateways_file_works_and_a_revoked_one_stops_without_a_restart(stack, known_user):
+    """Rotation on the real gateway: the tokens file changes under it; within ~1 s the new token is
+    taken and the revoked one refused. The stack's own tokens are restored afterwards."""
+    from gateway.auth import add_token, load_tokens, write_tokens
+    path = stack.run_dir / "tokens.json"
+    original = load_tokens(path)
+    request = pb.RecommendRequest(user_id=known_user[0], k=5)
+
+    def code_within(token: str, want: str, seconds: float = 5.0) -> str:
+        deadline = time.monotonic() + seconds
+        while True:
+            with stack.gateway_channel(scopes=None) as channel:
+                got = code_of(pb_grpc.RecommenderStub(channel).Recommend, request, timeout=5,
+                              metadata=bearer_metadata(token))
+            if got == want or time.monotonic() > deadline:
+                return got
+            time.sleep(0.2)
+
+    try:
+        rotated = add_token(path, f"rotated-{time.time_ns()}", ["recommend"])
+        assert code_within(rotated, "OK") == "OK"
+        write_tokens(path, original)                  # revoke it again
+        assert code_within(rotated, "UNAUTHENTICATED") == "UNAUTHENTICATED"
+        assert code_within(stack.tokens["recommend"], "OK", seconds=0) == "OK"   # the others never stopped
+    finally:
+        write_tokens(path, original)

@@ -30,7 +30,7 @@ from prometheus_client import REGISTRY
 
 from common.config import GatewayConfig, parse_config
 from gateway.auth import (ALL, METHOD_SCOPES, SCOPES, TokenAuth, TokenEntry, TokenFileError, add_token,
-                          auth_interceptors, bearer_metadata, hash_token, issue_tokens, load_tokens)
+                          auth_interceptors, bearer_metadata, hash_token, issue_tokens, load_tokens, write_tokens)
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 
@@ -317,6 +317,43 @@ def test_gateway_default_rate_applies_to_tokens_without_their_own(tmp_path: Path
     auth = _auth(path, default_rate_per_s=5.0, default_burst=0.0, clock=FakeClock())   # burst 0: one second's worth
     outcomes = [auth.decide("/fusionrec.v1.Recommender/Recommend", bearer_metadata(token)).outcome for _ in range(7)]
     assert outcomes == ["ok"] * 5 + ["rate_limited"] * 2
+
+
+def test_tokens_are_added_and_revoked_without_a_restart_and_a_bad_edit_keeps_the_last_good_set(
+        tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    old = add_token(path, "old", ["recommend"], rate_per_s=0.1, burst=2)   # 1 s refills a tenth of a call
+    clock = FakeClock()
+    auth = _auth(path, clock=clock)
+    recommend = "/fusionrec.v1.Recommender/Recommend"
+
+    def outcome(token: str) -> str:
+        return auth.decide(recommend, bearer_metadata(token)).outcome
+
+    assert [outcome(old) for _ in range(3)] == ["ok", "ok", "rate_limited"]
+    new = add_token(path, "new", ["recommend"])
+    assert outcome(new) == "unauthenticated"          # checked at most once per interval
+    clock.now += TokenAuth.RELOAD_INTERVAL_S
+    assert outcome(new) == "ok"
+    assert outcome(old) == "rate_limited"             # its bucket survived the reload (same limits)
+    write_tokens(path, [e for e in load_tokens(path) if e.name != "old"])   # revoke
+    clock.now += TokenAuth.RELOAD_INTERVAL_S
+    assert outcome(old) == "unauthenticated" and outcome(new) == "ok"
+    path.write_text("{ not json")                     # a bad edit: the last good set stays
+    clock.now += TokenAuth.RELOAD_INTERVAL_S
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("fusionrec.gateway.auth").addHandler(handler)
+    try:
+        assert outcome(new) == "ok" and outcome(old) == "unauthenticated"
+    finally:
+        logging.getLogger("fusionrec.gateway.auth").removeHandler(handler)
+    assert [r.levelname for r in records if "keeping the previous tokens" in r.getMessage()] == ["ERROR"]
+    assert new not in " ".join(str(vars(r)) for r in records)
+    path.unlink()                                     # gone: still the last good set
+    clock.now += TokenAuth.RELOAD_INTERVAL_S
+    assert outcome(new) == "ok"
 
 
 def test_issue_tokens_writes_hashes_only_owner_readable(tmp_path: Path) -> None:

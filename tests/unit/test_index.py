@@ -221,3 +221,20 @@ def test_kind_chosen_by_size_meets_the_recall_bound_on_a_latent_catalog(n, kind)
     queries = np.stack([vectors[cat.items[cat.users == u][-50:]].mean(0) for u in range(120)])
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     assert recall_at_k(index, vectors, queries, 300) >= TARGET
+
+
+def test_an_index_over_a_subset_of_rows_returns_their_row_numbers_and_measures_recall_over_them():
+    """The CF index holds only items with training interactions: ids are the kept row numbers, the
+    recall is measured against exact search over the same rows, and the kind follows their count."""
+    vectors, queries, _ = clustered(3000, 32, seed=3)
+    kept = np.sort(np.random.default_rng(3).choice(3000, 1200, replace=False))
+    for thresholds, kind in (({}, "flat"), ({"exact_below": 100, "ivf_above": 500}, "ivf")):
+        index = build_index(vectors, queries=queries, ids=kept, **thresholds)
+        assert index.ntotal == len(kept) and index_info(index).kind == kind
+        found = index.search(queries, 20)[1]
+        assert set(found.ravel().tolist()) <= set(kept.tolist())
+        assert recall_at_k(index, vectors, queries, 20, kept) >= TARGET
+        # Against every row, the subset cannot hold what the dropped rows would have been.
+        assert recall_at_k(index, vectors, queries, 20) < 0.6
+    with pytest.raises(ValueError, match="ids"):
+        build_index(vectors, ids=np.array([5, 3]))

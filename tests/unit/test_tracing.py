@@ -31,7 +31,8 @@ from common.client import open_channel
 from common.config import ServerConfig
 from common.logs import JsonFormatter, current_request_id, get_logger
 from common.server import standard_interceptors
-from core.features import RETRIEVAL_FEATURES
+from core.features import RETRIEVAL_FEATURES, TEXT_ENCODER_NAME
+from gateway.items import ItemWriter
 from gateway.validation import validate_recommend
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
@@ -82,6 +83,12 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         self.metadata.append(dict(context.invocation_metadata()))
+        if request.model_name == TEXT_ENCODER_NAME:   # texts [n] -> embedding [n, 4]
+            n = request.inputs[0].shape[0]
+            return service_pb2.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version,
+                outputs=[service_pb2.ModelInferResponse.InferOutputTensor(name="embedding", datatype="FP32", shape=[n, 4])],
+                raw_output_contents=[np.ones((n, 4), np.float32).tobytes()])
         n = request.inputs[1].shape[1]   # candidates [1, N]
         return service_pb2.ModelInferResponse(
             model_name=request.model_name, model_version=request.model_version,
@@ -112,9 +119,20 @@ class FakeRanking(pb_grpc.RankingServicer):
 
 
 class FakeGateway(pb_grpc.RecommenderServicer):
-    def __init__(self, retrieval: str, ranking: str) -> None:
+    def __init__(self, retrieval: str, ranking: str, triton: str) -> None:
         self.retrieval = open_channel(retrieval)
         self.ranking = open_channel(ranking)
+        self.triton = triton
+
+    async def UpsertItems(self, request, context):
+        """The real ItemWriter.embed (gateway -> Triton's text_encoder), nothing appended."""
+        log.info("upsert", extra={"hop": "gateway"})
+        client = InferenceServerClient(self.triton)
+        try:
+            await ItemWriter(None, client, None, None).embed([i.title for i in request.items], "1", 4, timeout_s=5.0)
+        finally:
+            await client.close()
+        return pb.UpsertItemsResponse()
 
     async def Recommend(self, request, context):
         query = validate_recommend(request)   # the real rule for the response's request_id
@@ -154,7 +172,7 @@ async def chain() -> AsyncIterator[tuple[pb_grpc.RecommenderStub, FakeTriton]]:
         servers.append(server)
         server, ranking = await start(RANKING, lambda s: pb_grpc.add_RankingServicer_to_server(FakeRanking(triton_target), s))
         servers.append(server)
-        gateway = FakeGateway(retrieval, ranking)
+        gateway = FakeGateway(retrieval, ranking, triton_target)
         server, gateway_target = await start(GATEWAY, lambda s: pb_grpc.add_RecommenderServicer_to_server(gateway, s))
         servers.append(server)
         async with open_channel(gateway_target) as channel:
@@ -207,6 +225,27 @@ def test_caller_trace_and_request_id_cross_every_hop(logs):
     for hop in ("gateway", "retrieval", "ranking"):  # every hop's log line carries both ids
         (line,) = logs.of(hop)
         assert line["request_id"] == "req-abc.1" and line["trace_id"] == CALLER_TRACE, line
+
+
+def test_the_gateways_text_encoder_call_carries_the_trace_and_request_id(logs):
+    """UpsertItems embeds through Triton's text_encoder: that call is in the caller's trace, its
+    parent the gateway's span, with the caller's request id."""
+    async def go():
+        async with chain() as (stub, triton):
+            await stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.NewItem(item_id="n1", title="a title")]),
+                                   timeout=10, metadata=(("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"),
+                                                         ("x-request-id", "upsert-9")))
+            return triton.metadata
+    (sent,) = asyncio.run(go())
+    gateway = server_spans_of(GATEWAY)
+    assert sent["traceparent"] == f"00-{CALLER_TRACE}-{hexid(gateway.context.span_id, 16)}-01"
+    assert sent["x-request-id"] == "upsert-9"
+
+
+def server_spans_of(service: str):
+    (span,) = [s for s in EXPORTER.get_finished_spans()
+               if s.kind == SpanKind.SERVER and s.resource.attributes["service.name"] == f"fusionrec-{service}"]
+    return span
 
 
 @pytest.mark.parametrize("metadata", [(), (("x-request-id", "from-header"),)])
