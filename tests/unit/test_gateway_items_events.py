@@ -37,7 +37,7 @@ class FakeTriton:
         self.dim = dim
         self.calls: list[int] = []   # texts per call
 
-    async def infer(self, model: str, inputs, model_version: str = "", client_timeout: float = 0.0):
+    async def infer(self, model: str, inputs, model_version: str = "", client_timeout: float = 0.0, headers=None):
         n = inputs[0].shape()[0]
         self.calls.append(n)
         vectors = np.eye(n, self.dim, dtype=np.float32)

@@ -233,7 +233,7 @@ class SlowEncoder(FakeTriton):
         self.seconds = seconds
         self.timeouts: list[float] = []
 
-    async def infer(self, model, inputs, model_version: str = "", client_timeout: float = 0.0):
+    async def infer(self, model, inputs, model_version: str = "", client_timeout: float = 0.0, headers=None):
         self.timeouts.append(client_timeout)
         if client_timeout < self.seconds:
             await asyncio.sleep(client_timeout)
