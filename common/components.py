@@ -37,8 +37,9 @@ def load_retriever(artifacts: ArtifactSet, gpu: bool = False, seq_encoder=None) 
     m = artifacts.manifest
     n_items, text_dim, cf_dim = m["counts"]["items"], m["dims"]["text"], m["dims"]["cf"]
     # Memory-mapped: the text and CF indexes hold the vectors they search; these tables are read
-    # for history rows only (query vectors, CF fold-in), so only touched pages become resident.
-    item_text = artifacts.npy("item_text.npy", mmap=True)
+    # for history rows only (query vectors, CF fold-in). item_text is populated and its pages are
+    # shared with ranking's (ArtifactSet.shared_table); item_cf (a sixth of its size) stays lazy.
+    item_text = artifacts.shared_table("item_text.npy")
     item_cf = artifacts.npy("item_cf.npy", mmap=True)
     user_cf = artifacts.npy("user_cf.npy")
     check_shape("item_text.npy", item_text, n_items, text_dim)

@@ -71,8 +71,8 @@ class Ranker:
         swap to a new version brings its own); >= 0 overrides it (--diversity-weight)."""
         m = artifacts.manifest
         n_items = m["counts"]["items"]
-        # Memory-mapped: the re-ranker reads the candidates' rows only (1M items: 1.5 GB not resident).
-        item_text = artifacts.npy("item_text.npy", mmap=True)
+        # Memory-mapped and populated, its pages shared with retrieval's (ArtifactSet.shared_table).
+        item_text = artifacts.shared_table("item_text.npy")
         item_category = artifacts.npy("item_category.npy")
         item_side = artifacts.npy("item_side.npy")
         check_shape("item_text.npy", item_text, n_items, m["dims"]["text"])

@@ -41,6 +41,22 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def pss_mib(pid: int) -> float:
+    """Proportional set size of one process, in MiB: each resident page divided by the number of
+    processes mapping it. Summed over a group of processes it counts a page they share once, where
+    the VmRSS sum counts it once per process: retrieval and ranking both map item_text.npy, and on
+    a kernel that caches files in large folios each row read maps up to its whole folio (at 1M
+    items both map ~1.4 GiB of the same page cache)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return float("nan")
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -83,6 +99,7 @@ def measure(stack: Stack, args: argparse.Namespace, make_request) -> tuple[dict,
                                        progress=sys.stderr,
                                        connect=lambda target: stack.gateway_channel("recommend", aio=True)))
     memory = {name: round(tree_total(rss_mib, pid), 1) for name, pid in stack.pids().items()}
+    pss = {name: round(tree_total(pss_mib, pid), 1) for name, pid in stack.pids().items()}
     answered = max(len([x for x in result.samples if x.latency is not None]), 1)
     # Includes warm-up requests' CPU, so divide by everything sent.
     sent = answered + int(args.warmup * args.rate)
@@ -91,6 +108,7 @@ def measure(stack: Stack, args: argparse.Namespace, make_request) -> tuple[dict,
     summary = result.summary()
     summary["rss_mib"] = memory
     summary["rss_mib"]["services_total"] = round(sum(v for k, v in memory.items() if k != "triton"), 1)
+    summary["pss_mib"] = {**pss, "total": round(sum(pss.values()), 1)}   # the stack's pages, each once
     summary["cpu_ms_per_request"] = cpu_ms
     return summary, result
 
@@ -182,6 +200,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         print("CPU core-ms per request: " + ", ".join(f"{k}={v}" for k, v in cpu_ms.items())
               + f" (total {sum(cpu_ms.values()):.1f})")
         print("resident memory (MiB): " + ", ".join(f"{k}={v}" for k, v in summary["rss_mib"].items()))
+        print("proportional (PSS, shared pages once; MiB): " + ", ".join(f"{k}={v}" for k, v in summary["pss_mib"].items()))
     if seeding:
         print("\n" + format_comparison(rows["empty_store"], rows["seeded_store"]))
     doc = rows["empty_store"] if not seeding else {"rows": rows, "config": config}

@@ -57,3 +57,27 @@ def test_shape_mismatch_is_refused(copy):
 def test_no_artifacts_says_how_to_build(tmp_path):
     with pytest.raises(ArtifactError, match="make artifacts"):
         open_artifacts(tmp_path)
+
+
+def _rss_file_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.parametrize("advice", ["madvise", "fallback"])
+def test_a_shared_table_is_mapped_in_full_at_load(tmp_path, monkeypatch, advice):
+    """Its pages are mapped before the first request (no page fault per cold row while serving),
+    by MADV_POPULATE_READ, or by reading a value per page where the kernel refuses that advice."""
+    import numpy as np
+    import common.artifacts as artifacts_module
+    if advice == "fallback":
+        monkeypatch.setattr(artifacts_module, "MADV_POPULATE_READ", 10_000)   # no such advice: EINVAL
+    table = np.arange(48 * 2**20 // 4, dtype=np.float32).reshape(-1, 384)   # 48 MiB
+    np.save(tmp_path / "table.npy", table)
+    lazy = np.load(tmp_path / "table.npy", mmap_mode="r")
+    before = _rss_file_mib()
+    artifacts_module.populate(lazy)
+    assert _rss_file_mib() - before > 40
+    np.testing.assert_array_equal(lazy[[0, 5000, -1]], table[[0, 5000, -1]])   # still the same values

@@ -71,3 +71,38 @@ def test_a_tiny_build_gives_a_row_of_the_schema(tmp_path, capsys):
     assert row["build_s"] > 0 and row["peak_rss_mib"] > 100 and row["index_mib"] > 0.5   # 600 x 384 floats
     assert row["text_space"] == "brought" and row["p50_ms"] is None
     assert "600" in format_table(rows) and "recall@300 1.000" in format_targets(rows)
+    # --reuse-builds: the same spec serves the finished build again (no rebuild, figures kept) ...
+    version = sorted((tmp_path / "work" / "600" / "artifacts").iterdir())
+    args.reuse_builds = True
+    (again,) = run_scale(args)
+    assert again["build_reused"] and again["build_s"] == row["build_s"] and again["built"] == row["built"]
+    assert sorted((tmp_path / "work" / "600" / "artifacts").iterdir()) == version
+    # ... and another spec (here other epochs) builds afresh.
+    args.epochs = 2
+    (fresh,) = run_scale(args)
+    assert not fresh["build_reused"] and fresh["built"] >= row["built"]
+
+
+def test_pss_counts_a_page_two_processes_share_once(tmp_path):
+    """The stack's memory figure: two processes mapping the same file pages have a VmRSS sum of
+    about twice the pages, a PSS sum of about once."""
+    import subprocess
+    import sys
+    from tools.bench import pss_mib, rss_mib
+    size = 64 * 2**20
+    path = tmp_path / "shared.bin"
+    path.write_bytes(b"\1" * size)
+    touch = ("import mmap, sys, time\n"
+             f"f = open({str(path)!r}, 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+             f"s = sum(m[i] for i in range(0, {size}, 4096)); print('ready', flush=True); time.sleep(60)\n")
+    children = [subprocess.Popen([sys.executable, "-c", touch], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for child in children:
+            assert child.stdout.readline().strip() == "ready"
+        rss = sum(rss_mib(c.pid) for c in children)
+        pss = sum(pss_mib(c.pid) for c in children)
+        assert rss - pss > 0.8 * size / 2**20   # the 64 MiB both map: twice in the RSS sum, once in PSS
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
