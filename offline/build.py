@@ -39,7 +39,7 @@ from offline.ranker import MAX_HISTORY, RankingList, cut_lists, score_lists, tra
 from offline.reranker import (NDCG_TOLERANCE, choose_reranking, diversity_sweep, rerank_training_groups,
                               train_reranker)
 from offline.serving.export import RANKER_WEIGHTS, publish_fused_ranker, publish_text_encoder, script_ranker
-from offline.serving.export import publish_seq_encoder
+from offline.serving.export import publish_seq_encoder, weights_checksum
 from offline.serving.seq_encoder import SEQ_ENCODER_WEIGHTS
 from offline.serving.seq_encoder import (SEQ_INDEX, SEQ_INDEX_NAME, SEQ_ITEM_VECTORS, SEQ_TEXT_BIAS,
                                          SEQ_TEXT_PROJ, InProcessSeqEncoder, script_encoder)
@@ -496,7 +496,7 @@ def build(opts: BuildOptions) -> Path:
             publish_seq_encoder(opts.model_repo, staging / SEQ_ENCODER_WEIGHTS, version)
             manifest["models"][SEQ_ENCODER_NAME] = str(version)
         shutil.rmtree(model_src)
-        manifest["model_checksum"] = hashlib.sha256((model_version_dir / RANKER_WEIGHTS).read_bytes()).hexdigest()
+        manifest["model_checksum"] = weights_checksum(model_version_dir / RANKER_WEIGHTS)   # the weights, not the bytes
         write_manifest(staging, manifest)
         final = publish(opts.artifacts, staging, version)
         figures.update(version=str(version), path=str(final))

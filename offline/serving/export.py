@@ -122,3 +122,16 @@ def publish_text_encoder(model_repo: Path, encoder: TextEncoder) -> str:
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def weights_checksum(path: Path) -> str:
+    """sha256 of a TorchScript file's parameters and buffers (name, dtype, shape, bytes, in name
+    order): the manifest's model_checksum. Not the file's bytes: torch.jit.save writes a random
+    serialization id and renumbers its code files on every save, so two builds with the same seed
+    and the same weights wrote different bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(torch.jit.load(str(path), map_location="cpu").state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -72,3 +72,22 @@ def test_cli_registers_eval_seeds_with_its_defaults():
     a = parse(["eval-seeds", "--max-users", "100"])
     assert a.seeds == 5 and a.max_users == 100 and a.data == "movielens:data/ml-latest-small"
     assert not a.no_same_seed_check and a.work_dir is None
+
+
+def test_the_model_checksum_follows_the_weights_not_the_bytes_of_a_save(tmp_path):
+    """Two torch.jit.save calls of the same weights write different bytes (a random serialization
+    id): the manifest's model_checksum must agree for them and differ when one weight changes."""
+    import hashlib
+    import torch
+    from offline.serving.export import weights_checksum
+    torch.manual_seed(0)
+    model = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Embedding(5, 2)))
+    paths = [tmp_path / f"m{i}.pt" for i in range(3)]
+    torch.jit.save(model, str(paths[0]))
+    torch.jit.save(model, str(paths[1]))
+    assert hashlib.sha256(paths[0].read_bytes()).digest() != hashlib.sha256(paths[1].read_bytes()).digest()
+    assert weights_checksum(paths[0]) == weights_checksum(paths[1])
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1e-6
+    torch.jit.save(model, str(paths[2]))
+    assert weights_checksum(paths[2]) != weights_checksum(paths[0])
