@@ -290,23 +290,25 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     RELOAD_INTERVAL_S = 1.0
 
     def __init__(self, entries: Sequence[TokenEntry], default_rate_per_s: float = 0.0,
-                 default_burst: float = 0.0, clock: Callable[[], float] = time.monotonic,
-                 path: Path | None = None) -> None:
+                 default_burst: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.default_rate_per_s, self.default_burst = default_rate_per_s, default_burst
         self.entries: list[TokenEntry] = []
         self.buckets: dict[str, TokenBucket] = {}
         self._set_entries(entries)
         self._throttle = _Throttle(clock)
-        self.path = path
-        self._stamp = _file_stamp(path) if path is not None else None
+        self.path: Path | None = None   # set by from_file: the file this set follows
+        self._stamp: tuple[int, int, int] | None = None
         self._checked = clock()
 
     @classmethod
     def from_file(cls, path: Path, default_rate_per_s: float = 0.0, default_burst: float = 0.0,
                   clock: Callable[[], float] = time.monotonic) -> "TokenAuth":
         path = Path(path)
-        return cls(load_tokens(path), default_rate_per_s, default_burst, clock, path=path)
+        stamp = _file_stamp(path)   # before the read: a change made while reading is seen at the next check
+        auth = cls(load_tokens(path), default_rate_per_s, default_burst, clock)
+        auth.path, auth._stamp = path, stamp
+        return auth
 
     def _set_entries(self, entries: Sequence[TokenEntry]) -> None:
         buckets: dict[str, TokenBucket] = {}
@@ -314,9 +316,9 @@ class TokenAuth(grpc.aio.ServerInterceptor):
             rate = self.default_rate_per_s if e.rate_per_s is None else e.rate_per_s
             burst = (self.default_burst if e.burst is None else e.burst) or rate   # 0: one second's worth
             if rate > 0:
-                old = self.buckets.get(e.name)
-                same = old is not None and old.rate == rate and old.burst == max(1.0, burst)
-                buckets[e.name] = old if same else TokenBucket(rate, burst, self.clock)
+                fresh, old = TokenBucket(rate, burst, self.clock), self.buckets.get(e.name)
+                same = old is not None and (old.rate, old.burst) == (fresh.rate, fresh.burst)
+                buckets[e.name] = old if same else fresh   # unchanged limits keep their level
         self.entries, self.buckets = list(entries), buckets
 
     def reload_if_changed(self) -> bool:

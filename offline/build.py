@@ -278,7 +278,6 @@ def build(opts: BuildOptions) -> Path:
                            loss=f"{seq.losses[0]:.3f}->{seq.losses[-1]:.3f}" if seq.losses else "-",
                            recall_at_300=f"{seq_figures['recall@300']:.3f}")
 
-
     with stages.stage("index", figures := {}):
         rng = np.random.default_rng(opts.seed)
         quality: dict[str, float] = {}

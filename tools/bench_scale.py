@@ -100,7 +100,8 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
     record = folder / "build.json"   # this size's last finished build: its spec and figures
     wanted = {"spec": spec.stamp(), "epochs": args.epochs}
     previous = json.loads(record.read_text()) if record.exists() else {}
-    reused = args.reuse_builds and {k: previous.get(k) for k in wanted} == wanted
+    reused = (args.reuse_builds and {k: previous.get(k) for k in wanted} == wanted
+              and (artifacts / "LATEST").exists())
     if not reused:
         record.unlink(missing_ok=True)
         for old in (artifacts, model_repo):      # one version per size: the stack serves exactly this build
