@@ -16,7 +16,7 @@ from common.faiss_index import GPU_MAX_K, load_index
 from core.channels import (BertChannel, CfChannel, ItemToItemChannel, ItemVectors, PopularChannel,
                            SequentialChannel)
 from core.item_overlay import ItemOverlay
-from core.limits import DEFAULT_QUOTAS
+from core.limits import DEFAULT_QUOTAS, ITEM2ITEM_DECAY
 from core.retriever import Retriever
 
 
@@ -96,7 +96,10 @@ def item_to_item_channel(artifacts: ArtifactSet) -> ItemToItemChannel:
         raise ArtifactError(f"{name}: neighbour ids outside -1..{m['counts']['items'] - 1}")
     if isinstance(ids, np.memmap):   # the check read every page: map them afresh, so only rows served stay resident
         ids = npz_member(artifacts.path(name), "ids")
-    return ItemToItemChannel(ids, weights)
+    decay = m["item2item"].get("decay", ITEM2ITEM_DECAY)   # chosen by the build; older sets: the default
+    if not isinstance(decay, (int, float)) or not 0.0 < decay <= 1.0:
+        raise ArtifactError(f"manifest item2item.decay: a number in (0, 1] is needed, got {decay!r}")
+    return ItemToItemChannel(ids, weights, decay=float(decay))
 
 
 def _ids_within(ids: np.ndarray, lo: int, hi: int, chunk: int = 1 << 16) -> bool:

@@ -32,7 +32,7 @@ from offline.cf import train_als
 from offline.item_log_fold import fold_item_log, read_item_log
 from offline.item_vectors import load_brought_vectors
 from offline.index import EXACT_BELOW, RECALL_K, build_index, recall_at_k
-from offline.item_neighbours import NeighbourConfig, item_neighbours, save_neighbours
+from offline.item_neighbours import NeighbourConfig, choose_decay, item_neighbours, save_neighbours
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
 from offline.ranker import MAX_HISTORY, RankingList, cut_lists, score_lists, train_ranker
@@ -239,19 +239,25 @@ def build(opts: BuildOptions) -> Path:
         neighbours = item_neighbours(train_user_rows, inter_items[tr], ds.timestamps[tr], len(item_ids),
                                      neighbour_config, progress=opts.progress)
         save_neighbours(staging / "item_neighbours.npz", neighbours)
-        item2item_info = {**neighbour_config.describe(), "filled": round(neighbours.filled, 4)}
+        # The channel's recency decay: chosen on validation users (train history -> validation items).
+        train_seq = user_sequences(ds.users[split.train], inter_items[split.train], ds.timestamps[split.train])
+        valid_t = user_sequences(ds.users[split.valid], inter_items[split.valid], ds.timestamps[split.valid])
+        decay, ndcg_by_decay = choose_decay(neighbours, train_seq, valid_t,
+                                            sorted(valid_t, key=lambda u: zlib.crc32(u.encode()))[:QUOTA_USERS])
+        item2item_info = {**neighbour_config.describe(), "method": neighbours.method, "decay": decay,
+                          "valid_ndcg@10_by_decay": ndcg_by_decay, "filled": round(neighbours.filled, 4)}
         del neighbours   # retrieval loads the file like a service does
-        figures.update(top_n=str(neighbour_config.top_n), window=str(neighbour_config.window),
-                       filled=f"{item2item_info['filled']:.2f}")
+        figures.update(method=item2item_info["method"], top_n=str(neighbour_config.top_n),
+                       window=str(neighbour_config.window), decay=f"{decay:g}",
+                       ndcg=f"{ndcg_by_decay[f'{decay:g}']:.3f}", filled=f"{item2item_info['filled']:.2f}")
 
     sequential_info = None   # the stage is opt-in (BuildOptions.sequential)
     if opts.sequential:
         with stages.stage("sequential", figures := {}):
             # The next-item encoder (offline/sequential.py) on the training sequences: its item vectors
             # are index_seq.faiss, its TorchScript the seq_encoder Triton serves to retrieval.
-            seq_train = user_sequences(ds.users[tr], inter_items[tr], ds.timestamps[tr])
             seq_config = SeqConfig(seed=opts.seed)
-            seq = train_sequential([seq_train[u] for u in sorted(seq_train)], item_text, seq_config,
+            seq = train_sequential([train_seq[u] for u in sorted(train_seq)], item_text, seq_config,
                                    progress=opts.progress)
             script_encoder(seq.encoder, staging / SEQ_ENCODER_WEIGHTS)
             np.save(staging / SEQ_ITEM_VECTORS, seq.item_vectors)
@@ -259,11 +265,10 @@ def build(opts: BuildOptions) -> Path:
             np.save(staging / SEQ_TEXT_BIAS, seq.text_bias)
             # Validation users (train history -> validation items, seen ones excluded): the figures, and
             # their vectors as the index's tuning / measuring queries.
-            seq_valid = user_sequences(ds.users[split.valid], inter_items[split.valid], ds.timestamps[split.valid])
-            seq_users = [u for u in sorted(seq_valid, key=lambda u: zlib.crc32(u.encode())) if u in seq_train][:QUOTA_USERS]
-            seq_queries = user_vectors(seq.encoder, [seq_train[u] for u in seq_users])
-            seq_figures = recall_figures(seq.item_vectors, seq_queries, [seq_train[u] for u in seq_users],
-                                         [np.unique(seq_valid[u]) for u in seq_users])
+            seq_users = [u for u in sorted(valid_t, key=lambda u: zlib.crc32(u.encode())) if u in train_seq][:QUOTA_USERS]
+            seq_queries = user_vectors(seq.encoder, [train_seq[u] for u in seq_users])
+            seq_figures = recall_figures(seq.item_vectors, seq_queries, [train_seq[u] for u in seq_users],
+                                         [np.unique(valid_t[u]) for u in seq_users])
             # IVF above the exact size: HNSW construction over ~1M vectors takes far longer than this stage.
             seq_index = build_index(seq.item_vectors, ivf_above=EXACT_BELOW,
                                     queries=seq_queries[::2] if len(seq_users) > 1 else None, k=RECALL_K, seed=opts.seed)
@@ -361,10 +366,8 @@ def build(opts: BuildOptions) -> Path:
     with stages.stage("quotas", figures := {}):
         retriever = load_retriever(open_artifacts(staging), seq_encoder=InProcessSeqEncoder(staging / SEQ_ENCODER_WEIGHTS)
                                    if opts.sequential else None)
-        train_seq = user_sequences(ds.users[split.train], inter_items[split.train], ds.timestamps[split.train])
         hist_seq = user_sequences(ds.users[split.train | split.valid], inter_items[split.train | split.valid],
                                    ds.timestamps[split.train | split.valid])
-        valid_t = user_sequences(ds.users[split.valid], inter_items[split.valid], ds.timestamps[split.valid])
         test_t = user_sequences(ds.users[split.test], inter_items[split.test], ds.timestamps[split.test])
         sample = sorted(valid_t, key=lambda u: zlib.crc32(u.encode()))[:QUOTA_USERS]   # seeded, spread
         quotas, recall_by_quotas = tune_quotas(retriever, train_seq, valid_t, sample, progress=opts.progress)

@@ -58,9 +58,9 @@ def dense_top(weights: np.ndarray, top_n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("config", [
-    NeighbourConfig(top_n=5, window=None, alpha=0.5),
-    NeighbourConfig(top_n=7, window=3, backward=0.5, decay=0.3, alpha=0.4),
-    NeighbourConfig(top_n=50, window=1, backward=0.0, decay=1.0, alpha=0.5),
+    NeighbourConfig(top_n=5, method="cooccurrence", window=None, alpha=0.5),
+    NeighbourConfig(top_n=7, method="cooccurrence", window=3, backward=0.5, decay=0.3, alpha=0.4),
+    NeighbourConfig(top_n=50, method="cooccurrence", window=1, backward=0.0, decay=1.0, alpha=0.5),
 ], ids=["cosine", "window3", "next-only"])
 @pytest.mark.parametrize("max_pairs", [10**7, 7])   # one block, and many tiny blocks
 def test_neighbours_equal_the_exact_dense_computation(config, max_pairs, monkeypatch):
@@ -80,13 +80,83 @@ def test_window_keeps_order_direction():
     users = np.repeat(np.arange(5), 2)
     items = np.tile([3, 8], 5)
     stamps = np.tile([0, 1], 5)
-    got = item_neighbours(users, items, stamps, 10, NeighbourConfig(top_n=3, window=2, backward=0.0))
+    got = item_neighbours(users, items, stamps, 10, NeighbourConfig(top_n=3, method="cooccurrence", window=2,
+                                                                    backward=0.0))
     assert got.ids[3, 0] == 8 and (got.ids[8] == -1).all()
 
 
-def test_empty_interactions_give_no_neighbours():
-    got = item_neighbours(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), 4, NeighbourConfig(top_n=2))
+@pytest.mark.parametrize("method", ["ease", "cooccurrence"])
+def test_empty_interactions_give_no_neighbours(method):
+    got = item_neighbours(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), 4,
+                          NeighbourConfig(top_n=2, method=method))
     assert got.ids.shape == (4, 2) and (got.ids == -1).all() and got.filled == 0.0
+
+
+def dense_sequential_ease(users, items, stamps, config: NeighbourConfig) -> np.ndarray:
+    """The sequential EASE weights [n, n] by the textbook formula: a plain-loop Gram matrix over the
+    interacted items, numpy's inverse, B = I - P diag(1/diag P); zero rows for other items."""
+    seq_u, seq_i = user_sequences_sorted(users, items, stamps)
+    kept = np.unique(seq_i)
+    at = {int(i): j for j, i in enumerate(kept)}
+    g = np.zeros((len(kept), len(kept)))
+    for u in np.unique(seq_u):
+        seq = [at[int(i)] for i in seq_i[seq_u == u]]
+        for p, a in enumerate(seq):
+            for q, b in enumerate(seq):
+                if p == q:
+                    g[a, a] += 1
+                elif abs(p - q) <= config.window:
+                    g[a, b] += config.ease_gamma ** abs(p - q)
+    p_inv = np.linalg.inv(g + config.ease_lambda * np.eye(len(kept)))
+    b = -p_inv / np.diag(p_inv)[None, :]
+    np.fill_diagonal(b, 0.0)
+    out = np.zeros((N_ITEMS, N_ITEMS))
+    out[np.ix_(kept, kept)] = b
+    return out
+
+
+@pytest.mark.parametrize("max_pairs", [10**7, 5])   # one flush, and many
+def test_sequential_ease_equals_the_textbook_formula(max_pairs, monkeypatch):
+    monkeypatch.setattr(neighbours_module, "MAX_PAIRS", max_pairs)
+    users, items, stamps = seeded_interactions(4)
+    config = NeighbourConfig(top_n=6, window=3, ease_lambda=2.0, ease_gamma=0.8)
+    got = item_neighbours(users, items, stamps, N_ITEMS, config)
+    assert got.method == "ease"
+    ids, weights = dense_top(dense_sequential_ease(users, items, stamps, config), config.top_n)
+    np.testing.assert_allclose(got.weights, weights, rtol=1e-4, atol=1e-6)
+    assert (got.ids == ids).mean() > 0.99 and np.array_equal(got.ids >= 0, ids >= 0)
+    assert got.ids.dtype == np.int32 and got.weights.dtype == np.float32
+    assert not (got.ids == np.arange(N_ITEMS)[:, None]).any()
+
+
+def test_sequential_ease_falls_back_to_cooccurrence_above_its_item_limit():
+    users, items, stamps = seeded_interactions(5)
+    config = NeighbourConfig(top_n=5, ease_max_items=3)
+    got = item_neighbours(users, items, stamps, N_ITEMS, config)
+    plain = item_neighbours(users, items, stamps, N_ITEMS, NeighbourConfig(top_n=5, method="cooccurrence"))
+    assert got.method == "cooccurrence"
+    assert np.array_equal(got.ids, plain.ids) and np.array_equal(got.weights, plain.weights)
+
+
+def test_sequential_ease_ranks_the_item_that_follows_first():
+    """Users pick 1, 2, 3 in this order (plus noise): the newest item's best neighbour is what comes
+    next in the sequences, and items far apart in a sequence relate less than neighbours."""
+    rng = np.random.default_rng(6)
+    users, items, stamps = [], [], []
+    for u in range(60):
+        seq = [int(x) for x in rng.choice(np.arange(10, N_ITEMS), 3, replace=False)]
+        seq = seq[:1] + [1, 2, 3] + seq[1:] if u % 2 else [1, 2, 3] + seq
+        users += [u] * len(seq)
+        items += seq
+        stamps += list(range(len(seq)))
+    got = item_neighbours(np.array(users), np.array(items), np.array(stamps), N_ITEMS,
+                          NeighbourConfig(top_n=5, window=4, ease_lambda=5.0))
+    assert got.ids[1, 0] == 2 and got.ids[2, 0] in (1, 3)
+
+
+def test_an_unknown_recipe_is_refused():
+    with pytest.raises(ValueError, match="method"):
+        item_neighbours(np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1), 4, NeighbourConfig(method="knn"))
 
 
 def brute_force(channel: ItemToItemChannel, history: np.ndarray, n_items: int) -> np.ndarray:
