@@ -36,8 +36,7 @@ from offline.item_neighbours import NeighbourConfig, choose_decay, item_neighbou
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
 from offline.ranker import MAX_HISTORY, RankingList, cut_lists, score_lists, train_ranker
-from offline.reranker import (NDCG_TOLERANCE, choose_reranking, diversity_sweep, rerank_training_groups,
-                              train_reranker)
+from offline.reranker import cross_validated_choice
 from offline.serving.export import RANKER_WEIGHTS, publish_fused_ranker, publish_text_encoder, script_ranker
 from offline.serving.export import publish_seq_encoder, weights_checksum
 from offline.serving.seq_encoder import SEQ_ENCODER_WEIGHTS
@@ -446,28 +445,12 @@ def build(opts: BuildOptions) -> Path:
         rr_lists = _lists(retriever, train_seq, valid_t, rerank_users)
         rr_scores = score_lists(scripted, rr_lists)
 
-        def groups_of(rows: list[int]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-            return rerank_training_groups([rr_lists[j] for j in rows], [rr_scores[j] for j in rows], item_text,
-                                          item_category, item_side, progress=opts.progress)
-
-        # Every fifth list is held out to choose the number of boosting rounds.
-        held = [j for j in range(len(rr_lists)) if j % 5 == 0 and rr_lists[j].labels.any()]
-        x, y, groups = groups_of([j for j in range(len(rr_lists)) if j % 5 or not held])
-        booster = train_reranker(x, y, groups, seed=opts.seed, valid=groups_of(held) if held else None)
+        # Trees on or off and the diversity weight, chosen by cross-validation over these lists
+        # (offline.reranker.cross_validated_choice); the served booster trains on all of them.
+        booster, chosen = cross_validated_choice(rr_lists, rr_scores, item_text, item_category, item_side,
+                                                 seed=opts.seed, progress=opts.progress)
         booster.save_model(str(staging / "reranker.txt"))
-        # The diversity weight (and whether the trees may correct the fused order at all) is chosen
-        # on validation lists the trees did not train on (the held-out fifth; the training lists only
-        # when there is none): offline.reranker.choose_reranking.
-        choice = held or [j for j in range(len(rr_lists)) if rr_lists[j].labels.any()]
-        sweep_args = ([rr_lists[j] for j in choice], [rr_scores[j] for j in choice], item_text)
-        fused_valid, tree_rows = diversity_sweep(DiversityReranker(booster, item_text, item_category, item_side),
-                                                 *sweep_args)
-        _, plain_rows = diversity_sweep(DiversityReranker(NoCorrection(), item_text, item_category, item_side),
-                                        *sweep_args)
-        chosen = choose_reranking(tree_rows, plain_rows, fused_valid["ndcg@10"])
-        manifest["reranker"] = {**chosen, "ndcg_tolerance": NDCG_TOLERANCE, "lists": len(choice),
-                                "lists_source": "held_out_valid" if held else "training_valid",
-                                "fused_valid": fused_valid, "sweep": tree_rows, "sweep_no_trees": plain_rows}
+        manifest["reranker"] = chosen
         # The test-list figures below are at the served configuration (reported, never chosen on).
         reranker = DiversityReranker(booster if chosen["trees"] else NoCorrection(), item_text, item_category,
                                      item_side, float(chosen["diversity_weight"]))
@@ -482,8 +465,7 @@ def build(opts: BuildOptions) -> Path:
             rerank_ild.append(intra_list_diversity(item_text[slate]))
         quality.update({"fused_ndcg@10": float(np.mean(fused_ndcg)), "reranked_ndcg@10": float(np.mean(rerank_ndcg)),
                         "fused_ild@10": float(np.mean(fused_ild)), "reranked_ild@10": float(np.mean(rerank_ild))})
-        figures.update(rows=str(len(y)), groups=str(len(groups)),
-                       rounds=str(booster.best_iteration or booster.current_iteration()),
+        figures.update(lists=str(chosen["lists"]), folds=str(chosen["folds"]), rounds=str(chosen["rounds"]),
                        ndcg=f"{quality['fused_ndcg@10']:.3f}->{quality['reranked_ndcg@10']:.3f}",
                        ild=f"{quality['fused_ild@10']:.3f}->{quality['reranked_ild@10']:.3f}",
                        weight=f"{chosen['diversity_weight']:g}", trees=str(chosen["trees"]).lower())

@@ -121,3 +121,44 @@ def test_a_real_build_writes_its_choice(artifacts):
     again = choose_reranking(chosen["sweep"], chosen["sweep_no_trees"], chosen["fused_valid"]["ndcg@10"])
     assert (again["trees"], again["diversity_weight"]) == (chosen["trees"], chosen["diversity_weight"])
     assert served_reranking(artifacts.manifest) == (chosen["trees"], chosen["diversity_weight"])
+
+
+def _learnable_lists(n_lists: int, fused_is_right: bool, seed: int = 0):
+    """Lists whose relevance a retrieval feature reveals: the fused scores either agree with it or are noise."""
+    rng = np.random.default_rng(seed)
+    lists, scores, text = _lists(n_lists, seed=seed)
+    out_lists, out_scores = [], []
+    for lst in lists:
+        features = np.zeros_like(lst.features)
+        features[:, 0] = lst.labels + 0.1 * rng.random(len(lst.labels))   # the signal, as a channel score
+        labels = lst.labels if lst.labels.any() else np.eye(len(lst.labels), dtype=np.float32)[0]
+        features[:, 0] += labels - lst.labels
+        out_lists.append(RankingList(lst.history, lst.candidates, features, labels))
+        out_scores.append((labels + 0.01 * rng.random(len(labels))).astype(np.float32) if fused_is_right
+                          else rng.normal(size=len(labels)).astype(np.float32))
+    return out_lists, out_scores, text
+
+
+def test_cross_validation_judges_every_list_once_and_serves_trees_that_help():
+    from offline.reranker import cross_validated_choice
+    lists, scores, text = _learnable_lists(60, fused_is_right=False)
+    category, side = np.zeros(200, np.int64), np.zeros((200, 2), np.float32)
+    booster, chosen = cross_validated_choice(lists, scores, text, category, side, folds=5, progress=False)
+    assert chosen["folds"] == 5 and chosen["lists"] == 60 and len(chosen["fold_rounds"]) == 5
+    # Every list judged once: the fold-weighted fused row is the plain mean over all lists.
+    fused, _ = diversity_sweep(DiversityReranker(NoCorrection(), text, category, side), lists, scores, text, (0.0,))
+    assert chosen["fused_valid"]["ndcg@10"] == pytest.approx(fused["ndcg@10"])
+    assert [r["weight"] for r in chosen["sweep"]] == list(SWEEP_WEIGHTS)
+    # The trees find the channel score the noisy fused order ignores, on lists they did not train on.
+    assert chosen["trees"] is True and chosen["sweep"][0]["ndcg@10"] > fused["ndcg@10"] + 0.2
+    assert booster.current_iteration() == chosen["rounds"] >= 1
+
+
+def test_cross_validation_switches_trees_off_when_they_cannot_beat_a_right_fused_order():
+    from offline.reranker import cross_validated_choice
+    lists, scores, text = _learnable_lists(40, fused_is_right=True, seed=1)
+    category, side = np.zeros(200, np.int64), np.zeros((200, 2), np.float32)
+    _, chosen = cross_validated_choice(lists, scores, text, category, side, folds=4, progress=False)
+    assert chosen["fused_valid"]["ndcg@10"] == pytest.approx(1.0)
+    assert chosen["sweep"][0]["ndcg@10"] <= 1.0 and chosen["lists_source"] == "4-fold cross-validation"
+    assert chosen["trees"] == (chosen["sweep"][0]["ndcg@10"] >= 1.0)
