@@ -7,12 +7,6 @@ re-merged for every split tried. The search grows linearly, not exponentially, w
 a coarse grid (every split of the total in COARSE_UNITS equal parts: 126 for 5 channels), then
 hill climbing from the best point, moving one unit from one channel to another, at FINE_UNITS
 parts and again at twice as many. Ties keep the split closest to the default.
-
-Every channel keeps a floor of total / FLOOR_UNITS slots (15 of 300): recall@300 counts a positive
-the same whether a channel ranks it first or 290th, but the slate needs each channel's best few.
-Without the floor the search gave zero slots to the channel with the best top 10 where others
-covered more at 300 (the synthetic generic catalog: CF 0, item-to-item 0; ml-latest-small: BERT 0,
-which alone proposes items nobody interacted with in training).
 """
 from __future__ import annotations
 
@@ -29,7 +23,6 @@ from core.types import ChannelResult
 
 COARSE_UNITS = 5          # the coarse grid: shares in steps of total / 5
 FINE_UNITS = (10, 20)     # then hill climbing in steps of total / 10, then total / 20
-FLOOR_UNITS = 20          # each channel's floor: total / 20 slots
 
 
 def compositions(units: int, parts: int) -> list[tuple[int, ...]]:
@@ -78,11 +71,11 @@ def _better(score: _Scorer, a: dict[str, int], b: dict[str, int]) -> bool:
     return (round(score(a), 6), -_distance(a)) > (round(score(b), 6), -_distance(b))
 
 
-def _climb(score: _Scorer, start: dict[str, int], step: int, floor: int = 0) -> dict[str, int]:
+def _climb(score: _Scorer, start: dict[str, int], step: int) -> dict[str, int]:
     best = dict(start)
     while True:
         moves = [dict(best, **{a: best[a] - step, b: best[b] + step})
-                 for a in best for b in best if a != b and best[a] - step >= floor]
+                 for a in best for b in best if a != b and best[a] >= step]
         winner = best
         for q in moves:
             if _better(score, q, winner):
@@ -93,12 +86,10 @@ def _climb(score: _Scorer, start: dict[str, int], step: int, floor: int = 0) -> 
 
 
 def tune_quotas(retriever: Retriever, histories: dict[str, np.ndarray], targets: dict[str, np.ndarray],
-                users: list[str], total: int = DEFAULT_CANDIDATES, progress: bool = True,
-                floor: int | None = None) -> tuple[dict[str, int], dict[str, float]]:
+                users: list[str], total: int = DEFAULT_CANDIDATES,
+                progress: bool = True) -> tuple[dict[str, int], dict[str, float]]:
     """-> (best quotas, recall@total of every split tried, keyed by quota_key) on `users`, whose
-    positives are targets[u] and history histories[u]. Each channel gets at least `floor` slots
-    (default total / FLOOR_UNITS). The default split is always scored (for the table; it is
-    chosen only if it keeps the floor)."""
+    positives are targets[u] and history histories[u]. The default split is always scored."""
     lists = []
     for user in tqdm(users, desc="quotas", unit="user", disable=not progress):
         positives = targets.get(user)
@@ -107,18 +98,14 @@ def tune_quotas(retriever: Retriever, histories: dict[str, np.ndarray], targets:
         history = histories.get(user, np.zeros(0, np.int64))
         lists.append((retriever.channel_results(user, history, np.zeros(0, np.int64), total), positives))
     channels = tuple(retriever.generator.channels)
-    floor = min(round(total / FLOOR_UNITS) if floor is None else floor, total // max(len(channels), 1))
     score = _Scorer(lists, total)
     score(dict(DEFAULT_QUOTAS))
-    # The coarse grid over what the floors leave, each point plus the floors.
-    grid = [{c: floor + q[c] for c in channels} for q in quota_grid(total - floor * len(channels), channels)]
-    keeps_floor = all(DEFAULT_QUOTAS.get(c, 0) >= floor for c in channels)
-    best = dict(DEFAULT_QUOTAS) if keeps_floor else grid[0]
-    for q in grid:
+    best = dict(DEFAULT_QUOTAS)
+    for q in quota_grid(total, channels):
         if _better(score, q, best):
             best = q
     for units in FINE_UNITS:
-        best = _climb(score, best, max(1, round(total / units)), floor)
+        best = _climb(score, best, max(1, round(total / units)))
     table = {key: recall for key, (_, recall) in score.recall.items()}
     return best, table
 
