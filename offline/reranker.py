@@ -152,8 +152,11 @@ def cross_validated_choice(lists: list[RankingList], fused: list[np.ndarray], it
     for f in tqdm(range(folds), desc="reranker folds", unit="fold", disable=not progress or folds < 2):
         held = [j for k, j in enumerate(usable) if k % folds == f] if folds > 1 else usable
         train = [j for k, j in enumerate(usable) if k % folds != f] if folds > 1 else usable
-        booster = train_reranker(*groups_of(train), seed=seed, valid=groups_of(held) if folds > 1 else None)
-        rounds.append(booster.best_iteration or booster.current_iteration())
+        try:
+            booster = train_reranker(*groups_of(train), seed=seed, valid=groups_of(held) if folds > 1 else None)
+            rounds.append(booster.best_iteration or booster.current_iteration())
+        except ValueError:   # no relevant item in these lists' pools: nothing to learn, nothing to correct
+            booster = NoCorrection()
         sweep_args = ([lists[j] for j in held], [fused[j] for j in held], item_text)
         fused_row, tree_rows = diversity_sweep(DiversityReranker(booster, item_text, item_category, item_side),
                                                *sweep_args)
@@ -165,7 +168,7 @@ def cross_validated_choice(lists: list[RankingList], fused: list[np.ndarray], it
     fused_valid = _mean_rows(fused_parts)[0]
     tree_rows, plain_rows = _mean_rows(tree_parts), _mean_rows(plain_parts)
     chosen = choose_reranking(tree_rows, plain_rows, fused_valid["ndcg@10"])
-    served_rounds = max(1, int(round(float(np.mean(rounds)))))
+    served_rounds = max(1, int(round(float(np.mean(rounds))))) if rounds else 1
     booster = train_reranker(*groups_of(usable), seed=seed, rounds=served_rounds)
     section = {**chosen, "ndcg_tolerance": NDCG_TOLERANCE, "lists": len(usable), "folds": folds,
                "lists_source": f"{folds}-fold cross-validation" if folds > 1 else "training_valid",

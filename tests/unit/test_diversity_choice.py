@@ -162,3 +162,15 @@ def test_cross_validation_switches_trees_off_when_they_cannot_beat_a_right_fused
     assert chosen["fused_valid"]["ndcg@10"] == pytest.approx(1.0)
     assert chosen["sweep"][0]["ndcg@10"] <= 1.0 and chosen["lists_source"] == "4-fold cross-validation"
     assert chosen["trees"] == (chosen["sweep"][0]["ndcg@10"] >= 1.0)
+
+
+def test_cross_validation_with_no_relevant_item_in_any_pool_refuses_like_training_does():
+    from offline.reranker import cross_validated_choice
+    lists, _, text = _lists(10, n=40)
+    # Relevant items only below the pool (the 30 best by fused score): nothing to learn from anywhere.
+    lists = [RankingList(l.history, l.candidates, l.features, np.r_[np.zeros(35), np.ones(5)].astype(np.float32))
+             for l in lists]
+    scores = [np.linspace(1, 0, 40).astype(np.float32) for _ in lists]
+    category, side = np.zeros(200, np.int64), np.zeros((200, 2), np.float32)
+    with pytest.raises(ValueError, match="no re-ranker training list"):
+        cross_validated_choice(lists, scores, text, category, side, folds=5, progress=False)
