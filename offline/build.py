@@ -36,6 +36,7 @@ from offline.item_neighbours import NeighbourConfig, choose_decay, item_neighbou
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
 from offline.ranker import MAX_HISTORY, RankingList, cut_lists, score_lists, train_ranker
+from offline.blend import choose_blend
 from offline.reranker import cross_validated_choice
 from offline.serving.export import RANKER_WEIGHTS, publish_fused_ranker, publish_text_encoder, script_ranker
 from offline.serving.export import publish_seq_encoder, weights_checksum
@@ -443,7 +444,12 @@ def build(opts: BuildOptions) -> Path:
 
     with stages.stage("reranker", figures := {}):
         rr_lists = _lists(retriever, train_seq, valid_t, rerank_users)
-        rr_scores = score_lists(scripted, rr_lists)
+        # Score fusion first (core.blend: the fused order blended with the strongest channel's, as
+        # chosen on these lists); the re-ranker then trains on and corrects the served score.
+        rr_fused = score_lists(scripted, rr_lists)
+        blend, blend_rows = choose_blend(rr_lists, rr_fused)
+        manifest["blend"] = {**blend.describe(), "lists": len(rr_lists), "valid_ndcg@10": blend_rows}
+        rr_scores = [blend.apply(s, l.features) for s, l in zip(rr_fused, rr_lists)]
 
         # Trees on or off and the diversity weight, chosen by cross-validation over these lists
         # (offline.reranker.cross_validated_choice); the served booster trains on all of them.
@@ -458,7 +464,7 @@ def build(opts: BuildOptions) -> Path:
         for lst, scores in zip(test_lists, fused_test):
             relevant = set(lst.candidates[lst.labels > 0].tolist())
             by_fused = lst.candidates[np.argsort(-scores, kind="stable")[:10]]
-            slate, _ = reranker.rerank(lst.candidates, scores, lst.features, 10)
+            slate, _ = reranker.rerank(lst.candidates, blend.apply(scores, lst.features), lst.features, 10)
             fused_ndcg.append(ndcg_at_k(by_fused.tolist(), relevant, 10))
             rerank_ndcg.append(ndcg_at_k(slate.tolist(), relevant, 10))
             fused_ild.append(intra_list_diversity(item_text[by_fused]))
@@ -468,7 +474,8 @@ def build(opts: BuildOptions) -> Path:
         figures.update(lists=str(chosen["lists"]), folds=str(chosen["folds"]), rounds=str(chosen["rounds"]),
                        ndcg=f"{quality['fused_ndcg@10']:.3f}->{quality['reranked_ndcg@10']:.3f}",
                        ild=f"{quality['fused_ild@10']:.3f}->{quality['reranked_ild@10']:.3f}",
-                       weight=f"{chosen['diversity_weight']:g}", trees=str(chosen["trees"]).lower())
+                       weight=f"{chosen['diversity_weight']:g}", trees=str(chosen["trees"]).lower(),
+                       blend=f"{blend.channel}:{blend.alpha:g}" if blend.active else "none")
 
     with stages.stage("publish", figures := {}):
         model_src = staging / "model"

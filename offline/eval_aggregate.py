@@ -22,7 +22,7 @@ CHANNELS = CHANNEL_NAMES   # every retrieval channel (core.channel_names)
 # channel's own list), then the pipeline's parts, weakest idea first; "full_pipeline" is what the
 # gateway served.
 REFERENCES = ("popular", "ease", "itemknn", "als", "bpr")
-PIPELINE_SYSTEMS = ("cf_only", "bert_only", "retrieval_order", "fused_ranker", "full_pipeline")
+PIPELINE_SYSTEMS = ("cf_only", "bert_only", "item2item_only", "retrieval_order", "fused_ranker", "full_pipeline")
 SYSTEMS = (*REFERENCES, *PIPELINE_SYSTEMS)
 SLATE_METRICS = ("hr@10", "ndcg@10", "mrr@10", "recall@10", "ild@10", "category_coverage@10",
                  "novelty", "novelty_norm")

@@ -15,6 +15,7 @@ import numpy as np
 SYSTEM_LABELS = {
     "popular": "most popular", "ease": "EASE (reference)", "itemknn": "ItemKNN (reference)",
     "als": "ALS, fold-in (reference)", "bpr": "BPR (reference)", "cf_only": "CF only (ALS channel)", "bert_only": "BERT only (content channel)",
+    "item2item_only": "item-to-item only (channel)",
     "retrieval_order": "retrieval order (no ranker)", "fused_ranker": "fused ranker, no re-ranker",
     "full_pipeline": "full pipeline (gateway)"}
 MAIN_COLUMNS = ("hr@10", "ndcg@10", "mrr@10", "recall@10", "ild@10", "category_coverage@10",

@@ -15,7 +15,7 @@ import lightgbm as lgb
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from common.artifacts import ArtifactSet, check_shape
+from common.artifacts import ArtifactError, ArtifactSet, check_shape
 from core.channel_names import ChannelName
 from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME, retrieval_features
 from core.limits import DEFAULT_CANDIDATES
@@ -25,6 +25,7 @@ from common.metrics import record_degraded, stage_timer
 from core.item_overlay import AppliedRecords
 from core.item_records import ItemRecord
 from core.reasons import DegradedReason
+from core.blend import Blend, BlendError
 from core.rerank import DiversityReranker, NoCorrection, SlateExplanation
 from core.scoring import Scorer, ScorerUnavailable
 
@@ -86,8 +87,12 @@ class Ranker:
         self.reranker = DiversityReranker(booster if trees else NoCorrection(), item_text, item_category,
                                           item_side, weight)
         self.diversity_weight, self.rerank_trees = weight, trees
+        try:
+            self.blend = Blend.from_manifest(m)
+        except BlendError as e:
+            raise ArtifactError(str(e)) from None
         log.info("re-ranker configured", extra={"artifact_version": artifacts.version, "diversity_weight": weight,
-                                                "trees": trees, "weight_from": "flag" if diversity_weight is not None
+                                                "trees": trees, "blend": self.blend.describe(), "weight_from": "flag" if diversity_weight is not None
                                                 and diversity_weight >= 0 else "build"})
         self.overlay = item_overlay(artifacts)   # online items, from the item log
         self.scorer = scorer
@@ -152,6 +157,8 @@ class Ranker:
             out.degraded_reasons.append(reason)
             out.scores = -np.arange(len(out.items), dtype=np.float32)
             return out
+        # Score fusion with the channel the build chose (core.blend); the re-ranker was trained on it.
+        fused = self.blend.apply(fused, features)
         try:
             with stage_timer(SERVICE, "rerank", out.stage_ms):
                 if explain:

@@ -47,12 +47,14 @@ def user_id(j: int) -> str:
 
 def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_dim: int = 16,
                          cf_dim: int = 8, seed: int = 0, item_log_seq: int = 0, quotas: dict[str, int] | None = None,
-                         diversity_weight: float = 0.1, rerank_trees: bool = True) -> Path:
+                         diversity_weight: float = 0.1, rerank_trees: bool = True,
+                         blend: dict | None = None) -> Path:
     """Publish a new version under `root` (root/<v>/ and root/LATEST) and return its folder.
 
     Item j has id item_id(j), user j id user_id(j); users user_id(0..) up to CF_USER_SHARE have
     a trained CF vector. quotas default to a split that fits n_items (the build tunes them).
-    diversity_weight / rerank_trees: the manifest's re-ranker choice (the build chooses it on validation)."""
+    diversity_weight / rerank_trees: the manifest's re-ranker choice (the build chooses it on validation);
+    blend: its "blend" section (core.blend), none by default."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -122,6 +124,7 @@ def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_
         "ranker": {"lists": 0, "refit": False, "why": "tiny: no fused ranker"},
         "quality": {},
         "retrieval": {"quotas": quotas, "recall@300_valid": {}},
+        **({"blend": blend} if blend is not None else {}),
         "reranker": {"trees": rerank_trees, "diversity_weight": diversity_weight, "why": "tiny: fixed",
                      "ndcg_tolerance": 0.02, "lists": 0, "lists_source": "none", "fused_valid": {},
                      "sweep": [], "sweep_no_trees": []},

@@ -8,7 +8,7 @@ Per user, over gRPC to the real stack (tools.stack.Stack):
   * Triton fused_ranker on those candidates -> fused scores ("fused_ranker" = top k by score).
 In process, on the same artifact set (same code and FAISS indexes the retrieval service runs):
   * each channel alone at depth 300 (BertChannel, CfChannel, PopularChannel): per-channel recall
-    and the "bert_only", "cf_only", "popular" baselines;
+    and the "bert_only", "cf_only", "item2item_only", "popular" baselines;
   * core.rerank.DiversityReranker over the fused scores at each diversity weight (the sweep),
     and at the served weight as a check that the replay reproduces the gateway's slate.
 """
@@ -29,6 +29,7 @@ from offline.eval_aggregate import SLATE_K, UserResult, first_k, top_k_by_score
 from offline.eval_testset import ImpressionCase, TestUser, served_history
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
+from core.blend import Blend
 from core.rerank import DiversityReranker, NoCorrection
 from ranking.ranker import served_reranking
 from ranking.triton_scorer import TritonScorer
@@ -61,6 +62,7 @@ class StackReplayer:
         self.reranker = DiversityReranker(booster if trees else NoCorrection(), self.item_text,
                                           artifacts.npy("item_category.npy"),
                                           artifacts.npy("item_side.npy"))
+        self.blend = Blend.from_manifest(artifacts.manifest)   # as the ranking service serves it
         self.counts = artifacts.npy("item_counts.npy")
         self.version = artifacts.version
         self.requests = 0
@@ -105,17 +107,20 @@ class StackReplayer:
         channels = self._channels(user_id, history, set(full.tolist()))
         channels["merged"] = items
         slates = {"popular": first_k(channels["popular"], self.k), "cf_only": first_k(channels["cf"], self.k),
-                  "bert_only": first_k(channels["bert"], self.k), "retrieval_order": first_k(items, self.k),
+                  "bert_only": first_k(channels["bert"], self.k),
+                  "item2item_only": first_k(channels.get("item2item", np.zeros(0, np.int64)), self.k),
+                  "retrieval_order": first_k(items, self.k),
                   "fused_ranker": top_k_by_score(items, fused, self.k), "full_pipeline": gateway_slate}
         result = UserResult(set(user.positives.tolist()),
                             {int(i) for i in user.positives if train_counts[i] == 0},
                             user.n_train, channels, slates, degraded=list(served.degraded_reasons))
         if len(items):
-            replayed, _ = self.reranker.rerank(items, fused, features, self.k, self.served_weight)
+            served_scores = self.blend.apply(fused, features)
+            replayed, _ = self.reranker.rerank(items, served_scores, features, self.k, self.served_weight)
             result.matches_gateway = bool(np.array_equal(replayed, gateway_slate))
             for w in self.sweep_weights if sweep else ():
                 result.sweep[w] = (replayed if w == self.served_weight
-                                   else self.reranker.rerank(items, fused, features, self.k, w)[0])
+                                   else self.reranker.rerank(items, served_scores, features, self.k, w)[0])
         return result
 
     def _channels(self, user_id: str, history: np.ndarray, excluded: set[int]) -> dict[str, np.ndarray]:

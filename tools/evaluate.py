@@ -205,7 +205,7 @@ METHOD = [
     "reference: paired bootstrap over users (2,000 resamples).",
     "retrieval_order: the Retrieval service's merged candidates (300) for the same request, first 10; "
     "fused_ranker: those candidates scored by fused_ranker on Triton, top 10 by score.",
-    "bert_only / cf_only / popular and per-channel recall: each channel's own list at depth 300, computed in "
+    "bert_only / cf_only / item2item_only / popular and per-channel recall: each channel's own list at depth 300, computed in "
     "process by core.channels on the same artifact set (the code and FAISS indexes the service runs).",
     "Diversity sweep: core.rerank.DiversityReranker in process over the Triton fused scores; at the "
     "served weight it must reproduce the gateway's slate (the replay check).",
