@@ -11,6 +11,10 @@ with the channel and alpha chosen by the build on validation lists the ranker di
 (offline.blend.choose_blend, manifest "blend"); the LightGBM re-ranker then trains on and corrects
 that score. alpha = 1, or a manifest without "blend", serves the fused logits unchanged. Ranks, not
 raw scores, are blended: the fused logits and each channel's scores have unrelated scales.
+
+Items without training interactions (online items, catalog items nobody touched in training) can
+have no rank in a behaviour channel: for them the fused rank stands in for the channel's, so the
+blend judges them by the fused ranker alone instead of pushing every new item to the bottom.
 """
 from __future__ import annotations
 
@@ -37,8 +41,9 @@ class Blend:
     def active(self) -> bool:
         return self.channel is not None and self.alpha < 1.0
 
-    def apply(self, fused: np.ndarray, features: np.ndarray) -> np.ndarray:
-        """fused [N] logits, features [N, F] retrieval features -> the served scores [N] float32."""
+    def apply(self, fused: np.ndarray, features: np.ndarray, untrained: np.ndarray | None = None) -> np.ndarray:
+        """fused [N] logits, features [N, F] retrieval features, untrained [N] bool (see `untrained`)
+        -> the served scores [N] float32."""
         fused = np.asarray(fused, np.float32)
         if not self.active or len(fused) == 0:
             return fused
@@ -46,6 +51,8 @@ class Blend:
         ranks[np.argsort(-fused, kind="stable")] = np.arange(1, len(fused) + 1)
         by_fused = 1.0 / np.log2(ranks + 1.0)
         by_channel = features[:, RETRIEVAL_FEATURES.index(f"{self.channel}_rank_inv")].astype(np.float64)
+        if untrained is not None:
+            by_channel = np.where(untrained, by_fused, by_channel)
         blended = self.alpha * by_fused + (1.0 - self.alpha) * by_channel + TIE_BREAK * by_fused
         return blended.astype(np.float32)
 
@@ -64,3 +71,13 @@ class Blend:
         if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
             raise BlendError(f"manifest blend.alpha: a number in [0, 1], got {alpha!r}")
         return cls(channel, float(alpha))
+
+
+def untrained(items: np.ndarray, popularity: np.ndarray) -> np.ndarray:
+    """items [N] -> [N] bool: no training interaction (popularity 0, the item_side column) or an
+    online item (index past the table)."""
+    items = np.asarray(items, np.int64)
+    known = items < len(popularity)
+    out = ~known
+    out[known] = popularity[items[known]] == 0
+    return out

@@ -36,6 +36,7 @@ from offline.item_neighbours import NeighbourConfig, choose_decay, item_neighbou
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
 from offline.ranker import MAX_HISTORY, RankingList, cut_lists, score_lists, train_ranker
+from core.blend import untrained
 from offline.blend import choose_blend
 from offline.reranker import cross_validated_choice
 from offline.serving.export import RANKER_WEIGHTS, publish_fused_ranker, publish_text_encoder, script_ranker
@@ -447,9 +448,9 @@ def build(opts: BuildOptions) -> Path:
         # Score fusion first (core.blend: the fused order blended with the strongest channel's, as
         # chosen on these lists); the re-ranker then trains on and corrects the served score.
         rr_fused = score_lists(scripted, rr_lists)
-        blend, blend_rows = choose_blend(rr_lists, rr_fused)
+        blend, blend_rows = choose_blend(rr_lists, rr_fused, popularity)
         manifest["blend"] = {**blend.describe(), "lists": len(rr_lists), "valid_ndcg@10": blend_rows}
-        rr_scores = [blend.apply(s, l.features) for s, l in zip(rr_fused, rr_lists)]
+        rr_scores = [blend.apply(s, l.features, untrained(l.candidates, popularity)) for s, l in zip(rr_fused, rr_lists)]
 
         # Trees on or off and the diversity weight, chosen by cross-validation over these lists
         # (offline.reranker.cross_validated_choice); the served booster trains on all of them.
@@ -464,7 +465,8 @@ def build(opts: BuildOptions) -> Path:
         for lst, scores in zip(test_lists, fused_test):
             relevant = set(lst.candidates[lst.labels > 0].tolist())
             by_fused = lst.candidates[np.argsort(-scores, kind="stable")[:10]]
-            slate, _ = reranker.rerank(lst.candidates, blend.apply(scores, lst.features), lst.features, 10)
+            served = blend.apply(scores, lst.features, untrained(lst.candidates, popularity))
+            slate, _ = reranker.rerank(lst.candidates, served, lst.features, 10)
             fused_ndcg.append(ndcg_at_k(by_fused.tolist(), relevant, 10))
             rerank_ndcg.append(ndcg_at_k(slate.tolist(), relevant, 10))
             fused_ild.append(intra_list_diversity(item_text[by_fused]))

@@ -25,7 +25,7 @@ from common.metrics import record_degraded, stage_timer
 from core.item_overlay import AppliedRecords
 from core.item_records import ItemRecord
 from core.reasons import DegradedReason
-from core.blend import Blend, BlendError
+from core.blend import Blend, BlendError, untrained
 from core.rerank import DiversityReranker, NoCorrection, SlateExplanation
 from core.scoring import Scorer, ScorerUnavailable
 
@@ -158,7 +158,7 @@ class Ranker:
             out.scores = -np.arange(len(out.items), dtype=np.float32)
             return out
         # Score fusion with the channel the build chose (core.blend); the re-ranker was trained on it.
-        fused = self.blend.apply(fused, features)
+        fused = self.blend.apply(fused, features, untrained(items, self.reranker.item_side[:, 0]))
         try:
             with stage_timer(SERVICE, "rerank", out.stage_ms):
                 if explain:

@@ -54,7 +54,7 @@ def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_
     Item j has id item_id(j), user j id user_id(j); users user_id(0..) up to CF_USER_SHARE have
     a trained CF vector. quotas default to a split that fits n_items (the build tunes them).
     diversity_weight / rerank_trees: the manifest's re-ranker choice (the build chooses it on validation);
-    blend: its "blend" section (core.blend), none by default."""
+    blend: its "blend" section (core.blend), no blend by default."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -124,7 +124,7 @@ def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_
         "ranker": {"lists": 0, "refit": False, "why": "tiny: no fused ranker"},
         "quality": {},
         "retrieval": {"quotas": quotas, "recall@300_valid": {}},
-        **({"blend": blend} if blend is not None else {}),
+        "blend": blend if blend is not None else {"channel": None, "alpha": 1.0},
         "reranker": {"trees": rerank_trees, "diversity_weight": diversity_weight, "why": "tiny: fixed",
                      "ndcg_tolerance": 0.02, "lists": 0, "lists_source": "none", "fused_valid": {},
                      "sweep": [], "sweep_no_trees": []},

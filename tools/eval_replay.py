@@ -29,7 +29,7 @@ from offline.eval_aggregate import SLATE_K, UserResult, first_k, top_k_by_score
 from offline.eval_testset import ImpressionCase, TestUser, served_history
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
-from core.blend import Blend
+from core.blend import Blend, untrained
 from core.rerank import DiversityReranker, NoCorrection
 from ranking.ranker import served_reranking
 from ranking.triton_scorer import TritonScorer
@@ -59,6 +59,7 @@ class StackReplayer:
         booster = lgb.Booster(model_file=str(artifacts.path("reranker.txt")))
         threadpool_limits(1, "openmp")   # as the ranking service: one LightGBM thread
         trees, _ = served_reranking(artifacts.manifest)   # as the ranking service: the build may switch the trees off
+        self.popularity = artifacts.npy("item_side.npy")[:, 0]
         self.reranker = DiversityReranker(booster if trees else NoCorrection(), self.item_text,
                                           artifacts.npy("item_category.npy"),
                                           artifacts.npy("item_side.npy"))
@@ -115,7 +116,7 @@ class StackReplayer:
                             {int(i) for i in user.positives if train_counts[i] == 0},
                             user.n_train, channels, slates, degraded=list(served.degraded_reasons))
         if len(items):
-            served_scores = self.blend.apply(fused, features)
+            served_scores = self.blend.apply(fused, features, untrained(items, self.popularity))
             replayed, _ = self.reranker.rerank(items, served_scores, features, self.k, self.served_weight)
             result.matches_gateway = bool(np.array_equal(replayed, gateway_slate))
             for w in self.sweep_weights if sweep else ():

@@ -100,13 +100,39 @@ def test_the_ranking_service_serves_the_manifest_blend(tmp_path):
     ranks = np.arange(30, 0, -1).astype(np.int32)               # item2item ranks item 29 first
     columns = {"item2item": ((1.0 / ranks).astype(np.float32), ranks)}
 
+    popularity = {}
+
     def slate(blend):
         root = tmp_path / str(len(list(tmp_path.iterdir())))
-        ranker = Ranker(open_artifacts(write_tiny_artifacts(root, diversity_weight=0.0, rerank_trees=False,
-                                                            blend=blend)), FakeScorer())
+        artifacts = open_artifacts(write_tiny_artifacts(root, diversity_weight=0.0, rerank_trees=False, blend=blend))
+        popularity["tiny"] = artifacts.npy("item_side.npy")[:, 0]
+        ranker = Ranker(artifacts, FakeScorer())
         return asyncio.run(ranker.rank(np.array([40], np.int64), items, columns, 5, 1.0)).items.tolist()
 
     assert slate(None) == [0, 1, 2, 3, 4]
-    assert slate({"channel": "item2item", "alpha": 0.0}) == [29, 28, 27, 26, 25]
+    served = slate({"channel": "item2item", "alpha": 0.0})
+    # The channel's order (29 first), untrained items of the tiny set by their fused rank (FakeScorer: -j/1000).
+    from core.blend import untrained
+    cold = untrained(items, popularity["tiny"])
+    expected = np.argsort(-Blend("item2item", 0.0).apply(-items / 1000.0, retrieval_features(columns, 30), cold),
+                          kind="stable")[:5]
+    assert served == expected.tolist() and served[0] == 29
     with pytest.raises(ArtifactError, match="blend.alpha"):
         slate({"channel": "item2item", "alpha": 2.0})
+
+
+def test_an_item_without_training_interactions_is_judged_by_the_fused_rank_alone():
+    """alpha 0 serves the channel's order, but an untrained item (an online one, or popularity 0)
+    cannot have a behaviour rank: the fused rank stands in for it instead of sinking it."""
+    from core.blend import untrained
+    fused = np.linspace(0, 1, N).astype(np.float32)        # item 39 is the fused ranker's best
+    features = _features(np.arange(N))                      # the channel ranks items 0..29
+    popularity = np.ones(N - 1, np.float32)
+    popularity[5] = 0.0                                     # item 5: no training interaction
+    items = np.arange(N, dtype=np.int64)                    # item 39: past the table, an online item
+    cold = untrained(items, popularity)
+    assert cold.tolist() == [j in (5, 39) for j in range(N)]
+    order = np.argsort(-Blend("item2item", 0.0).apply(fused, features, cold), kind="stable")
+    assert order[0] == 39                                   # fused rank 1 stands in for its channel rank
+    sunk = np.argsort(-Blend("item2item", 0.0).apply(fused, features), kind="stable")
+    assert sunk.tolist().index(39) >= 30                    # without the mask: below every channel item
