@@ -15,6 +15,7 @@ from common.artifacts import ArtifactError, ArtifactSet, check_shape
 from common.faiss_index import GPU_MAX_K, load_index
 from core.channels import (BertChannel, CfChannel, ItemToItemChannel, ItemVectors, PopularChannel,
                            SequentialChannel)
+from core.fresh import FreshItems
 from core.item_overlay import ItemOverlay
 from core.limits import DEFAULT_QUOTAS, ITEM2ITEM_DECAY
 from core.retriever import Retriever
@@ -55,13 +56,23 @@ def load_retriever(artifacts: ArtifactSet, gpu: bool = False, seq_encoder=None) 
     bert = BertChannel(text_index, ItemVectors(item_text, overlay), text_max_k)
     cf_channel = CfChannel(cf_index, artifacts.json("cf_users.json"), user_cf, item_cf,
                            artifacts.npy("cf_gram.npy"), cf["alpha"], cf["regularization"], cf_max_k)
-    popular = PopularChannel(artifacts.npy("popular.npy"), artifacts.npy("item_counts.npy"))
+    counts = artifacts.npy("item_counts.npy")
+    popular = PopularChannel(artifacts.npy("popular.npy"), counts)
     item2item = item_to_item_channel(artifacts)
     # Per-channel quotas tuned by the build on validation users (offline/quotas.py).
     quotas = checked_quotas(m.get("retrieval", {}).get("quotas") or DEFAULT_QUOTAS)
     sequential = sequential_channel(artifacts, gpu, seq_encoder)   # None for a set built before it
     return Retriever(artifacts.version, bert, cf_channel, popular, overlay, quotas,
-                     extra=[item2item, *([sequential] if sequential is not None else [])])
+                     extra=[item2item, *([sequential] if sequential is not None else [])],
+                     fresh=fresh_items(m), counts=counts)
+
+
+def fresh_items(manifest: dict) -> FreshItems:
+    """The manifest's "fresh" section (core.fresh), refused with the reason when malformed."""
+    try:
+        return FreshItems.from_manifest(manifest)
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
 
 
 def sequential_channel(artifacts: ArtifactSet, gpu: bool, encoder=None) -> SequentialChannel | None:

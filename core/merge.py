@@ -2,7 +2,8 @@
 
 Order: round-robin over channels by rank (bert #1, cf #1, popular #1, bert #2, ...), which is
 also the order the gateway serves when ranking is down. A channel that under-delivers leaves
-its unused quota to the others.
+its unused quota to the others. Items without training interactions from the BERT list then take
+the last places (core.fresh), so that new items can be ranked at all.
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from core.fresh import FRESH_CHANNEL, FreshItems
 from core.types import ChannelResult
-
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,12 @@ class MergedCandidates:
 
 
 class CandidateMerger:
+    def __init__(self, fresh: FreshItems = FreshItems(), counts: np.ndarray | None = None) -> None:
+        """fresh.candidates > 0: the BERT list's first untrained items always enter (core.fresh);
+        counts [n_items]: training interactions per item, what "untrained" is read from."""
+        self.fresh = fresh if counts is not None else FreshItems()
+        self.counts = counts
+
     def merge(self, results: dict[str, ChannelResult], quotas: dict[str, int], total: int) -> MergedCandidates:
         """results hold each channel's list (already over-fetched); quotas are per-channel caps."""
         channels = list(results)
@@ -69,6 +76,8 @@ class CandidateMerger:
         in_quota = fresh & (nth < caps[which] if len(which) else fresh)
         rest = _first_proposals(items, ~np.isin(items, items[in_quota]))
         chosen = np.concatenate([np.flatnonzero(in_quota), np.flatnonzero(rest)])[:total]
+        if self.fresh.candidates and FRESH_CHANNEL in results:
+            chosen = self.fresh.candidate_rows(items, which, channels.index(FRESH_CHANNEL), chosen, total, self.counts)
         return items[chosen], which[chosen]
 
 

@@ -13,6 +13,10 @@ the trees' correction and the diversity penalty it was placed with. A position's
 fused + correction - penalty; the reported score is the running minimum of the placement scores
 (non-increasing along the slate), so score <= fused + correction - penalty, equal unless an item
 above it was placed lower. The plain `rerank` records nothing (one `is None` test per position).
+
+Fresh slots (core.fresh, manifest "fresh.slots"): once the slate is built, its last positions may
+go to the best candidates without training interactions; such a position is explained by its
+served score alone (correction 0, penalty 0).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.features import RERANK_FEATURES, rerank_features
+from core.fresh import FreshItems
 
 POOL_SIZE = 30
 FUSED_COLUMN = RERANK_FEATURES.index("fused_score")
@@ -186,8 +191,10 @@ class SlateExplanation:
 
 class DiversityReranker:
     def __init__(self, booster, item_text: np.ndarray, item_category: np.ndarray,
-                 item_side: np.ndarray, diversity_weight: float = 0.0, pool_size: int = POOL_SIZE) -> None:
+                 item_side: np.ndarray, diversity_weight: float = 0.0, pool_size: int = POOL_SIZE,
+                 fresh: FreshItems = FreshItems()) -> None:
         self.booster = booster          # lightgbm.Booster, threads set once at load
+        self.fresh = fresh              # slate positions kept for untrained items (core.fresh)
         self.item_text = item_text
         self.item_category = item_category
         self.item_side = item_side
@@ -244,7 +251,13 @@ class DiversityReranker:
             pool.place(row)
         # Placement scores can rise as the slate fills (features shift); callers read the score
         # as "better than what follows", so report it non-increasing along the slate.
-        return np.array(slate, np.int64), np.minimum.accumulate(np.array(scores, np.float32))
+        out, out_scores = np.array(slate, np.int64), np.minimum.accumulate(np.array(scores, np.float32))
+        if self.fresh.slots:
+            out, out_scores, given = self.fresh.fill_slate(out, out_scores, items, fused, self.item_side[:, 0])
+            if placed is not None:   # a fresh item is placed on its served score alone
+                for position in given.tolist():
+                    placed[position] = (float(fused[np.flatnonzero(items == out[position])[0]]), 0.0, 0.0)
+        return out, out_scores
 
 
 class NoCorrection:

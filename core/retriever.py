@@ -10,16 +10,20 @@ from core.blocked_items import BlockedItems
 from core.candidates import CandidateGenerator, Retrieval
 from core.channels import BertChannel, Channel, CfChannel, PopularChannel
 from core.filters import retrieval_filters
+from core.fresh import FreshItems
 from core.item_overlay import AppliedRecords, ItemOverlay
 from core.item_records import ItemRecord
 from core.limits import DEFAULT_CANDIDATES
+from core.merge import CandidateMerger
 from core.types import RetrievalQuery
 
 
 class Retriever:
     def __init__(self, version: str, bert: BertChannel, cf: CfChannel, popular: PopularChannel,
-                 overlay: ItemOverlay, quotas: dict[str, int], extra: Sequence[Channel] = ()) -> None:
-        """extra: further channels (e.g. item2item), each with a settable `blocked` like popular's."""
+                 overlay: ItemOverlay, quotas: dict[str, int], extra: Sequence[Channel] = (),
+                 fresh: FreshItems = FreshItems(), counts: np.ndarray | None = None) -> None:
+        """extra: further channels (e.g. item2item), each with a settable `blocked` like popular's.
+        fresh / counts: the merge's room for untrained items (core.fresh) and the training counts."""
         self.version = version
         self.overlay = overlay
         self.n_items = overlay.n_items
@@ -27,7 +31,8 @@ class Retriever:
         self.bert, self.cf, self.popular = bert, cf, popular
         self.blocked = BlockedItems(overlay.deleted_mask)
         self.channels: list[Channel] = [bert, cf, popular, *extra]
-        self.generator = CandidateGenerator(self.channels, retrieval_filters(lambda: self.blocked), quotas)
+        self.generator = CandidateGenerator(self.channels, retrieval_filters(lambda: self.blocked), quotas,
+                                            CandidateMerger(fresh, counts))
         self._set_blocked(self.blocked)
 
     @property

@@ -37,7 +37,9 @@ from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
 from offline.ranker import MAX_HISTORY, RankingList, cut_lists, score_lists, train_ranker
 from core.blend import untrained
+from core.fresh import FRESH_CANDIDATES, FreshItems
 from offline.blend import choose_blend
+from offline.fresh import choose_fresh_slots
 from offline.reranker import cross_validated_choice
 from offline.serving.export import RANKER_WEIGHTS, publish_fused_ranker, publish_text_encoder, script_ranker
 from offline.serving.export import publish_seq_encoder, weights_checksum
@@ -350,6 +352,8 @@ def build(opts: BuildOptions) -> Path:
             "models": {FUSED_RANKER_NAME: str(version), "reranker": str(version)},
             "indexes": indexes,   # kind and tuned search parameters; retrieval applies them at load
             "item2item": item2item_info,   # how item_neighbours.npz was built (top_n: its width)
+            # Room for untrained items in every merged list (core.fresh); the slots are chosen later.
+            "fresh": FreshItems(FRESH_CANDIDATES, 0).describe(),
             # Services replay only the item-log records after this position on this version.
             "item_log_seq": folded.last_seq,
             "item_log_fold": {"added": folded.added, "updated": folded.updated, "dropped": folded.dropped,
@@ -461,6 +465,17 @@ def build(opts: BuildOptions) -> Path:
         # The test-list figures below are at the served configuration (reported, never chosen on).
         reranker = DiversityReranker(booster if chosen["trees"] else NoCorrection(), item_text, item_category,
                                      item_side, float(chosen["diversity_weight"]))
+        # Fresh slots (core.fresh, offline/fresh.py): chosen on the same lists, at the served slates.
+        rr_users = [u for u in rerank_users if u in valid_t]
+        no_history = np.zeros(0, np.int64)
+        fresh, fresh_report = choose_fresh_slots(
+            FreshItems(FRESH_CANDIDATES, 0),
+            [reranker.rerank(l.candidates, s, l.features, 10) for l, s in zip(rr_lists, rr_scores)],
+            [(l.candidates, s) for l, s in zip(rr_lists, rr_scores)], [valid_t[u] for u in rr_users],
+            [retriever.channel_results(u, train_seq.get(u, no_history), no_history, 10, ["bert"])["bert"].items
+             for u in rr_users], popularity)
+        manifest["fresh"] = {**fresh.describe(), **fresh_report}
+        reranker.fresh = fresh
         fused_ndcg, rerank_ndcg, fused_ild, rerank_ild = [], [], [], []
         for lst, scores in zip(test_lists, fused_test):
             relevant = set(lst.candidates[lst.labels > 0].tolist())
@@ -477,7 +492,8 @@ def build(opts: BuildOptions) -> Path:
                        ndcg=f"{quality['fused_ndcg@10']:.3f}->{quality['reranked_ndcg@10']:.3f}",
                        ild=f"{quality['fused_ild@10']:.3f}->{quality['reranked_ild@10']:.3f}",
                        weight=f"{chosen['diversity_weight']:g}", trees=str(chosen["trees"]).lower(),
-                       blend=f"{blend.channel}:{blend.alpha:g}" if blend.active else "none")
+                       blend=f"{blend.channel}:{blend.alpha:g}" if blend.active else "none",
+                       fresh_slots=str(fresh.slots))
 
     with stages.stage("publish", figures := {}):
         model_src = staging / "model"

@@ -19,7 +19,7 @@ from common.artifacts import ArtifactError, ArtifactSet, check_shape
 from core.channel_names import ChannelName
 from core.features import FUSED_RANKER_NAME, TEXT_ENCODER_NAME, retrieval_features
 from core.limits import DEFAULT_CANDIDATES
-from common.components import item_overlay
+from common.components import fresh_items, item_overlay
 from common.logs import get_logger
 from common.metrics import record_degraded, stage_timer
 from core.item_overlay import AppliedRecords
@@ -85,14 +85,15 @@ class Ranker:
         threadpool_limits(threads, "openmp")
         trees, weight = served_reranking(m, diversity_weight)
         self.reranker = DiversityReranker(booster if trees else NoCorrection(), item_text, item_category,
-                                          item_side, weight)
+                                          item_side, weight, fresh=fresh_items(m))
         self.diversity_weight, self.rerank_trees = weight, trees
         try:
             self.blend = Blend.from_manifest(m)
         except BlendError as e:
             raise ArtifactError(str(e)) from None
         log.info("re-ranker configured", extra={"artifact_version": artifacts.version, "diversity_weight": weight,
-                                                "trees": trees, "blend": self.blend.describe(), "weight_from": "flag" if diversity_weight is not None
+                                                "trees": trees, "blend": self.blend.describe(),
+                                                "fresh": self.reranker.fresh.describe(), "weight_from": "flag" if diversity_weight is not None
                                                 and diversity_weight >= 0 else "build"})
         self.overlay = item_overlay(artifacts)   # online items, from the item log
         self.scorer = scorer

@@ -25,6 +25,7 @@ import numpy as np
 from common.artifacts import next_version, publish, write_manifest
 from common.faiss_index import index_info
 from core.features import FUSED_RANKER_NAME, RERANK_FEATURES, SEQ_ENCODER_NAME, TEXT_ENCODER_NAME
+from core.fresh import FRESH_CANDIDATES, FreshItems
 from core.rerank import FUSED_COLUMN
 from core.scoring import ScorerUnavailable
 
@@ -48,13 +49,14 @@ def user_id(j: int) -> str:
 def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_dim: int = 16,
                          cf_dim: int = 8, seed: int = 0, item_log_seq: int = 0, quotas: dict[str, int] | None = None,
                          diversity_weight: float = 0.1, rerank_trees: bool = True,
-                         blend: dict | None = None) -> Path:
+                         blend: dict | None = None, fresh: dict | None = None) -> Path:
     """Publish a new version under `root` (root/<v>/ and root/LATEST) and return its folder.
 
     Item j has id item_id(j), user j id user_id(j); users user_id(0..) up to CF_USER_SHARE have
     a trained CF vector. quotas default to a split that fits n_items (the build tunes them).
     diversity_weight / rerank_trees: the manifest's re-ranker choice (the build chooses it on validation);
-    blend: its "blend" section (core.blend), no blend by default."""
+    blend: its "blend" section (core.blend), no blend by default; fresh: its "fresh" section
+    (core.fresh), by default a real build's candidates and no slots."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -125,6 +127,7 @@ def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_
         "quality": {},
         "retrieval": {"quotas": quotas, "recall@300_valid": {}},
         "blend": blend if blend is not None else {"channel": None, "alpha": 1.0},
+        "fresh": fresh if fresh is not None else FreshItems(FRESH_CANDIDATES, 0).describe(),
         "reranker": {"trees": rerank_trees, "diversity_weight": diversity_weight, "why": "tiny: fixed",
                      "ndcg_tolerance": 0.02, "lists": 0, "lists_source": "none", "fused_valid": {},
                      "sweep": [], "sweep_no_trees": []},

@@ -21,7 +21,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from common.artifacts import ArtifactSet
-from common.components import load_retriever
+from common.components import fresh_items, load_retriever
 from offline.serving.seq_encoder import in_process_encoder
 from core.features import FUSED_RANKER_NAME, retrieval_features
 from common.wire import candidates_from_proto
@@ -62,7 +62,7 @@ class StackReplayer:
         self.popularity = artifacts.npy("item_side.npy")[:, 0]
         self.reranker = DiversityReranker(booster if trees else NoCorrection(), self.item_text,
                                           artifacts.npy("item_category.npy"),
-                                          artifacts.npy("item_side.npy"))
+                                          artifacts.npy("item_side.npy"), fresh=fresh_items(artifacts.manifest))
         self.blend = Blend.from_manifest(artifacts.manifest)   # as the ranking service serves it
         self.counts = artifacts.npy("item_counts.npy")
         self.version = artifacts.version
