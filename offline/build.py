@@ -375,12 +375,13 @@ def build(opts: BuildOptions) -> Path:
                                    ds.timestamps[split.train | split.valid])
         test_t = user_sequences(ds.users[split.test], inter_items[split.test], ds.timestamps[split.test])
         sample = sorted(valid_t, key=lambda u: zlib.crc32(u.encode()))[:QUOTA_USERS]   # seeded, spread
-        quotas, recall_by_quotas = tune_quotas(retriever, train_seq, valid_t, sample, progress=opts.progress)
+        quotas, recall_by_quotas, lead = tune_quotas(retriever, train_seq, valid_t, sample, progress=opts.progress)
         retriever.quotas = quotas
-        manifest["retrieval"] = {"quotas": quotas, "recall@300_valid": recall_by_quotas}   # written at publish
+        manifest["retrieval"] = {"quotas": quotas, "recall@300_valid": recall_by_quotas,   # written at publish
+                                 "lead": lead}
         quality["merged_recall@300_valid"] = recall_by_quotas[quota_key(quotas)]
         quality["default_quotas_recall@300_valid"] = recall_by_quotas[quota_key(DEFAULT_QUOTAS)]
-        figures.update(quotas="/".join(f"{c}={n}" for c, n in quotas.items()),
+        figures.update(quotas="/".join(f"{c}={n}" for c, n in quotas.items()), lead=str(lead["channel"]),
                        recall=f"{quality['default_quotas_recall@300_valid']:.3f}->{quality['merged_recall@300_valid']:.3f}")
 
     with stages.stage("ranker", figures := {}):

@@ -100,8 +100,14 @@ def test_build_tunes_quotas_on_validation_users_and_retrieval_serves_them(artifa
     tuned = artifacts.manifest["retrieval"]
     table = tuned["recall@300_valid"]
     assert set(table) >= {quota_key(q) for q in quota_grid()} | {quota_key(DEFAULT_QUOTAS)}
-    assert table[quota_key(tuned["quotas"])] == max(table.values()) >= table[quota_key(DEFAULT_QUOTAS)]
-    assert artifacts.manifest["quality"]["merged_recall@300_valid"] == max(table.values())
+    lead = tuned["lead"]
+    if lead["channel"] is not None:   # the lead channel keeps its head (offline.quotas.LEAD_HEAD)
+        assert tuned["quotas"][lead["channel"]] >= lead["head"] > 0
+        assert lead["valid_ndcg@10"][lead["channel"]] == max(lead["valid_ndcg@10"].values())
+    feasible = [v for k, v in table.items() if lead["channel"] is None
+                or int(k.split("/")[list(DEFAULT_QUOTAS).index(lead["channel"])]) >= lead["head"]]
+    assert table[quota_key(tuned["quotas"])] == max(feasible)
+    assert artifacts.manifest["quality"]["merged_recall@300_valid"] == max(feasible)
     assert retriever.quotas == tuned["quotas"] and sum(retriever.quotas.values()) == 300
     assert set(retriever.quotas) == set(DEFAULT_QUOTAS)
 
@@ -124,9 +130,30 @@ def test_tune_quotas_prefers_the_channel_that_recalls_the_targets(retriever):
     users = [f"u{j}" for j in range(20)]
     targets = {u: popular[10 * j:10 * j + 5] for j, u in enumerate(users)}
     histories = {u: np.array([int(popular[-1 - j])], np.int64) for j, u in enumerate(users)}
-    quotas, table = tune_quotas(retriever, histories, targets, users, progress=False)
+    quotas, table, lead = tune_quotas(retriever, histories, targets, users, progress=False)
+    assert lead["channel"] == "popular"   # its own top 10 holds the first user's targets
     assert table[quota_key_of(quotas)] == max(table.values()) > min(table.values())
     assert quotas["popular"] >= max(v for c, v in quotas.items() if c != "popular")
+
+
+def test_the_lead_channel_keeps_its_head_when_recall_prefers_another(retriever):
+    """Each user's first target is the popular list's top item (popular leads on nDCG@10), the
+    other four come from deep in the BERT channel's list (BERT wins recall@300): the tuner must
+    still leave popular its LEAD_HEAD slots."""
+    from offline.quotas import LEAD_HEAD, tune_quotas
+    from core.types import RetrievalQuery as Query
+    popular = retriever.popular.retrieve(Query(""), 300).items
+    users = [f"u{j}" for j in range(20)]
+    histories = {u: np.array([int(popular[-1 - j])], np.int64) for j, u in enumerate(users)}
+    targets = {}
+    for u in users:
+        bert = retriever.bert.retrieve(Query(u, histories[u]), 300).items
+        deep = [int(i) for i in bert[150:] if i not in set(popular[:100].tolist())][:4]
+        targets[u] = np.array([int(popular[0]), *deep], np.int64)
+    quotas, table, lead = tune_quotas(retriever, histories, targets, users, progress=False)
+    assert lead["channel"] == "popular" and quotas["popular"] >= LEAD_HEAD
+    unconstrained = max(table.values())
+    assert quotas["bert"] > 0 and table[quota_key_of(quotas)] <= unconstrained
 
 
 def quota_key_of(quotas):
