@@ -35,7 +35,8 @@ from offline.index import EXACT_BELOW, RECALL_K, build_index, recall_at_k
 from offline.item_neighbours import NeighbourConfig, choose_decay, item_neighbours, save_neighbours
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
-from offline.ranker import MAX_HISTORY, RankingList, cut_lists, score_lists, train_ranker
+from offline.ranker import MAX_HISTORY, RankingList, cut_lists, score_lists, train_ranker, use_cf_tables
+from offline.inner_tables import cut_span_mask, write_inner_set
 from core.blend import untrained
 from core.fresh import FRESH_CANDIDATES, FreshItems
 from offline.blend import choose_blend
@@ -391,14 +392,26 @@ def build(opts: BuildOptions) -> Path:
         # Validation lists: each ranker user's whole training history -> the validation period.
         valid_lists = _lists(retriever, train_seq, valid_t, ranker_users)
 
-        def retrieve_prefix(history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            # An anonymous query: the CF vector is folded in from the prefix alone.
-            c = retriever.retrieve("", history, np.zeros(0, np.int64)).candidates
-            return c.items, retrieval_features(c.columns, len(c.items))
-
         # Training lists: late cut points inside the same users' training sequences, candidates
-        # from the real retriever on the prefix (offline.ranker.cut_lists).
-        train_lists = cut_lists(retrieve_prefix, train_seq, ranker_users, RANKER_CUTS, RANKER_CUT_WEIGHT)
+        # from a retriever on the prefix (offline.ranker.cut_lists) over inner tables fitted
+        # without the cut spans: the served ones saw those targets (offline/inner_tables.py).
+        held = cut_span_mask(ds.users[tr], ds.timestamps[tr], set(ranker_users), RANKER_CUTS)
+        inner_dir = Path(tempfile.mkdtemp(prefix=".inner-", dir=opts.artifacts))
+        try:
+            inner = write_inner_set(staging, inner_dir, ds.users[tr][~held], inter_items[tr][~held],
+                                    ds.timestamps[tr][~held], len(item_ids), opts.cf_factors, opts.seed,
+                                    neighbour_config)
+            inner_retriever = load_retriever(open_artifacts(inner_dir), seq_encoder=InProcessSeqEncoder(
+                staging / SEQ_ENCODER_WEIGHTS) if opts.sequential else None)
+            inner_retriever.quotas = quotas
+
+            def retrieve_inner_prefix(history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                c = inner_retriever.retrieve("", history, np.zeros(0, np.int64)).candidates
+                return c.items, retrieval_features(c.columns, len(c.items))
+            train_lists = cut_lists(retrieve_inner_prefix, train_seq, ranker_users, RANKER_CUTS, RANKER_CUT_WEIGHT)
+            inner_retriever = None   # its tables are not needed past the cut lists
+        finally:
+            shutil.rmtree(inner_dir, ignore_errors=True)
         n_cut = len(train_lists)
         # Impressions (MIND) are real negatives; the held-out ones never train (offline.split).
         train_lists += _impression_lists(retriever, impressions_train, index_of)
@@ -406,25 +419,34 @@ def build(opts: BuildOptions) -> Path:
         n_features = len(RETRIEVAL_FEATURES)
 
         def new_model() -> FusedRanker:
+            # Trained with the inner CF tables, as its cut lists were retrieved (use_cf_tables below).
             torch.manual_seed(opts.seed)   # the initial weights: same seed, same model
-            return FusedRanker(item_text, cf.item_factors, cf.gram, cf.alpha, cf.regularization, popularity,
-                               age, item_category, len(categories), n_features)
+            return FusedRanker(item_text, inner.cf.item_factors, inner.cf.gram, cf.alpha, cf.regularization,
+                               popularity, age, item_category, len(categories), n_features)
 
         train_args = {"seed": opts.seed, "progress": opts.progress, "batch": RANKER_BATCH}
         tuned = None
-        if any(l.labels.any() for l in train_lists) and any(l.labels.any() for l in valid_lists):
-            # Epochs chosen by early stopping on validation nDCG@10, then refit on train + valid.
-            tuned = train_ranker(new_model(), train_lists, epochs=opts.epochs, valid=valid_lists,
+        # Early stopping watches a seeded quarter of the validation lists; the other three
+        # quarters train beside the cut lists, as all of them do in the refit (trained on cut
+        # lists alone, the ranker peaked after one epoch and that undertrained the refit).
+        watched = [l for u, l in zip(ranker_users, valid_lists) if zlib.crc32(f"stop:{u}".encode()) % 4 == 0]
+        taught = [l for u, l in zip(ranker_users, valid_lists) if zlib.crc32(f"stop:{u}".encode()) % 4 != 0]
+        if any(l.labels.any() for l in train_lists + taught) and any(l.labels.any() for l in watched):
+            tuned = train_ranker(new_model(), train_lists + taught, epochs=opts.epochs, valid=watched,
                                  patience=RANKER_PATIENCE, **train_args)
             epochs = max(tuned.best_epoch, 1)
         else:   # too little data to hold lists out: train on everything for the fixed epochs
             epochs = opts.epochs
         model = new_model()
         final = train_ranker(model, train_lists + valid_lists, epochs=epochs, **train_args)
+        use_cf_tables(model, cf.item_factors, cf.gram)   # served with the outer tables
         losses = final.losses
         manifest["ranker"] = {
             "lists": len(train_lists) + len(valid_lists), "cut_lists": n_cut,
-            "valid_lists": len(valid_lists), "cuts_per_user": RANKER_CUTS, "cut_weight": RANKER_CUT_WEIGHT,
+            "valid_lists": len(valid_lists), "early_stopping_lists": len(watched),
+            "cuts_per_user": RANKER_CUTS, "cut_weight": RANKER_CUT_WEIGHT,
+            "cut_lists_from": f"inner tables without the cut spans ({int(held.sum())} of {int(tr.sum())} "
+                              "training interactions held out; offline/inner_tables.py)",
             "max_epochs": opts.epochs, "epochs_chosen": epochs, "refit": tuned is not None,
             "refit_on": "train+valid" if tuned else "all lists (no early stopping: too few lists)",
             "valid_ndcg@10": [round(v, 5) for v in tuned.valid_ndcg] if tuned else None}

@@ -6,10 +6,12 @@ offline/serving/export.py writes it to the Triton model repository.
 Training lists (RankingList) come from two sources: each ranker user's whole training history with
 the validation period as targets (what serving looks like), and cut points late in each user's
 training sequence (history = the prefix, targets = the items up to the next cut: `sequence_cuts`),
-which multiply the lists several-fold. The CF and item-to-item tables were fitted on the training
-split, so a list cut inside it has targets those tables saw: its channel scores are optimistic. Only
-late cuts are used, with a weight below the validation lists' one (offline/build.py RANKER_CUTS,
-RANKER_CUT_WEIGHT: a first choice, not yet compared with others on validation). Epochs are chosen by early stopping on validation nDCG@10
+which multiply the lists several-fold. The served CF and item-to-item tables were fitted on the
+whole training split, so a cut list's targets are items they saw; the build therefore retrieves cut
+lists from inner tables fitted without the cut spans (offline/inner_tables.py) and trains with the
+inner CF tables, then serves with the outer ones (`use_cf_tables`). Only late cuts are used, with a
+weight below the validation lists' one (offline/build.py RANKER_CUTS, RANKER_CUT_WEIGHT: a first
+choice, not compared with others since the inner tables). Epochs are chosen by early stopping on validation nDCG@10
 (`train_ranker(valid=...)`), then the build refits on train + valid for that many epochs.
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from offline.metrics import ndcg_at_k
 from offline.serving.fused_ranker import MAX_HISTORY, FusedRanker
 
 __all__ = ["MAX_HISTORY", "FusedRanker", "RankingList", "Training", "as_online", "best_epoch", "cut_lists",
-           "list_ndcg", "score_lists", "sequence_cuts", "train_ranker"]
+           "list_ndcg", "score_lists", "sequence_cuts", "train_ranker", "use_cf_tables"]
 
 NO_EXTRA_CATEGORY = torch.zeros(0, dtype=torch.int64)
 VALID_K = 10   # early stopping watches nDCG@10, the figure the evaluation reports
@@ -199,6 +201,15 @@ def _batch_loss(model: FusedRanker, part: list[RankingList], negatives: int, col
     per_list = torch.zeros(len(part)).index_add(0, owner, per_row) / torch.tensor(counts, dtype=torch.float32)
     w = torch.tensor(weights, dtype=torch.float32)
     return (per_list * w).sum() / w.sum().clamp(min=1e-12)
+
+
+@torch.no_grad()
+def use_cf_tables(model: FusedRanker, item_factors: np.ndarray, gram: np.ndarray) -> FusedRanker:
+    """Swap the model's CF item factors and gram (same shapes) in place: trained on the inner
+    tables, it serves the outer ones; its CF input is the fold-in score either way."""
+    model.item_cf.copy_(torch.from_numpy(np.asarray(item_factors, np.float32)))
+    model.cf_gram.copy_(torch.from_numpy(np.asarray(gram, np.float32)))
+    return model
 
 
 @torch.inference_mode()

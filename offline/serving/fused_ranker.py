@@ -49,6 +49,11 @@ class FusedRanker(nn.Module):
         width = hidden + 1 + 1 + 2 + 16 + 1 + n_features
         self.mlp = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
                                  nn.Linear(64, 1))
+        # Wide part: a linear term over the retrieval features beside the deep one, so the order of
+        # the strongest channel is one weight away (without it the model ranked below its own
+        # best input on all three formats). Starts at zero: the deep part alone at first.
+        self.wide = nn.Linear(n_features, 1, bias=False)
+        nn.init.zeros_(self.wide.weight)
 
     def hidden(self, items: Tensor, extra_text: Tensor) -> Tensor:
         """items [n] (indices >= I are rows of extra_text [M, Dt]) -> projected text [n, H]."""
@@ -160,7 +165,7 @@ class FusedRanker(nn.Module):
         x = torch.cat([u * c, (u * c).sum(1, keepdim=True), cf_dot.unsqueeze(-1),
                        self.known_rows(self.item_side, candidates), self.category(cats), share,
                        features], dim=1)
-        return self.mlp(x).squeeze(-1)
+        return (self.mlp(x) + self.wide(features)).squeeze(-1)
 
     def forward(self, history: Tensor, candidates: Tensor, features: Tensor, extra_text: Tensor,
                 extra_category: Tensor) -> Tensor:
