@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from core.fresh import MAX_FRESH_SLOTS
 from core.limits import DEFAULT_CANDIDATES
 
 T = TypeVar("T")
 
 
-def _flag(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+def _flag(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
@@ -67,6 +68,10 @@ class RankingConfig(ServerConfig):
     diversity_weight: float = _flag(-1.0, "re-ranker penalty on max similarity to the slate so far; "
                                           "negative (default) = the weight the build chose on validation, "
                                           "read from each artifact version's manifest")
+    fresh_slots: int = _flag(-1, "slate positions kept for items without training interactions, at the end "
+                                 "of the slate (core/fresh.py); negative (default) = the count the build "
+                                 "chose, read from each artifact version's manifest",
+                             choices=tuple(range(-1, MAX_FRESH_SLOTS + 1)))
     triton_admin_secret_file: str = _flag("", "file holding the header secret Triton's model-control API "
                                               "requires (--grpc-restricted-protocol); empty = send none")
 
@@ -113,7 +118,8 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str =
     for f in dataclasses.fields(cls):   # argparse checks choices on flags only, not on env defaults
         choices = f.metadata.get("choices")
         if choices and args[f.name] not in choices:
-            parser.error(f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}, got {args[f.name]!r}")
+            parser.error(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}, "
+                         f"got {args[f.name]!r}")
     config = cls(**args)
     if not 0 < config.port < 65536:  # type: ignore[attr-defined]
         parser.error(f"--port must be in 1..65535, got {config.port}")  # type: ignore[attr-defined]

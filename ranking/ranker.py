@@ -8,7 +8,7 @@ and with the re-ranker its corrections and penalties. Retrieval order: no explan
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import lightgbm as lgb
@@ -26,6 +26,7 @@ from core.item_overlay import AppliedRecords
 from core.item_records import ItemRecord
 from core.reasons import DegradedReason
 from core.blend import Blend, BlendError, untrained
+from core.fresh import FreshItems
 from core.rerank import DiversityReranker, NoCorrection, SlateExplanation
 from core.scoring import Scorer, ScorerUnavailable
 
@@ -65,11 +66,18 @@ def served_reranking(manifest: dict, diversity_weight: float | None = None) -> t
     return trees, float(chosen.get("diversity_weight", LEGACY_DIVERSITY_WEIGHT))
 
 
+def served_fresh(manifest: dict, fresh_slots: int | None = None) -> FreshItems:
+    """The manifest's fresh rule, its slot count replaced by fresh_slots when that is >= 0."""
+    fresh = fresh_items(manifest)
+    return replace(fresh, slots=int(fresh_slots)) if fresh_slots is not None and fresh_slots >= 0 else fresh
+
+
 class Ranker:
     def __init__(self, artifacts: ArtifactSet, scorer: Scorer, threads: int = 1,
-                 diversity_weight: float | None = None) -> None:
+                 diversity_weight: float | None = None, fresh_slots: int | None = None) -> None:
         """diversity_weight None or negative: the weight this artifact version's build chose (a hot
-        swap to a new version brings its own); >= 0 overrides it (--diversity-weight)."""
+        swap to a new version brings its own); >= 0 overrides it (--diversity-weight). fresh_slots
+        the same for the slate positions kept for untrained items (--fresh-slots, core.fresh)."""
         m = artifacts.manifest
         n_items = m["counts"]["items"]
         # Memory-mapped and populated, its pages shared with retrieval's (ArtifactSet.shared_table).
@@ -85,7 +93,7 @@ class Ranker:
         threadpool_limits(threads, "openmp")
         trees, weight = served_reranking(m, diversity_weight)
         self.reranker = DiversityReranker(booster if trees else NoCorrection(), item_text, item_category,
-                                          item_side, weight, fresh=fresh_items(m))
+                                          item_side, weight, fresh=served_fresh(m, fresh_slots))
         self.diversity_weight, self.rerank_trees = weight, trees
         try:
             self.blend = Blend.from_manifest(m)

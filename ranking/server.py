@@ -154,7 +154,7 @@ async def run(config: RankingConfig) -> None:
         await ensure_loaded(triton, models, serving, headers=admin)
         await ensure_seq_encoder(artifacts)
         ranker = await asyncio.to_thread(Ranker, artifacts, TritonScorer(triton, models[FUSED_RANKER_NAME]),
-                                         config.reranker_threads, config.diversity_weight)
+                                         config.reranker_threads, config.diversity_weight, config.fresh_slots)
         await ranker.warm_up()
         await offer_followed(versions, follower, ranker.version, ranker, ranker.apply, ranker.overlay.folded_seq)
         ARTIFACT_INFO.clear()

@@ -138,3 +138,18 @@ def test_no_unseen_positive_means_no_slots():
     fresh, report = choose_fresh_slots(FreshItems(candidates=10), slates, candidates, targets,
                                        [np.array([30])] * 4, COUNTS, k=5)
     assert fresh.slots == 0 and report["lists_with_unseen"] == 0
+
+
+def test_the_ranking_service_serves_the_builds_slots_unless_the_operator_sets_them(tmp_path):
+    from common.artifacts import open_artifacts
+    from common.config import RankingConfig, parse_config
+    from ranking.ranker import Ranker, served_fresh
+    from tests.tiny_artifacts import FakeScorer, write_tiny_artifacts
+    artifacts = open_artifacts(write_tiny_artifacts(tmp_path / "a", fresh={"candidates": 10, "slots": 1}))
+    assert Ranker(artifacts, FakeScorer()).reranker.fresh == FreshItems(10, 1)
+    assert Ranker(artifacts, FakeScorer(), fresh_slots=-1).reranker.fresh == FreshItems(10, 1)
+    assert Ranker(artifacts, FakeScorer(), fresh_slots=3).reranker.fresh == FreshItems(10, 3)
+    assert served_fresh({}, 2) == FreshItems(0, 2) and served_fresh({}) == FreshItems()
+    assert parse_config(RankingConfig, ["--port", "1", "--fresh-slots", "2"]).fresh_slots == 2
+    with pytest.raises(SystemExit):   # bounded by MAX_FRESH_SLOTS, refused at start
+        parse_config(RankingConfig, ["--port", "1", "--fresh-slots", str(MAX_FRESH_SLOTS + 1)])
