@@ -14,6 +14,7 @@ In process, on the same artifact set (same code and FAISS indexes the retrieval 
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import lightgbm as lgb
@@ -21,7 +22,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from common.artifacts import ArtifactSet
-from common.components import fresh_items, load_retriever
+from common.components import load_retriever
 from offline.serving.seq_encoder import in_process_encoder
 from core.features import FUSED_RANKER_NAME, retrieval_features
 from common.wire import candidates_from_proto
@@ -31,7 +32,7 @@ from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 from core.blend import Blend, untrained
 from core.rerank import DiversityReranker, NoCorrection
-from ranking.ranker import served_reranking
+from ranking.ranker import served_fresh, served_reranking
 from ranking.triton_scorer import TritonScorer
 from core.limits import BERT_HISTORY, DEFAULT_CANDIDATES, MAX_HISTORY
 
@@ -62,7 +63,10 @@ class StackReplayer:
         self.popularity = artifacts.npy("item_side.npy")[:, 0]
         self.reranker = DiversityReranker(booster if trees else NoCorrection(), self.item_text,
                                           artifacts.npy("item_category.npy"),
-                                          artifacts.npy("item_side.npy"), fresh=fresh_items(artifacts.manifest))
+                                          artifacts.npy("item_side.npy"),
+                                          # as the ranking service: the build's slots unless its env sets them
+                                          fresh=served_fresh(artifacts.manifest,
+                                                             int(os.environ.get("FUSIONREC_FRESH_SLOTS", "-1"))))
         self.blend = Blend.from_manifest(artifacts.manifest)   # as the ranking service serves it
         self.counts = artifacts.npy("item_counts.npy")
         self.version = artifacts.version
