@@ -21,7 +21,7 @@ from common.artifacts import open_artifacts
 from gateway.user_state import ArtifactHistoryStore
 from protos import fusionrec_pb2 as pb
 from tools import loadtest_report as report
-from tools.loadtest import run_open_loop
+from tools.loadtest_engine import run_open_loop
 from tools.stack import Stack
 from tools.stack_args import add_stack_arguments
 
@@ -105,7 +105,7 @@ def measure(stack: Stack, args: argparse.Namespace, make_request) -> tuple[dict,
     sent = answered + int(args.warmup * args.rate)
     cpu_ms = {name: round((tree_total(cpu_seconds, pid) - cpu_before[name]) * 1000 / sent, 2)
               for name, pid in stack.pids().items()}
-    summary = result.summary()
+    summary = report.summarize(result)
     summary["rss_mib"] = memory
     summary["rss_mib"]["services_total"] = round(sum(v for k, v in memory.items() if k != "triton"), 1)
     summary["pss_mib"] = {**pss, "total": round(sum(pss.values()), 1)}   # the stack's pages, each once

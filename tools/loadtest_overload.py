@@ -29,6 +29,7 @@ import numpy as np
 from offline.metrics import ndcg_at_k
 from protos import fusionrec_pb2
 from tools import loadtest_report as report
+from tools.loadtest_engine import run_open_loop
 
 SHED_CODE = "RESOURCE_EXHAUSTED"
 NDCG_K = 10
@@ -103,7 +104,7 @@ def phase_figures(result: Any, scores: dict[int, float], user_of: Callable[[int]
                   factor: float) -> tuple[dict, dict[int, float]]:
     """One phase's figures, and user -> mean nDCG of that user's served answers (for pairing).
 
-    result: a tools.loadtest.LoadResult; scores: request index -> nDCG of each OK answer."""
+    result: a tools.loadtest_engine.LoadResult; scores: request index -> nDCG of each OK answer."""
     summary = report.summarize(result)
     samples = result.samples
     ok = [s for s in samples if s.code == "OK"]
@@ -196,7 +197,6 @@ async def run_overload(target: str, replay: Replay, *, start_rate: float, step: 
     """The search, then one phase per factor; the JSON document (see the module docstring).
     cpu_seconds: CPU used so far by the system under test; each phase then reports core-ms per
     request sent and per good answer (warm-up included: its CPU and its requests)."""
-    from tools.loadtest import run_open_loop
 
     def say(text: str) -> None:
         if progress:
@@ -214,7 +214,7 @@ async def run_overload(target: str, replay: Replay, *, start_rate: float, step: 
     rate = start_rate
     while rate <= max_rate + 1e-9:
         say(f"search: {rate:g} rps")
-        summary = (await step_at(rate, search_duration, min(warmup, 1.0))).summary()
+        summary = report.summarize(await step_at(rate, search_duration, min(warmup, 1.0)))
         summary["holds"] = holds(summary, p99_target_ms, max_bad_share)
         search.append(summary)
         if not summary["holds"]:
@@ -225,7 +225,7 @@ async def run_overload(target: str, replay: Replay, *, start_rate: float, step: 
     if best is not None and missed is not None and missed - best > step / 4:
         middle = round((best + missed) / 2)
         say(f"search: {middle:g} rps")
-        summary = (await step_at(middle, search_duration, min(warmup, 1.0))).summary()
+        summary = report.summarize(await step_at(middle, search_duration, min(warmup, 1.0)))
         summary["holds"] = holds(summary, p99_target_ms, max_bad_share)
         search.append(summary)
         best = middle if summary["holds"] else best

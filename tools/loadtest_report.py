@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from tools.loadtest import LoadResult
+    from tools.loadtest_engine import LoadResult
 
 PERCENTILES = {"p50": 50, "p90": 90, "p99": 99, "p99.9": 99.9}
 # A client whose sends run this late is measuring itself, not the server: the summary says so.

@@ -38,7 +38,8 @@ async def serve_trivial() -> None:
 
 
 def selfcheck(rate: float = SELFCHECK_RATE, duration: float = 5.0, warmup: float = 1.0) -> int:
-    from tools.loadtest import load_users, request_factory, run_open_loop
+    from tools import loadtest_report as report
+    from tools.loadtest_engine import load_users, request_factory, run_open_loop
 
     proc = subprocess.Popen([sys.executable, "-m", "tools.loadtest_selfcheck"],
                             stdout=subprocess.PIPE, text=True)
@@ -54,7 +55,7 @@ def selfcheck(rate: float = SELFCHECK_RATE, duration: float = 5.0, warmup: float
         proc.terminate()
         proc.wait(timeout=10)
         proc.stdout.close()
-    s = result.summary()
+    s = report.summarize(result)
     lag = s["schedule_lag_ms"]
     ok = (s["not_sent"] == 0 and s["error_rate"] == 0 and s["achieved_rps"] >= 0.95 * rate)
     print(f"selfcheck {target}: offered {s['offered_rps']:.1f} rps, achieved {s['achieved_rps']:.1f} "

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
-from tools.loadtest import run_open_loop
+from tools.loadtest_engine import run_open_loop
 
 BURST_RPS = 300.0      # 2-3x what this stack serves on a busy 2-core machine (~100-150/s)
 BURST_S = 3.0

@@ -16,7 +16,7 @@ import pytest
 from protos import fusionrec_pb2, fusionrec_pb2_grpc
 from tools import loadtest_report
 from tools.cli import main
-from tools.loadtest import LoadResult, Sample, load_users, request_factory, run_open_loop
+from tools.loadtest_engine import LoadResult, Sample, load_users, request_factory, run_open_loop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,7 +72,7 @@ def test_open_loop_sends_rate_times_duration_and_counts_codes() -> None:
     rate, duration, warmup = 100.0, 2.0, 0.5
     servicer = ScriptedRecommender()
     result = asyncio.run(_drive(servicer, rate=rate, duration=duration, warmup=warmup))
-    s = result.summary()
+    s = loadtest_report.summarize(result)
 
     n_warm = int(warmup * rate)
     assert s["scheduled"] == rate * duration
@@ -96,7 +96,7 @@ def test_sends_keep_their_schedule_while_answers_are_slow() -> None:
     """Open loop: a slow server does not hold the next send back, so calls pile up in flight."""
     servicer = ScriptedRecommender(delay_s=0.5)
     result = asyncio.run(_drive(servicer, rate=50.0, duration=1.0))
-    s = result.summary()
+    s = loadtest_report.summarize(result)
     assert s["sent"] == 50 and s["answered"] == 50
     assert servicer.max_inflight >= 10   # closed loop with one worker would never exceed 1
     ats = [x.at for x in result.samples]
@@ -106,7 +106,7 @@ def test_sends_keep_their_schedule_while_answers_are_slow() -> None:
 def test_deadline_exceeded_is_counted_by_code() -> None:
     servicer = ScriptedRecommender(delay_s=1.0)
     result = asyncio.run(_drive(servicer, rate=20.0, duration=0.5, deadline_s=0.05))
-    s = result.summary()
+    s = loadtest_report.summarize(result)
     assert s["errors"] == {"DEADLINE_EXCEEDED": s["sent"]} and s["sent"] == 10
     assert s["ok"] == 0 and s["error_rate"] == 1.0
 
@@ -114,7 +114,7 @@ def test_deadline_exceeded_is_counted_by_code() -> None:
 def test_unanswered_calls_are_cancelled_after_the_drain_and_reported() -> None:
     servicer = ScriptedRecommender(delay_s=5.0)
     result = asyncio.run(_drive(servicer, rate=10.0, duration=0.3, drain_s=0.2))
-    s = result.summary()
+    s = loadtest_report.summarize(result)
     assert s["errors"] == {"NOT_ANSWERED": 3} and s["answered"] == 0
 
 
@@ -123,8 +123,8 @@ def test_summary_of_synthetic_samples() -> None:
                       stage_ms={"rank": float(i)}) for i in range(8)]
     samples += [Sample(at=0.8, lag=0.0, latency=0.002, code="UNAVAILABLE"),
                 Sample(at=0.9, lag=0.0, latency=None, code="NOT_ANSWERED")]
-    s = LoadResult(target="x", rate=10, duration=1, warmup=0, deadline_s=None, samples=samples,
-                   not_sent=2, wall_s=1.0).summary()
+    s = loadtest_report.summarize(LoadResult(target="x", rate=10, duration=1, warmup=0, deadline_s=None,
+                                             samples=samples, not_sent=2, wall_s=1.0))
     assert (s["scheduled"], s["sent"], s["answered"], s["ok"]) == (12, 10, 9, 8)
     assert s["errors"] == {"NOT_ANSWERED": 1, "UNAVAILABLE": 1}
     assert s["degraded_share"] == 0.25
@@ -237,7 +237,7 @@ def test_lean_connector_sends_the_token_over_tls_without_trace_headers(tmp_path:
     and no tracing interceptors (no traceparent: the gateway starts each trace)."""
     from common.pki import ensure_pki
     from common.security import Security, add_port
-    from tools.loadtest import lean_connector
+    from tools.loadtest_engine import lean_connector
 
     pki = ensure_pki(tmp_path / "pki")
     seen: list[dict[str, str]] = []

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from protos import fusionrec_pb2, fusionrec_pb2_grpc
-from tools.loadtest import LoadResult, Sample
+from tools.loadtest_engine import LoadResult, Sample
 from tools.loadtest_overload import (Replay, ReplayUser, compare, format_table, holds, phase_figures,
                                      run_overload)
 
