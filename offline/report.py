@@ -126,7 +126,22 @@ def _cold_start(r: dict[str, Any]) -> list[str]:
     if items["users"]:
         out += [table(["system", "recall@10"], [[SYSTEM_LABELS.get(n, n), v] for n, v in items["systems"].items()]),
                 "", table(["retrieval list", "recall@300"], [[n, v] for n, v in items["retrieval"].items()]), ""]
-    return out
+    return out + _fresh_choice(r.get("build_fresh"))
+
+
+def _fresh_choice(fresh: dict[str, Any] | None) -> list[str]:
+    """The build's fresh-slot choice (manifest "fresh", offline/fresh.py), when it made one."""
+    if not fresh or "valid" not in fresh:
+        return []
+    rows = [[row["slots"], row["ndcg@10"], row["unseen_recall@10"]] for row in fresh["valid"]]
+    return [f"**Fresh items** (core/fresh.py): every candidate list carries the BERT list's first "
+            f"{fresh['candidates']} items without training interactions; the build chose "
+            f"**{fresh['slots']} fresh slot(s)** on {fmt(fresh['lists'])} validation lists "
+            f"({fmt(fresh['lists_with_unseen'])} with unseen positives; the BERT channel's own top 10 recalls "
+            f"{fmt(fresh['bert_unseen_recall@10'])} of them): the fewest slots reaching that recall within "
+            f"{fmt(100 * fresh['max_ndcg_cost'], 0)}% of the nDCG@10 of none. The ranking service's "
+            "--fresh-slots overrides it.", "",
+            table(["slots", "validation ndcg@10", "unseen recall@10"], rows), ""]
 
 
 def _reference_line(r: dict[str, Any]) -> list[str]:

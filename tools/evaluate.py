@@ -100,6 +100,7 @@ def evaluate(opts: EvalOptions) -> Path:
     report["config"]["seconds"] = round(time.monotonic() - started, 1)
     report["config"].update(served_diversity_weight_from=weight_from, rerank_trees=trees)
     report["build_reranker"] = manifest.get("reranker")   # the build's validation sweep and choice
+    report["build_fresh"] = manifest.get("fresh")         # the build's fresh-slot choice (offline/fresh.py)
     for path in write_report(report, curves, out):
         log.info("written", extra={"path": str(path)})
     return out

@@ -271,6 +271,19 @@ def test_markdown_states_the_winner_and_the_reranker_verdict() -> None:
     assert "| 0.000 | 0.500 | 1.000 | 0.200 | 0.300 | – |" in md   # NaN shows as a dash
 
 
+def test_markdown_shows_the_builds_fresh_slot_choice_when_the_manifest_has_one() -> None:
+    report = _tiny_report()
+    assert "Fresh items" not in render_markdown(report)   # a set built before the rule
+    report["build_fresh"] = {"candidates": 10, "slots": 1, "lists": 20, "lists_with_unseen": 4,
+                             "bert_unseen_recall@10": 0.25, "max_ndcg_cost": 0.02,
+                             "valid": [{"slots": 0, "ndcg@10": 0.2, "unseen_recall@10": 0.0},
+                                       {"slots": 1, "ndcg@10": 0.199, "unseen_recall@10": 0.5}]}
+    md = render_markdown(report)
+    assert "the build chose **1 fresh slot(s)** on 20 validation lists (4 with unseen positives" in md
+    assert "recalls 0.250 of them" in md and "within 2% of the nDCG@10 of none" in md
+    assert "| 1 | 0.199 | 0.500 |" in md
+
+
 def test_markdown_without_references_keeps_the_old_verdict() -> None:
     report = _tiny_report()
     report["references"] = None
