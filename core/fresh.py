@@ -42,7 +42,8 @@ class FreshItems:
         count = min(self.candidates, total // 10)
         if count <= 0 or not len(items):
             return chosen
-        rows = np.flatnonzero((channels == fresh_channel) & untrained(items, popularity))
+        rows = np.flatnonzero(channels == fresh_channel)
+        rows = rows[untrained(items[rows], popularity)]
         _, first = np.unique(items[rows], return_index=True)
         fresh = rows[np.sort(first)][:count]
         if not len(fresh):
@@ -58,28 +59,28 @@ class FreshItems:
         return np.concatenate([chosen[keep], missing])[:total]
 
     def fill_slate(self, slate: np.ndarray, scores: np.ndarray, items: np.ndarray, served: np.ndarray,
-                   popularity: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   popularity: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """slate [k] and its scores, candidates items [N] with their served scores [N] ->
-        (slate, scores, the positions given to fresh items [m]; their served score is
-        scores' value there before the running minimum, served[items == slate[p]]). The slate's last positions that
-        hold trained items go, from the end, to the best untrained candidates not in it, until it
-        holds `slots` untrained items (or there are no more); scores stay non-increasing."""
+        (slate, scores, the positions given to fresh items [m], their candidate rows [m]). The
+        slate's last positions that hold trained items go, from the end, to the best untrained
+        candidates not in it, until it holds `slots` untrained items (or there are no more);
+        scores stay non-increasing."""
         placed = np.zeros(0, np.int64)
         if self.slots <= 0 or not len(slate):
-            return slate, scores, placed
+            return slate, scores, placed, placed
         fresh_in_slate = untrained(slate, popularity)
         need = min(self.slots, len(slate)) - int(fresh_in_slate.sum())
         if need <= 0:
-            return slate, scores, placed
+            return slate, scores, placed, placed
         pool = np.flatnonzero(untrained(items, popularity) & ~np.isin(items, slate))
         pool = pool[np.argsort(-served[pool], kind="stable")][:need]
         if not len(pool):
-            return slate, scores, placed
+            return slate, scores, placed, placed
         placed = np.flatnonzero(~fresh_in_slate)[::-1][:len(pool)][::-1]   # the last trained positions
         slate, scores = slate.copy(), np.asarray(scores, np.float32).copy()
         slate[placed] = items[pool]
         scores[placed] = served[pool]
-        return slate, np.minimum.accumulate(scores), placed
+        return slate, np.minimum.accumulate(scores), placed, pool
 
     def describe(self) -> dict[str, int]:
         return {"candidates": self.candidates, "slots": self.slots}

@@ -253,10 +253,10 @@ class DiversityReranker:
         # as "better than what follows", so report it non-increasing along the slate.
         out, out_scores = np.array(slate, np.int64), np.minimum.accumulate(np.array(scores, np.float32))
         if self.fresh.slots:
-            out, out_scores, given = self.fresh.fill_slate(out, out_scores, items, fused, self.item_side[:, 0])
+            out, out_scores, given, rows = self.fresh.fill_slate(out, out_scores, items, fused, self.item_side[:, 0])
             if placed is not None:   # a fresh item is placed on its served score alone
-                for position in given.tolist():
-                    placed[position] = (float(fused[np.flatnonzero(items == out[position])[0]]), 0.0, 0.0)
+                for position, row in zip(given.tolist(), rows.tolist()):
+                    placed[position] = (float(fused[row]), 0.0, 0.0)
         return out, out_scores
 
 

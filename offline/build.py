@@ -31,7 +31,7 @@ from offline import datasets
 from offline.cf import train_als
 from offline.item_log_fold import fold_item_log, read_item_log
 from offline.item_vectors import load_brought_vectors
-from offline.index import EXACT_BELOW, RECALL_K, build_index, recall_at_k
+from offline.index import EXACT_BELOW, RECALL_K, build_index, cf_index_rows, recall_at_k
 from offline.item_neighbours import NeighbourConfig, choose_decay, item_neighbours, save_neighbours
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
@@ -295,7 +295,7 @@ def build(opts: BuildOptions) -> Path:
         # The CF index holds only items with training interactions: the others' ALS factors are
         # their near-zero initialisation, which CF cannot rank (and at 1M latent items, 95% of
         # them, they forced nprobe 1024 on an IVF index for recall 0.98). None: every item.
-        cf_rows = np.flatnonzero(counts) if 0 < np.count_nonzero(counts) < len(item_ids) else None
+        cf_rows = cf_index_rows(counts)
         for name, vectors, pool, ids in (("text", item_text, item_text, None),
                                          ("cf", cf.item_factors, cf.user_factors, cf_rows)):
             # Disjoint query samples: one tunes efSearch/nprobe, the other measures the recall reported.
@@ -429,8 +429,9 @@ def build(opts: BuildOptions) -> Path:
         # Early stopping watches a seeded quarter of the validation lists; the other three
         # quarters train beside the cut lists, as all of them do in the refit (trained on cut
         # lists alone, the ranker peaked after one epoch and that undertrained the refit).
-        watched = [l for u, l in zip(ranker_users, valid_lists) if zlib.crc32(f"stop:{u}".encode()) % 4 == 0]
-        taught = [l for u, l in zip(ranker_users, valid_lists) if zlib.crc32(f"stop:{u}".encode()) % 4 != 0]
+        stop = [zlib.crc32(f"stop:{u}".encode()) % 4 == 0 for u in ranker_users]
+        watched = [l for l, s in zip(valid_lists, stop) if s]
+        taught = [l for l, s in zip(valid_lists, stop) if not s]
         if any(l.labels.any() for l in train_lists + taught) and any(l.labels.any() for l in watched):
             tuned = train_ranker(new_model(), train_lists + taught, epochs=opts.epochs, valid=watched,
                                  patience=RANKER_PATIENCE, **train_args)
@@ -489,14 +490,13 @@ def build(opts: BuildOptions) -> Path:
         reranker = DiversityReranker(booster if chosen["trees"] else NoCorrection(), item_text, item_category,
                                      item_side, float(chosen["diversity_weight"]))
         # Fresh slots (core.fresh, offline/fresh.py): chosen on the same lists, at the served slates.
-        rr_users = [u for u in rerank_users if u in valid_t]
         no_history = np.zeros(0, np.int64)
         fresh, fresh_report = choose_fresh_slots(
             FreshItems(FRESH_CANDIDATES, 0),
             [reranker.rerank(l.candidates, s, l.features, 10) for l, s in zip(rr_lists, rr_scores)],
-            [(l.candidates, s) for l, s in zip(rr_lists, rr_scores)], [valid_t[u] for u in rr_users],
+            [(l.candidates, s) for l, s in zip(rr_lists, rr_scores)], [valid_t[u] for u in rerank_users],
             [retriever.channel_results(u, train_seq.get(u, no_history), no_history, 10, ["bert"])["bert"].items
-             for u in rr_users], popularity)
+             for u in rerank_users], popularity)
         manifest["fresh"] = {**fresh.describe(), **fresh_report}
         reranker.fresh = fresh
         fused_ndcg, rerank_ndcg, fused_ild, rerank_ild = [], [], [], []

@@ -138,6 +138,12 @@ def tune(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int = 
     return recall
 
 
+def cf_index_rows(counts: np.ndarray) -> np.ndarray | None:
+    """The rows the CF index holds: items with training interactions (the others' ALS factors are
+    their near-zero initialisation, which CF cannot rank); None: every item (all trained, or none)."""
+    return np.flatnonzero(counts) if 0 < np.count_nonzero(counts) < len(counts) else None
+
+
 def build_index(vectors: np.ndarray, exact_below: int = EXACT_BELOW, ivf_above: int = IVF_ABOVE, *,
                 queries: np.ndarray | None = None, k: int = RECALL_K, target: float = RECALL_TARGET,
                 gpu: bool | None = None, seed: int = 0, ids: np.ndarray | None = None) -> faiss.Index:

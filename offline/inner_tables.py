@@ -26,7 +26,7 @@ import numpy as np
 
 from common.artifacts import MANIFEST, write_manifest
 from offline.cf import CfModel, train_als
-from offline.index import build_index
+from offline.index import build_index, cf_index_rows
 from offline.item_neighbours import NeighbourConfig, item_neighbours, save_neighbours
 
 # The files the inner set refits; every other file of the served set is shared (hard-linked).
@@ -76,8 +76,7 @@ def write_inner_set(served: Path, folder: Path, users: np.ndarray, items: np.nda
     user_rows = np.array([row[u] for u in users], np.int64)
     cf = train_als(user_rows, items, len(cf_users), n_items, cf_users, factors=factors, seed=seed)
     counts = np.bincount(items, minlength=n_items).astype(np.int64)
-    cf_rows = np.flatnonzero(counts) if 0 < np.count_nonzero(counts) < n_items else None
-    index = build_index(cf.item_factors, seed=seed, ids=cf_rows)
+    index = build_index(cf.item_factors, seed=seed, ids=cf_index_rows(counts))
     faiss.write_index(index, str(folder / "index_cf.faiss"))
     np.save(folder / "item_cf.npy", cf.item_factors)
     np.save(folder / "user_cf.npy", cf.user_factors)

@@ -60,11 +60,11 @@ def slate_case():
 def test_fill_slate_gives_the_last_positions_to_the_best_untrained_candidates():
     items, served = slate_case()
     slate, scores = items[:5].copy(), served[:5].copy()
-    out, out_scores, given = FreshItems(slots=2).fill_slate(slate, scores, items, served, COUNTS)
+    out, out_scores, given, _ = FreshItems(slots=2).fill_slate(slate, scores, items, served, COUNTS)
     assert out.tolist() == [1, 2, 3, 31, 30] and given.tolist() == [3, 4]
     assert np.all(np.diff(out_scores) <= 0) and out_scores[3] == pytest.approx(0.45)
     # One untrained item already in the slate counts toward the slots.
-    out, _, given = FreshItems(slots=2).fill_slate(np.array([1, 30, 2, 3, 4]), scores, items, served, COUNTS)
+    out, _, given, _ = FreshItems(slots=2).fill_slate(np.array([1, 30, 2, 3, 4]), scores, items, served, COUNTS)
     assert out.tolist() == [1, 30, 2, 3, 31] and given.tolist() == [4]
     # No slots, or no untrained candidate: the slate is untouched.
     assert FreshItems(slots=0).fill_slate(slate, scores, items, served, COUNTS)[0].tolist() == slate.tolist()
