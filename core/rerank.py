@@ -261,7 +261,7 @@ class DiversityReranker:
 
 
 class NoCorrection:
-    """Stands in for the booster when the build found that the trees lower validation nDCG@10
+    """Stands in for the booster when the build found that the trees do not measurably raise validation nDCG@10
     (manifest reranker.trees = false): every correction is 0, so the slate is the fused order
     with only the diversity step applied."""
 

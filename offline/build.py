@@ -36,7 +36,7 @@ from offline.item_neighbours import NeighbourConfig, choose_decay, item_neighbou
 from offline.metrics import auc, intra_list_diversity, ndcg_at_k
 from offline.quotas import quota_key, tune_quotas
 from offline.ranker import MAX_HISTORY, RankingList, cut_lists, score_lists, train_ranker, use_cf_tables
-from offline.inner_tables import cut_span_mask, write_inner_set
+from offline.inner_tables import REFITTED, cut_span_mask, fit_tables, refitted_manifest, write_inner_set
 from core.blend import untrained
 from core.fresh import FRESH_CANDIDATES, FreshItems
 from offline.blend import choose_blend
@@ -517,6 +517,23 @@ def build(opts: BuildOptions) -> Path:
                        weight=f"{chosen['diversity_weight']:g}", trees=str(chosen["trees"]).lower(),
                        blend=f"{blend.channel}:{blend.alpha:g}" if blend.active else "none",
                        fresh_slots=str(fresh.slots))
+
+    with stages.stage("refit", figures := {}):
+        # Everything above was tuned with tables fitted on the training split; the served CF model,
+        # its index, the item-to-item neighbours and the counts are fitted again on train + valid,
+        # so that they know the newest interactions before the test period (the references of
+        # `fusionrec eval` fit on the same), and the ranker takes the refitted CF tables.
+        seen = split.train | split.valid
+        served_tables = fit_tables(staging, ds.users[seen], inter_items[seen], ds.timestamps[seen], len(item_ids),
+                                   opts.cf_factors, opts.seed, neighbour_config, progress=opts.progress)
+        manifest.update(refitted_manifest(manifest, served_tables))
+        quality[f"index_cf_recall@{RECALL_K}"] = served_tables.index_recall
+        manifest["served_tables"] = {"fitted_on": "train+valid", "tuned_on": "train",
+                                     "refitted": list(REFITTED), "interactions": int(seen.sum())}
+        use_cf_tables(model, served_tables.cf.item_factors, served_tables.cf.gram)
+        script_ranker(model, model_dir / RANKER_WEIGHTS)
+        figures.update(interactions=str(int(seen.sum())), cf_users=str(len(served_tables.cf_users)),
+                       cf_recall=f"{served_tables.index_recall:.3f}")
 
     with stages.stage("publish", figures := {}):
         model_src = staging / "model"

@@ -18,15 +18,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from common.artifacts import MANIFEST, write_manifest
+from common.faiss_index import index_info
 from offline.cf import CfModel, train_als
-from offline.index import build_index, cf_index_rows
+from offline.index import RECALL_K, build_index, cf_index_rows, recall_at_k
 from offline.item_neighbours import NeighbourConfig, item_neighbours, save_neighbours
 
 # The files the inner set refits; every other file of the served set is shared (hard-linked).
@@ -61,6 +62,54 @@ class InnerSet:
     cf: CfModel
 
 
+@dataclass(frozen=True)
+class FittedTables:
+    cf: CfModel
+    index: faiss.Index
+    cf_users: list[str]
+    index_recall: float   # recall@RECALL_K vs exact on users' factors the tuning did not see
+
+
+def fit_tables(folder: Path, users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, n_items: int,
+               factors: int, seed: int, neighbour_config: NeighbourConfig, progress: bool = False) -> FittedTables:
+    """Fit the REFITTED files on these interactions (users [n] str, items [n], timestamps [n]) and
+    write them into `folder`, replacing what is there."""
+    cf_users = sorted(set(users.tolist()))
+    row = {u: j for j, u in enumerate(cf_users)}
+    user_rows = np.array([row[u] for u in users], np.int64)
+    cf = train_als(user_rows, items, len(cf_users), n_items, cf_users, factors=factors, seed=seed)
+    counts = np.bincount(items, minlength=n_items).astype(np.int64)
+    # Tuned on a sample of the users' factors and measured on another, as the build's CF index is
+    # (offline.build, stage index).
+    picks = np.random.default_rng(seed).choice(len(cf_users), min(200, len(cf_users)), replace=False)
+    ids = cf_index_rows(counts)
+    index = build_index(cf.item_factors, queries=cf.user_factors[picks[::2]], seed=seed, ids=ids)
+    recall = recall_at_k(index, cf.item_factors, cf.user_factors[picks[1::2] if len(picks) > 1 else picks], RECALL_K, ids)
+    # Each file is written beside its final name and moved over it: a new inode, so a retriever
+    # still mapping the old tables (the build's own) keeps reading them intact.
+    def replace(name: str, write) -> None:
+        temporary = folder / f".refit-{name}"
+        write(temporary)
+        os.replace(temporary, folder / name)
+    replace("index_cf.faiss", lambda path: faiss.write_index(index, str(path)))
+    for name, table in (("item_cf.npy", cf.item_factors), ("user_cf.npy", cf.user_factors), ("cf_gram.npy", cf.gram),
+                        ("item_counts.npy", counts),
+                        ("popular.npy", np.argsort(-counts, kind="stable").astype(np.int64))):
+        replace(name, lambda path, table=table: np.save(path, table))
+    replace("cf_users.json", lambda path: path.write_text(json.dumps(cf_users)))
+    neighbours = item_neighbours(user_rows, items, timestamps, n_items, neighbour_config, progress=progress)
+    replace("item_neighbours.npz", lambda path: save_neighbours(path, neighbours))
+    return FittedTables(cf, index, cf_users, recall)
+
+
+def refitted_manifest(manifest: dict, tables: FittedTables) -> dict:
+    """The manifest's counts and CF index entry for refitted tables."""
+    return {**manifest, "counts": dict(manifest["counts"], cf_users=len(tables.cf_users)),
+            "indexes": dict(manifest["indexes"], cf=dict(manifest["indexes"]["cf"], **asdict(index_info(tables.index)),
+                                                         vectors=int(tables.index.ntotal),
+                                                         **{f"recall@{RECALL_K}": tables.index_recall}))}
+
+
 def write_inner_set(served: Path, folder: Path, users: np.ndarray, items: np.ndarray, timestamps: np.ndarray,
                     n_items: int, factors: int, seed: int, neighbour_config: NeighbourConfig) -> InnerSet:
     """The served set at `served` (a complete staging folder with its manifest) copied to `folder`
@@ -71,24 +120,8 @@ def write_inner_set(served: Path, folder: Path, users: np.ndarray, items: np.nda
     for path in served.iterdir():
         if path.is_file() and path.name not in REFITTED and path.name != MANIFEST:
             os.link(path, folder / path.name)
-    cf_users = sorted(set(users.tolist()))
-    row = {u: j for j, u in enumerate(cf_users)}
-    user_rows = np.array([row[u] for u in users], np.int64)
-    cf = train_als(user_rows, items, len(cf_users), n_items, cf_users, factors=factors, seed=seed)
-    counts = np.bincount(items, minlength=n_items).astype(np.int64)
-    index = build_index(cf.item_factors, seed=seed, ids=cf_index_rows(counts))
-    faiss.write_index(index, str(folder / "index_cf.faiss"))
-    np.save(folder / "item_cf.npy", cf.item_factors)
-    np.save(folder / "user_cf.npy", cf.user_factors)
-    np.save(folder / "cf_gram.npy", cf.gram)
-    np.save(folder / "item_counts.npy", counts)
-    np.save(folder / "popular.npy", np.argsort(-counts, kind="stable").astype(np.int64))
-    (folder / "cf_users.json").write_text(json.dumps(cf_users))
-    save_neighbours(folder / "item_neighbours.npz",
-                    item_neighbours(user_rows, items, timestamps, n_items, neighbour_config))
-    manifest = json.loads((served / MANIFEST).read_text())
-    manifest["counts"] = dict(manifest["counts"], cf_users=len(cf_users))
-    manifest["indexes"] = dict(manifest["indexes"], cf=dict(manifest["indexes"]["cf"], vectors=int(index.ntotal)))
+    tables = fit_tables(folder, users, items, timestamps, n_items, factors, seed, neighbour_config)
+    manifest = refitted_manifest(json.loads((served / MANIFEST).read_text()), tables)
     manifest["inner"] = "cut-list tables (offline/inner_tables.py): never served"
     write_manifest(folder, manifest)
-    return InnerSet(folder, cf)
+    return InnerSet(folder, tables.cf)

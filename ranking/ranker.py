@@ -57,7 +57,7 @@ LEGACY_DIVERSITY_WEIGHT = 0.1   # artifacts built before the build chose the wei
 def served_reranking(manifest: dict, diversity_weight: float | None = None) -> tuple[bool, float]:
     """(trees, weight) to serve: the build's choice (manifest "reranker", offline.reranker.choose_reranking)
     unless diversity_weight is given; None or negative = from the artifacts.
-    trees false: the build found that the LightGBM corrections lower validation nDCG@10, so the
+    trees false: the build found that the LightGBM corrections do not measurably raise validation nDCG@10, so the
     slate is the fused order with only the diversity step (core.rerank.NoCorrection)."""
     chosen = manifest.get("reranker") or {}
     trees = bool(chosen.get("trees", True))

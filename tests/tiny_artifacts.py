@@ -124,6 +124,7 @@ def write_tiny_artifacts(root: Path, n_items: int = 60, n_users: int = 20, text_
         "item2item": {"top_n": NEIGHBOURS, "window": None, "filled": 1.0},
         "sequential": {"dim": SEQ_DIM, "steps": 0, "why": "tiny: untrained random vectors"},
         "ranker": {"lists": 0, "refit": False, "why": "tiny: no fused ranker"},
+        "served_tables": {"fitted_on": "tiny: seeded noise"},
         "quality": {},
         "retrieval": {"quotas": quotas, "recall@300_valid": {}},
         "blend": blend if blend is not None else {"channel": None, "alpha": 1.0},

@@ -44,12 +44,20 @@ def test_trees_that_keep_validation_ndcg_are_served_with_the_weight_chosen_on_th
     assert choose_reranking(trees, plain, fused_ndcg=0.110)["trees"] is True   # equal is not lower
 
 
+def test_trees_whose_gain_is_inside_the_noise_are_switched_off():
+    trees = rows((0.0, 0.110, 0.50), (0.1, 0.109, 0.58))
+    plain = rows((0.0, 0.100, 0.50), (0.1, 0.100, 0.70))
+    assert choose_reranking(trees, plain, fused_ndcg=0.100, gain_se=0.009)["trees"] is True    # +0.010 >= 1 se
+    off = choose_reranking(trees, plain, fused_ndcg=0.100, gain_se=0.011)                      # +0.010 < 1 se
+    assert off["trees"] is False and off["diversity_weight"] == 0.1 and "less than" in off["why"]
+
+
 def test_trees_that_lower_validation_ndcg_are_switched_off_and_the_weight_comes_from_the_plain_sweep():
     trees = rows((0.0, 0.090, 0.50), (0.1, 0.089, 0.60), (0.5, 0.088, 0.65))
     plain = rows((0.0, 0.100, 0.48), (0.1, 0.099, 0.55), (0.5, 0.090, 0.75))
     chosen = choose_reranking(trees, plain, fused_ndcg=0.100)
     assert chosen["trees"] is False and chosen["diversity_weight"] == 0.1
-    assert "lower validation nDCG@10" in chosen["why"]
+    assert "less than" in chosen["why"]
 
 
 def _lists(n_lists: int = 12, n: int = 40, d: int = 8, seed: int = 0):
@@ -118,7 +126,8 @@ def test_a_real_build_writes_its_choice(artifacts):
     assert [r["weight"] for r in chosen["sweep_no_trees"]] == list(SWEEP_WEIGHTS)
     assert chosen["lists"] > 0 and chosen["ndcg_tolerance"] == NDCG_TOLERANCE
     # The recorded choice is the rule applied to the recorded sweeps.
-    again = choose_reranking(chosen["sweep"], chosen["sweep_no_trees"], chosen["fused_valid"]["ndcg@10"])
+    again = choose_reranking(chosen["sweep"], chosen["sweep_no_trees"], chosen["fused_valid"]["ndcg@10"],
+                             gain_se=chosen["tree_gain_se"])
     assert (again["trees"], again["diversity_weight"]) == (chosen["trees"], chosen["diversity_weight"])
     assert served_reranking(artifacts.manifest) == (chosen["trees"], chosen["diversity_weight"])
 
@@ -161,7 +170,7 @@ def test_cross_validation_switches_trees_off_when_they_cannot_beat_a_right_fused
     _, chosen = cross_validated_choice(lists, scores, text, category, side, folds=4, progress=False)
     assert chosen["fused_valid"]["ndcg@10"] == pytest.approx(1.0)
     assert chosen["sweep"][0]["ndcg@10"] <= 1.0 and chosen["lists_source"] == "4-fold cross-validation"
-    assert chosen["trees"] == (chosen["sweep"][0]["ndcg@10"] >= 1.0)
+    assert chosen["trees"] == (chosen["sweep"][0]["ndcg@10"] - 1.0 >= chosen["tree_gain_se"])
 
 
 def test_cross_validation_with_no_relevant_item_in_any_pool_refuses_like_training_does():

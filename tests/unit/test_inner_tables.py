@@ -92,3 +92,28 @@ def test_use_cf_tables_swaps_the_factors_in_place():
     assert np.allclose(model.cf_gram.numpy(), outer_cf.T @ outer_cf)
     with pytest.raises(RuntimeError):
         use_cf_tables(model, outer_cf[:, :2], outer_cf.T @ outer_cf)   # shapes must match
+
+
+def test_the_served_tables_are_refitted_on_train_and_valid_and_the_ranker_uses_them(built, artifacts):
+    """After tuning on tables fitted on the training split, the build serves tables fitted on
+    train + valid (offline.build, stage refit): counts, CF factors (also inside the fused ranker)."""
+    from offline import datasets
+    from offline.build import subset_dataset
+    from offline.serving.export import load_ranker
+    from offline.split import dataset_split
+    from tests.conftest import DATA
+    m = artifacts.manifest
+    options = m["build_options"]
+    ds = subset_dataset(datasets.load(DATA), options["max_items"], options["max_users"])
+    split = dataset_split(ds)
+    index_of = {iid: j for j, iid in enumerate(artifacts.json("catalog.json")["item_ids"])}
+    items = np.array([index_of[i] for i in ds.item_ids], np.int64)
+    seen = split.train | split.valid
+    counts = artifacts.npy("item_counts.npy")
+    assert counts.tolist() == np.bincount(items[seen], minlength=len(index_of)).tolist()
+    assert counts.sum() > np.count_nonzero(split.train)   # not the training split's
+    assert m["served_tables"]["fitted_on"] == "train+valid" and m["served_tables"]["interactions"] == int(seen.sum())
+    assert m["counts"]["cf_users"] == len(set(ds.users[seen]))
+    ranker = load_ranker(built[1], m["models"]["fused_ranker"])
+    assert np.allclose(ranker.item_cf.numpy(), artifacts.npy("item_cf.npy"))
+    assert np.allclose(ranker.cf_gram.numpy(), artifacts.npy("cf_gram.npy"), atol=1e-4)
