@@ -12,6 +12,11 @@ its index, the item-to-item neighbours and the counts refitted on the training s
 cut users' cut spans (the tail of each sequence from its earliest cut). The fused ranker trains on
 those lists with the inner CF tables, and serves with the outer ones (`outer_cf` in offline/build.py):
 its CF input is a fold-in score, the same quantity in either.
+
+The same refit (fit_tables) makes the served tables at the end of the build: once every choice has
+been made on validation with tables fitted on the training split, the REFITTED files are fitted
+again on train + valid (offline/build.py, stage refit), so that serving knows the period just
+before the test period.
 """
 from __future__ import annotations
 
