@@ -89,7 +89,8 @@ def fit_tables(folder: Path, users: np.ndarray, items: np.ndarray, timestamps: n
     picks = np.random.default_rng(seed).choice(len(cf_users), min(200, len(cf_users)), replace=False)
     ids = cf_index_rows(counts)
     index = build_index(cf.item_factors, queries=cf.user_factors[picks[::2]], seed=seed, ids=ids)
-    recall = recall_at_k(index, cf.item_factors, cf.user_factors[picks[1::2] if len(picks) > 1 else picks], RECALL_K, ids)
+    measure = cf.user_factors[picks[1::2] if len(picks) > 1 else picks]
+    recall = recall_at_k(index, cf.item_factors, measure, RECALL_K, ids)
     # Each file is written beside its final name and moved over it: a new inode, so a retriever
     # still mapping the old tables (the build's own) keeps reading them intact.
     def replace(name: str, write) -> None:

@@ -80,19 +80,28 @@ def fused_slates(lists: list[RankingList], fused: list[np.ndarray], k: int = 10)
     return [l.candidates[np.argsort(-s, kind="stable")[:k]] for l, s in zip(lists, fused)]
 
 
+def sweep_per_list(reranker: DiversityReranker, lists: list[RankingList], fused: list[np.ndarray],
+                   item_text: np.ndarray, weights: tuple[float, ...] = SWEEP_WEIGHTS,
+                   k: int = 10) -> tuple[dict[str, list[float]], list[tuple[float, dict[str, list[float]]]]]:
+    """(fused order, [(weight, ...)]): each list's nDCG@k and ILD@k of its slate."""
+    def values(slates: list[np.ndarray]) -> dict[str, list[float]]:
+        return {"ndcg@10": slate_ndcgs(slates, lists, k), "ild@10": [intra_list_diversity(item_text[s]) for s in slates]}
+
+    return values(fused_slates(lists, fused, k)), [
+        (float(w), values([reranker.rerank(l.candidates, s, l.features, k, w)[0] for l, s in zip(lists, fused)]))
+        for w in weights]
+
+
+def _means(values: dict[str, list[float]]) -> dict[str, float]:
+    return {key: float(np.mean(v)) if v else 0.0 for key, v in values.items()}
+
+
 def diversity_sweep(reranker: DiversityReranker, lists: list[RankingList], fused: list[np.ndarray],
                     item_text: np.ndarray, weights: tuple[float, ...] = SWEEP_WEIGHTS,
                     k: int = 10) -> tuple[dict[str, float], list[dict[str, float]]]:
     """(fused-order row, one row per weight): mean nDCG@k and ILD@k of the slates over `lists`."""
-    def row(slates: list[np.ndarray]) -> dict[str, float]:
-        ndcg = slate_ndcgs(slates, lists, k)
-        ild = [intra_list_diversity(item_text[s]) for s in slates]
-        return {"ndcg@10": float(np.mean(ndcg)) if ndcg else 0.0, "ild@10": float(np.mean(ild)) if ild else 0.0}
-
-    fused_row = row(fused_slates(lists, fused, k))
-    rows = [{"weight": float(w), **row([reranker.rerank(l.candidates, s, l.features, k, w)[0]
-                                        for l, s in zip(lists, fused)])} for w in weights]
-    return fused_row, rows
+    fused_values, weighted = sweep_per_list(reranker, lists, fused, item_text, weights, k)
+    return _means(fused_values), [{"weight": w, **_means(v)} for w, v in weighted]
 
 
 def choose_weight(rows: list[dict[str, float]], tolerance: float = NDCG_TOLERANCE) -> float:
@@ -178,15 +187,13 @@ def cross_validated_choice(lists: list[RankingList], fused: list[np.ndarray], it
         except ValueError:   # no relevant item in these lists' pools: nothing to learn, nothing to correct
             booster = NoCorrection()
         sweep_args = ([lists[j] for j in held], [fused[j] for j in held], item_text)
-        fused_row, tree_rows = diversity_sweep(DiversityReranker(booster, item_text, item_category, item_side),
-                                               *sweep_args)
+        fused_values, tree_values = sweep_per_list(DiversityReranker(booster, item_text, item_category, item_side),
+                                                   *sweep_args)
+        fused_row, tree_rows = _means(fused_values), [{"weight": w, **_means(v)} for w, v in tree_values]
         _, plain_rows = diversity_sweep(DiversityReranker(NoCorrection(), item_text, item_category, item_side),
                                         *sweep_args)
-        held_lists, held_fused = [lists[j] for j in held], [fused[j] for j in held]
-        gains += [t - f for t, f in zip(
-            slate_ndcgs([DiversityReranker(booster, item_text, item_category, item_side).rerank(
-                l.candidates, s, l.features, 10, 0.0)[0] for l, s in zip(held_lists, held_fused)], held_lists),
-            slate_ndcgs(fused_slates(held_lists, held_fused), held_lists))]
+        zero = min(tree_values, key=lambda wv: wv[0])[1]   # the smallest weight, as choose_reranking reads
+        gains += [t - f for t, f in zip(zero["ndcg@10"], fused_values["ndcg@10"])]
         fused_parts.append((len(held), [fused_row]))
         tree_parts.append((len(held), tree_rows))
         plain_parts.append((len(held), plain_rows))
@@ -196,7 +203,8 @@ def cross_validated_choice(lists: list[RankingList], fused: list[np.ndarray], it
     chosen = choose_reranking(tree_rows, plain_rows, fused_valid["ndcg@10"], gain_se=gain_se)
     served_rounds = max(1, int(round(float(np.mean(rounds))))) if rounds else 1
     booster = train_reranker(*groups_of(usable), seed=seed, rounds=served_rounds)
-    section = {**chosen, "ndcg_tolerance": NDCG_TOLERANCE, "tree_gain_se": gain_se, "tree_min_z": TREE_MIN_Z, "lists": len(usable), "folds": folds,
+    section = {**chosen, "ndcg_tolerance": NDCG_TOLERANCE, "tree_gain_se": gain_se, "tree_min_z": TREE_MIN_Z,
+               "lists": len(usable), "folds": folds,
                "lists_source": f"{folds}-fold cross-validation" if folds > 1 else "training_valid",
                "rounds": served_rounds, "fold_rounds": rounds,
                "fused_valid": fused_valid, "sweep": tree_rows, "sweep_no_trees": plain_rows}
