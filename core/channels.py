@@ -18,6 +18,7 @@ from core.blocked_items import NOTHING_BLOCKED, BlockedItems
 from core.channel_names import ChannelName
 from core.foldin import fold_in
 from core.item_overlay import ItemOverlay
+from core.item_sets import sum_by_item, top_by_score
 from core.limits import BERT_HISTORY, ITEM2ITEM_DECAY, ITEM2ITEM_HISTORY
 from core.types import EMPTY, ChannelResult, RetrievalQuery
 
@@ -209,25 +210,34 @@ class ItemToItemChannel:
         self.decay = decay
         self.blocked = NOTHING_BLOCKED
 
-    def scores(self, history: np.ndarray) -> ChannelResult:
-        """history [L] oldest first -> every item reached, by score (best first, ties to the lower index)."""
+    def totals(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """history [L] oldest first -> (every item reached [m] ascending, its score [m])."""
         recent = history[-self.history:]
         recent_w = np.power(self.decay, np.arange(len(recent) - 1, -1, -1, dtype=np.float32))
         known = (recent >= 0) & (recent < len(self.ids))
         if not known.any():
-            return EMPTY
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
         ids = self.ids[recent[known]].ravel()
         weights = (self.weights[recent[known]] * recent_w[known, None]).ravel()
         reached = ids >= 0
-        items, inverse = np.unique(ids[reached], return_inverse=True)
-        totals = np.bincount(inverse, weights=weights[reached], minlength=len(items)).astype(np.float32)
+        return sum_by_item(ids[reached], weights[reached], len(self.ids))
+
+    def scores(self, history: np.ndarray) -> ChannelResult:
+        """history [L] oldest first -> every item reached, by score (best first, ties to the lower index)."""
+        items, totals = self.totals(history)
         order = np.lexsort((items, -totals))
         return ChannelResult(items[order].astype(np.int64), totals[order])
 
     def retrieve(self, query: RetrievalQuery, fetch: int) -> ChannelResult:
+        """The first `fetch` of scores(history) that are not blocked (only those are sorted)."""
         if len(query.history) == 0 or fetch <= 0:
             return EMPTY
-        return self.blocked.drop(self.scores(query.history)).head(fetch)
+        items, totals = self.totals(query.history)
+        if self.blocked.count:
+            keep = ~self.blocked.hits(items)
+            items, totals = items[keep], totals[keep]
+        rows = top_by_score(items, totals, fetch)
+        return ChannelResult(items[rows].astype(np.int64), totals[rows])
 
 
 class SequentialChannel(_IndexChannel):

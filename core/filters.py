@@ -10,6 +10,7 @@ from typing import Callable, Collection, Protocol
 import numpy as np
 
 from core.blocked_items import BlockedItems
+from core.item_sets import isin
 from core.types import ChannelResult, RetrievalQuery
 
 
@@ -44,7 +45,7 @@ class _BlockListFilter:
         blocked = _as_array(self.blocked(query))
         if len(blocked) == 0 or len(result) == 0:
             return FilterResult(result, np.zeros(0, np.int64), self.name)
-        hit = np.isin(result.items, blocked)
+        hit = isin(result.items, blocked)
         return FilterResult(result.where(~hit), result.items[hit], self.name)
 
 

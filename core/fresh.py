@@ -23,6 +23,7 @@ import numpy as np
 
 from core.blend import untrained
 from core.channel_names import ChannelName
+from core.item_sets import isin
 
 FRESH_CANDIDATES = 10          # of the 300 merged candidates (DEFAULT_CANDIDATES)
 FRESH_CHANNEL = ChannelName.BERT
@@ -48,13 +49,13 @@ class FreshItems:
         fresh = rows[np.sort(first)][:count]
         if not len(fresh):
             return chosen
-        missing = fresh[~np.isin(items[fresh], items[chosen])]
+        missing = fresh[~isin(items[fresh], items[chosen])]
         # Chosen rows keep their order and the missing fresh ones follow; the merge's last
         # non-fresh proposals make room when the list is full.
         drop = max(len(chosen) + len(missing) - total, 0)
         keep = np.ones(len(chosen), bool)
         if drop:
-            droppable = np.flatnonzero(~np.isin(items[chosen], items[fresh]))
+            droppable = np.flatnonzero(~isin(items[chosen], items[fresh]))
             keep[droppable[len(droppable) - drop:]] = False
         return np.concatenate([chosen[keep], missing])[:total]
 
@@ -72,7 +73,7 @@ class FreshItems:
         need = min(self.slots, len(slate)) - int(fresh_in_slate.sum())
         if need <= 0:
             return slate, scores, placed, placed
-        pool = np.flatnonzero(untrained(items, popularity) & ~np.isin(items, slate))
+        pool = np.flatnonzero(untrained(items, popularity) & ~isin(items, slate))
         pool = pool[np.argsort(-served[pool], kind="stable")][:need]
         if not len(pool):
             return slate, scores, placed, placed

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.fresh import FRESH_CHANNEL, FreshItems
+from core.item_sets import isin
 from core.types import ChannelResult
 
 
@@ -74,7 +75,7 @@ class CandidateMerger:
             mask = fresh & (which == j)
             nth[mask] = np.arange(mask.sum())
         in_quota = fresh & (nth < caps[which] if len(which) else fresh)
-        rest = _first_proposals(items, ~np.isin(items, items[in_quota]))
+        rest = _first_proposals(items, ~isin(items, items[in_quota]))
         chosen = np.concatenate([np.flatnonzero(in_quota), np.flatnonzero(rest)])[:total]
         if self.fresh.candidates and FRESH_CHANNEL in results:
             chosen = self.fresh.candidate_rows(items, which, channels.index(FRESH_CHANNEL), chosen, total, self.counts)
