@@ -12,7 +12,7 @@ MODEL_REPO ?= model_repository
 TRITON_SITE = $(TRITON_VENV)/lib/python3.11/site-packages
 TRITON_HOME = $(TRITON_SITE)/pytriton/tritonserver
 
-.PHONY: help setup venv triton protos system-packages artifacts run test test-unit bench bench-batching bench-scale loadtest loadtest-overload eval eval-seeds clean
+.PHONY: help setup venv triton protos system-packages artifacts run test test-unit bench bench-batching bench-hop bench-scale loadtest loadtest-overload eval eval-seeds clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -85,6 +85,9 @@ bench: setup $(ARTIFACTS)/LATEST  ## open-loop benchmark of the gateway, empty v
 
 bench-batching: setup $(ARTIFACTS)/LATEST  ## fused ranker on Triton, dynamic batching on vs off; writes reports/bench/triton_batching.json
 	$(FUSIONREC) bench-batching --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO)
+
+bench-hop: setup  ## one bare gRPC hop (plaintext and mTLS): server and client core-ms per call; writes reports/bench/hop.json
+	$(FUSIONREC) bench-hop
 
 # SIZES=10000,100000 limits it (the 1M-item catalog takes the longest: see README "Scale benchmark").
 SIZES ?= 10000,100000,1000000

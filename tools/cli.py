@@ -33,6 +33,8 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("run", "start the whole system on loopback and serve until Ctrl-C", "tools.run"),
     CommandSpec("bench", "open-loop benchmark of the gateway on a fresh stack", "tools.bench"),
     CommandSpec("bench-batching", "fused ranker on Triton, dynamic batching on vs off", "tools.bench_batching"),
+    CommandSpec("bench-hop", "one bare gRPC hop, plaintext and mTLS: server and client core-ms per call",
+                "tools.bench_hop"),
     CommandSpec("bench-scale", "build and serve synthetic 10k/100k/1M-item catalogs with brought embeddings",
                 "tools.bench_scale"),
     CommandSpec("loadtest", "open-loop load test of a gateway, or of a fresh stack with --stack",

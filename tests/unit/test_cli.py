@@ -11,7 +11,7 @@ from tools.cli import COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED = {"build", "eval", "run", "bench", "bench-batching", "loadtest", "recommend", "gpu-check",
-            "export-events", "tokens", "bench-scale", "eval-seeds"}
+            "export-events", "tokens", "bench-scale", "eval-seeds", "bench-hop"}
 
 
 def test_registry_declares_each_command_once() -> None:
