@@ -232,12 +232,9 @@ class ItemToItemChannel:
         """The first `fetch` of scores(history) that are not blocked (only those are sorted)."""
         if len(query.history) == 0 or fetch <= 0:
             return EMPTY
-        items, totals = self.totals(query.history)
-        if self.blocked.count:
-            keep = ~self.blocked.hits(items)
-            items, totals = items[keep], totals[keep]
-        rows = top_by_score(items, totals, fetch)
-        return ChannelResult(items[rows].astype(np.int64), totals[rows])
+        reached = self.blocked.drop(ChannelResult(*self.totals(query.history)))
+        rows = top_by_score(reached.items, reached.scores, fetch)
+        return ChannelResult(reached.items[rows].astype(np.int64), reached.scores[rows])
 
 
 class SequentialChannel(_IndexChannel):

@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from common.pki import Pki, ensure_pki
+from tools.bench import cpu_seconds
 from tools.stack import free_port
 
 METHOD = "/fusionrec.bench.Echo/Echo"
@@ -79,12 +80,6 @@ async def _serve(port: int, tls: bool, pki: Pki) -> None:
     await server.wait_for_termination()
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _measure(tls: bool, pki: Pki, calls: int, size: int) -> dict:
     port = free_port()
     child = subprocess.Popen([sys.executable, "-m", "tools.cli", "bench-hop", "--serve", str(port),
@@ -108,10 +103,10 @@ async def _client(server_pid: int, port: int, tls: bool, pki: Pki, calls: int, s
         payload = os.urandom(size)
         for _ in range(WARMUP_CALLS):
             await call(payload, timeout=5)
-        server0, client0, wall0 = _cpu_s(server_pid), time.process_time(), time.perf_counter()
+        server0, client0, wall0 = cpu_seconds(server_pid), time.process_time(), time.perf_counter()
         for _ in range(calls):
             await call(payload, timeout=5)
-        server1, client1, wall1 = _cpu_s(server_pid), time.process_time(), time.perf_counter()
+        server1, client1, wall1 = cpu_seconds(server_pid), time.process_time(), time.perf_counter()
     return {"mode": "mtls" if tls else "plaintext", "calls": calls, "payload_bytes": size,
             "server_core_ms": 1e3 * (server1 - server0) / calls, "client_core_ms": 1e3 * (client1 - client0) / calls,
             "wall_ms": 1e3 * (wall1 - wall0) / calls}
