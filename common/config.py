@@ -99,6 +99,14 @@ class GatewayConfig(ServerConfig):
                                                "caller sets no deadline (Recommend's default never applies to writes)")
 
 
+@dataclass(frozen=True)
+class ColocatedConfig(GatewayConfig):
+    """The gateway with retrieval and ranking in its process (tools/colocated.py): the gateway's
+    flags (--retrieval-addr/--ranking-addr unused), plus what the ranking service needs of its own."""
+    triton_admin_secret_file: str = _flag("", "file holding the header secret Triton's model-control API "
+                                              "requires (the colocated ranking loads the models); empty = send none")
+
+
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str = "") -> T:
     """Build cls from flags, then FUSIONREC_* environment variables, then defaults."""
     parser = argparse.ArgumentParser(description=description)

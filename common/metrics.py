@@ -34,6 +34,21 @@ DEGRADED = Counter(
     "fusionrec_degraded_total", "Responses that fell back, by reason", ["service", "reason"])
 ARTIFACT_INFO = Gauge(
     "fusionrec_artifact_info", "Artifact version loaded (value 1)", ["service", "version"])
+
+
+_served_versions: dict[str, str] = {}   # service -> the version its fusionrec_artifact_info series names
+
+
+def set_artifact_info(service: str, version: str) -> None:
+    """The version `service` serves now: its earlier series removed, other services' kept (a
+    colocated gateway hosts three services in one registry)."""
+    previous = _served_versions.get(service)
+    if previous is not None and previous != version:
+        ARTIFACT_INFO.remove(service, previous)
+    ARTIFACT_INFO.labels(service, version).set(1)
+    _served_versions[service] = version
+
+
 INDEX_ITEMS = Gauge(
     "fusionrec_index_items", "Items in a FAISS index", ["index"])
 EVENTS = Counter(

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -18,9 +19,10 @@ from common.followed_versions import offer_followed
 from common.item_follower import ItemLogFollower
 from common.item_log import ItemLogUnavailable, open_item_log
 from common.logs import get_logger
-from common.metrics import ARTIFACT_INFO
+from common.metrics import set_artifact_info
 from common.wire import reasons_to_proto
 from common.server import observed, serve
+from common.replicas import probe_replicas
 from common.versions import VersionSet, watch_versions
 from gateway.auth import TokenFileError, auth_interceptors
 from gateway.erase import UserDataUnavailable, UserEraser
@@ -28,7 +30,7 @@ from gateway.event_log import EventLog
 from gateway.events import EventIngester, IngestResult
 from gateway.items import EncoderError, ItemWriter, TextSpaceBrought
 from gateway.recommend import SERVICE, ExplainedStage, ItemExplanation, Recommendation, RecommendPipeline
-from gateway.replica_monitor import REPLICAS_HEALTH, ReplicaMonitor, ReplicaService
+from gateway.replica_monitor import REPLICAS_HEALTH, Probe, ReplicaMonitor, ReplicaService
 from gateway.serving_state import ServingState
 from gateway.state_store import open_store
 from gateway.validation import (InvalidArgument, events_from_proto, validate_delete, validate_delete_user,
@@ -37,6 +39,10 @@ from gateway.validation import (InvalidArgument, events_from_proto, validate_del
 log = get_logger("gateway")
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
+
+
+async def _nothing() -> None:
+    return None
 
 
 STAGES_TO_PROTO = {stage: pb.ExplainedStage.Value(f"EXPLAINED_STAGE_{stage.name}")
@@ -182,23 +188,45 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                                          events_tombstoned=done.events_tombstoned)
 
 
-def replica_services(config: GatewayConfig) -> list[ReplicaService]:
-    return [ReplicaService("retrieval", config.retrieval_addr, pb_grpc.RetrievalStub),
-            ReplicaService("ranking", config.ranking_addr, pb_grpc.RankingStub)]
+@dataclass
+class Backends:
+    """What the gateway calls for a Recommend: retrieval and ranking stubs (`await stub.Retrieve(
+    request, timeout=...)`), their replicas for the monitor (Status through `probe`), and what
+    runs before SERVING (start) and after the server stops (close). Remote services over gRPC
+    channels by default; in the gateway's own process with `fusionrec gateway-colocated`
+    (tools/colocated.py)."""
+    retrieval: Any
+    ranking: Any
+    replicas: list[ReplicaService]
+    probe: Probe = probe_replicas
+    start: Callable[[], Awaitable[None]] = _nothing
+    close: Callable[[], Awaitable[None]] = _nothing
+
+
+def remote_backends(config: GatewayConfig) -> Backends:
+    """Channels to every replica of both services (inside the running event loop)."""
+    # round_robin spreads calls over every address a dns:/// target resolves to (k8s headless Services).
+    options = [("grpc.lb_policy_name", "round_robin")]
+    retrieval_channel = open_channel(config.retrieval_addr, options=options)
+    ranking_channel = open_channel(config.ranking_addr, options=options)
+
+    async def close() -> None:
+        await retrieval_channel.close()
+        await ranking_channel.close()
+    return Backends(pb_grpc.RetrievalStub(retrieval_channel), pb_grpc.RankingStub(ranking_channel),
+                    [ReplicaService("retrieval", config.retrieval_addr, pb_grpc.RetrievalStub),
+                     ReplicaService("ranking", config.ranking_addr, pb_grpc.RankingStub)], close=close)
 
 
 def serving_health(healthy: bool) -> int:
     return health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def run(config: GatewayConfig) -> None:
-    # round_robin spreads calls over every address a dns:/// target resolves to (k8s headless Services).
+async def run(config: GatewayConfig, backends: Callable[[], Backends] | None = None) -> None:
+    """Serve until SIGTERM; backends: made inside the event loop (default: remote_backends)."""
     security = process_security(config)   # TLS to retrieval/ranking/Triton; fails here without files
     interceptors = auth_interceptors(config)   # bearer tokens + scopes; a missing/bad --tokens fails here
-    options = [("grpc.lb_policy_name", "round_robin")]
-    retrieval_channel = open_channel(config.retrieval_addr, options=options)
-    ranking_channel = open_channel(config.ranking_addr, options=options)
-    retrieval, ranking = pb_grpc.RetrievalStub(retrieval_channel), pb_grpc.RankingStub(ranking_channel)
+    calls = backends() if backends is not None else remote_backends(config)
     triton = InferenceServerClient(config.triton_url, **security.triton_client_kwargs(),
                                     channel_args=triton_channel_args())
     store = open_store(config.state, cap=config.history_cap)
@@ -210,8 +238,8 @@ async def run(config: GatewayConfig) -> None:
     async def replicas_health(healthy: bool) -> None:
         await health_servicer.set(REPLICAS_HEALTH, serving_health(healthy))
 
-    monitor = ReplicaMonitor(replica_services(config), lambda: states.get().catalog.applied_seq if states.newest else 0,
-                             lambda: states.newest, on_health=replicas_health)
+    monitor = ReplicaMonitor(calls.replicas, lambda: states.get().catalog.applied_seq if states.newest else 0,
+                             lambda: states.newest, on_health=replicas_health, probe=calls.probe)
 
     async def load(artifacts: ArtifactSet) -> None:
         state = await asyncio.to_thread(ServingState.load, artifacts)
@@ -220,11 +248,10 @@ async def run(config: GatewayConfig) -> None:
         # Replays the item log into the new catalog before requests see it (retries while the
         # store is down; the old version keeps serving meanwhile).
         await offer_followed(states, follower, state.version, state, state.catalog.apply, state.catalog.folded_seq)
-        ARTIFACT_INFO.clear()
-        ARTIFACT_INFO.labels(SERVICE, state.version).set(1)
+        set_artifact_info(SERVICE, state.version)
 
     first = open_artifacts(config.artifacts)
-    recommender = RecommendPipeline(states, store, retrieval, ranking, config, follower=follower)
+    recommender = RecommendPipeline(states, store, calls.retrieval, calls.ranking, config, follower=follower)
     events = EventIngester(states, EventLog(config.event_log), store)
     items = ItemWriter(states, triton, item_log, follower)
     users = UserEraser(store, events.log, events.log_lock)
@@ -233,7 +260,9 @@ async def run(config: GatewayConfig) -> None:
     tasks: list[asyncio.Task] = []
 
     async def start() -> None:
-        """Before SERVING: the first version replayed from the item log, then tail and watch."""
+        """Before SERVING: the backends' own start (colocated: their first version loaded), the
+        first version replayed from the item log, then tail and watch."""
+        await calls.start()
         await load(first)
         tasks.append(asyncio.create_task(follower.run()))
         tasks.append(asyncio.create_task(watch_versions(config.artifacts, states.newest, load)))
@@ -243,8 +272,7 @@ async def run(config: GatewayConfig) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await retrieval_channel.close()
-        await ranking_channel.close()
+        await calls.close()
         await triton.close()
         await store.close()
         await item_log.close()
@@ -256,10 +284,13 @@ async def run(config: GatewayConfig) -> None:
                 interceptors=interceptors)
 
 
-def main() -> None:
-    config = parse_config(GatewayConfig, description="FusionRec gateway (public Recommender API)")
+def main(config_class: type[GatewayConfig] = GatewayConfig,
+         backends_of: Callable[[Any], Backends] | None = None,
+         description: str = "FusionRec gateway (public Recommender API)") -> None:
+    """backends_of(config): the backends to call, made inside the event loop (default: remote)."""
+    config = parse_config(config_class, description=description)
     try:
-        asyncio.run(run(config))
+        asyncio.run(run(config, (lambda: backends_of(config)) if backends_of is not None else None))
     except TokenFileError as e:   # a clear one-line start failure, not a traceback
         raise SystemExit(f"gateway: {e}") from None
 

@@ -17,7 +17,8 @@ from common.followed_versions import catch_up, offer_followed, service_status, t
 from common.item_follower import ItemLogFollower
 from common.client import triton_channel_args
 from common.item_log import open_item_log
-from common.metrics import ARTIFACT_INFO, UNKNOWN_ITEMS
+from common.local_service import LocalService
+from common.metrics import UNKNOWN_ITEMS, set_artifact_info
 from common.server import observed, serve
 from common.security import process_security, read_secret
 from common.triton import admin_headers
@@ -119,7 +120,10 @@ class RankingServicer(pb_grpc.RankingServicer):
         return service_status(self.versions, self.follower)
 
 
-async def run(config: RankingConfig) -> None:
+def open_service(config: RankingConfig) -> LocalService:
+    """The ranking service without its server (called inside the running event loop): the
+    servicer, its start (models loaded, the first version replayed, then tail and watch) and
+    close. Its own process serves it (run); a colocated gateway calls it in process."""
     security = process_security(config)   # no TLS files and no --insecure-dev: fails here
     admin = admin_headers(read_secret(config.triton_admin_secret_file)) if config.triton_admin_secret_file else None
     # The asyncio Triton client must be created inside the running event loop.
@@ -157,8 +161,7 @@ async def run(config: RankingConfig) -> None:
                                          config.reranker_threads, config.diversity_weight, config.fresh_slots)
         await ranker.warm_up()
         await offer_followed(versions, follower, ranker.version, ranker, ranker.apply, ranker.overlay.folded_seq)
-        ARTIFACT_INFO.clear()
-        ARTIFACT_INFO.labels(SERVICE, ranker.version).set(1)
+        set_artifact_info(SERVICE, ranker.version)
 
     first = open_artifacts(config.artifacts)   # a bad set fails here, before the port is bound
 
@@ -167,16 +170,25 @@ async def run(config: RankingConfig) -> None:
         tasks.append(asyncio.create_task(tail(follower)))
         tasks.append(asyncio.create_task(watch_versions(config.artifacts, versions.newest, load)))
 
-    servicer = RankingServicer(versions, follower, config.triton_timeout_ms / 1000.0)
-    try:
-        await serve(config, [pb.DESCRIPTOR.services_by_name["Ranking"].full_name],
-                    lambda server: pb_grpc.add_RankingServicer_to_server(servicer, server),
-                    on_stop=triton.close, on_start=start, service=SERVICE)
-    finally:
+    async def close() -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await triton.close()
         await item_log.close()
+
+    servicer = RankingServicer(versions, follower, config.triton_timeout_ms / 1000.0)
+    return LocalService(SERVICE, servicer, start, close)
+
+
+async def run(config: RankingConfig) -> None:
+    service = open_service(config)
+    try:
+        await serve(config, [pb.DESCRIPTOR.services_by_name["Ranking"].full_name],
+                    lambda server: pb_grpc.add_RankingServicer_to_server(service.servicer, server),
+                    on_start=service.start, service=SERVICE)
+    finally:
+        await service.close()
 
 
 def main() -> None:

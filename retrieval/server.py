@@ -20,7 +20,8 @@ from common.faiss_index import resolve_faiss_gpu
 from common.followed_versions import catch_up, offer_followed, service_status, tail
 from common.item_follower import ItemLogFollower
 from common.item_log import open_item_log
-from common.metrics import ARTIFACT_INFO, CANDIDATES, INDEX_ITEMS, STAGE_LATENCY, UNKNOWN_ITEMS
+from common.local_service import LocalService
+from common.metrics import CANDIDATES, INDEX_ITEMS, STAGE_LATENCY, UNKNOWN_ITEMS, set_artifact_info
 from common.server import observed, serve
 from common.security import process_security
 from common.versions import VersionSet, version_or_abort, watch_versions
@@ -126,7 +127,10 @@ def follow(retriever: Retriever):
     return apply
 
 
-async def run(config: RetrievalConfig) -> None:
+def open_service(config: RetrievalConfig) -> LocalService:
+    """The retrieval service without its server (called inside the running event loop): the
+    servicer, its start (the first version replayed, then tail and watch) and close. Its own
+    process serves it (run); a colocated gateway calls it in process (gateway/colocated.py)."""
     security = process_security(config)   # no TLS files and no --insecure-dev: fails at once, naming the flags
     if not 0 < config.triton_deadline_share <= 1:
         raise SystemExit(f"--triton-deadline-share must be in (0, 1], got {config.triton_deadline_share}")
@@ -147,8 +151,7 @@ async def run(config: RetrievalConfig) -> None:
             seq_encoder.versions[retriever.version] = str(artifacts.manifest["models"][SEQ_ENCODER_NAME])
         await offer_followed(versions, follower, retriever.version, retriever, follow(retriever),
                              retriever.overlay.folded_seq)
-        ARTIFACT_INFO.clear()
-        ARTIFACT_INFO.labels(SERVICE, retriever.version).set(1)
+        set_artifact_info(SERVICE, retriever.version)
         for name, size in retriever.index_sizes.items():
             INDEX_ITEMS.labels(name).set(size)
 
@@ -159,16 +162,26 @@ async def run(config: RetrievalConfig) -> None:
         tasks.append(asyncio.create_task(tail(follower)))
         tasks.append(asyncio.create_task(watch_versions(config.artifacts, versions.newest, load)))
 
-    servicer = RetrievalServicer(versions, follower, config.candidates, seq_encoder)
-    try:
-        await serve(config, [pb.DESCRIPTOR.services_by_name["Retrieval"].full_name],
-                    lambda server: pb_grpc.add_RetrievalServicer_to_server(servicer, server), on_start=start,
-                    on_stop=triton.close if triton is not None else None, service=SERVICE)
-    finally:
+    async def close() -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if triton is not None:
+            await triton.close()
         await item_log.close()
+
+    servicer = RetrievalServicer(versions, follower, config.candidates, seq_encoder)
+    return LocalService(SERVICE, servicer, start, close)
+
+
+async def run(config: RetrievalConfig) -> None:
+    service = open_service(config)
+    try:
+        await serve(config, [pb.DESCRIPTOR.services_by_name["Retrieval"].full_name],
+                    lambda server: pb_grpc.add_RetrievalServicer_to_server(service.servicer, server),
+                    on_start=service.start, service=SERVICE)
+    finally:
+        await service.close()
 
 
 def main() -> None:

@@ -84,6 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("reports/bench/serving.json"))
     p.add_argument("--insecure-dev", action="store_true",
                    help="start the stack without TLS and tokens (to measure what security costs)")
+    p.add_argument("--colocated", action="store_true",
+                   help="retrieval and ranking inside the gateway process (tools/colocated.py): "
+                        "Triton + one process instead of Triton + three")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,7 +182,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     for stale in (store, store.with_name(store.name + "-wal"), store.with_name(store.name + "-shm")):
         stale.unlink(missing_ok=True)
     with Stack(args.artifacts, args.model_repo, args.run_dir, store=f"sqlite:{store}",
-               insecure_dev=args.insecure_dev) as stack:
+               insecure_dev=args.insecure_dev, colocated=args.colocated) as stack:
         empty, result = measure(stack, args, make_request)
         rows = {"empty_store": empty}
         if seeding:
@@ -191,6 +194,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             rows["seeded_store"]["seed"] = seeded_with
     config = {"rate": args.rate, "duration_s": args.duration, "k": args.k, "deadline_ms": args.deadline_ms,
               "candidates": 300, "security": "off (--insecure-dev)" if args.insecure_dev else "TLS/mTLS + tokens",
+              "processes": "colocated (gateway + Triton)" if args.colocated else "gateway, retrieval, ranking + Triton",
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for name, summary in rows.items():
         summary["config"] = config

@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CA, client cert and tokens written by `fusionrec run` (default: %(default)s)")
     p.add_argument("--insecure-dev", action="store_true",
                    help="plaintext, no token (a gateway run with --insecure-dev; with --stack: start it so)")
+    p.add_argument("--colocated", action="store_true",
+                   help="with --stack: retrieval and ranking inside the gateway process (tools/colocated.py)")
     p.add_argument("--rate", type=float, default=100.0, help="requests/s (ramp: start rate)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds (per ramp step)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds sent first and not counted")
@@ -116,7 +118,8 @@ def _on_fresh_stack(args: argparse.Namespace) -> int:
         raise SystemExit(f"{args.artifacts}: the artifact set has no users; pass --users-file")
     print(f"starting Triton, retrieval, ranking and gateway (logs in {args.run_dir}/) ...",
           file=sys.stderr, flush=True)
-    with Stack(args.artifacts, args.model_repo, args.run_dir, insecure_dev=args.insecure_dev) as stack:
+    with Stack(args.artifacts, args.model_repo, args.run_dir, insecure_dev=args.insecure_dev,
+               colocated=args.colocated) as stack:
         args.target = stack.addr("gateway")
         # Not stack.gateway_channel: the lean channel (same certs and token) costs the client less.
         set_connector(*lean_connector(stack.security("client"),

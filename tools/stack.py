@@ -51,6 +51,7 @@ TRITON_MODELS = (FUSED_RANKER_NAME, TEXT_ENCODER_NAME)
 # Loaded too when the model repository has it (a build before the sequential channel has not).
 OPTIONAL_TRITON_MODELS = (SEQ_ENCODER_NAME,)
 SERVICES = ("retrieval", "ranking", "gateway")   # start order: the gateway needs the other two
+BACKENDS = ("retrieval", "ranking")
 
 
 def free_port() -> int:
@@ -100,7 +101,7 @@ class Stack:
     def __init__(self, artifacts: Path, model_repo: Path, run_dir: Path,
                  gateway_args: list[str] | None = None, ranking_args: list[str] | None = None,
                  retrieval_args: list[str] | None = None, replicas: dict[str, int] | None = None,
-                 store: str | None = None, insecure_dev: bool = False) -> None:
+                 store: str | None = None, insecure_dev: bool = False, colocated: bool = False) -> None:
         self.artifacts = Path(artifacts).resolve()
         self.model_repo = Path(model_repo).resolve()
         self.run_dir = Path(run_dir).resolve()
@@ -109,8 +110,14 @@ class Stack:
         unknown = set(replicas or {}) - set(SERVICES)
         if unknown:
             raise ValueError(f"replicas: unknown services {sorted(unknown)} (known: {', '.join(SERVICES)})")
+        # colocated: each gateway process hosts retrieval and ranking (tools/colocated.py).
+        self.colocated = colocated
         self.replicas = {s: int((replicas or {}).get(s, 1)) for s in SERVICES}
-        if min(self.replicas.values()) < 1:
+        if colocated:
+            if any(self.replicas[s] != 1 for s in BACKENDS if s in (replicas or {})):
+                raise ValueError("replicas: a colocated stack runs retrieval and ranking inside each gateway")
+            self.replicas.update({s: 0 for s in BACKENDS})
+        if min(self.replicas[s] for s in SERVICES if not (colocated and s in BACKENDS)) < 1:
             raise ValueError(f"replicas: every service needs at least 1, got {self.replicas}")
         # One spec for the item log and the user state: SQLite in the run folder, or the given store.
         self.store = store or f"sqlite:{self.run_dir / 'state.db'}"
@@ -268,26 +275,30 @@ class Stack:
             raise ValueError(f"{name}: not a replica of {', '.join(SERVICES)}")
         store = self.store
         ports = self._ports.setdefault(name, {"grpc": free_port(), "metrics": free_port()})
-        argv = [sys.executable, "-m", f"{service}.server", "--port", str(ports["grpc"]),
+        module = "tools.colocated" if service == "gateway" and self.colocated else f"{service}.server"
+        argv = [sys.executable, "-m", module, "--port", str(ports["grpc"]),
                 "--metrics-port", str(ports["metrics"]), "--artifacts", str(artifacts or self.artifacts),
                 "--item-log", store]
         argv += self._tls_args(service)
         if service == "retrieval":
             argv += ["--triton-url", self.addr("triton")]   # seq_encoder (the sequential channel)
         if service == "ranking":
-            argv += ["--triton-url", self.addr("triton")]
-            if self._admin_secret:
-                argv += ["--triton-admin-secret-file", str(self.pki.root / "triton-admin.secret")]
+            argv += ["--triton-url", self.addr("triton"), *self._admin_secret_args()]
         if service == "gateway":
-            argv += ["--retrieval-addr", self.target("retrieval"), "--ranking-addr", self.target("ranking"),
-                     "--triton-url", self.addr("triton"), "--state", store,
-                     "--event-log", str(self.event_dir(name))]
+            argv += ["--triton-url", self.addr("triton"), "--state", store, "--event-log", str(self.event_dir(name))]
+            if self.colocated:   # the ranking inside it loads Triton's models
+                argv += self._admin_secret_args()
+            else:
+                argv += ["--retrieval-addr", self.target("retrieval"), "--ranking-addr", self.target("ranking")]
             if not self.insecure_dev:
                 argv += ["--tokens", str(self.run_dir / "tokens.json"),
                          "--tls-client-ca", str(self.pki.root / "gateway-clients-ca.pem")]
         argv += self.extra_args[service]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         self._spawn(name, argv, env, ports)
+
+    def _admin_secret_args(self) -> list[str]:
+        return ["--triton-admin-secret-file", str(self.pki.root / "triton-admin.secret")] if self._admin_secret else []
 
     def restart(self, name: str, sig: int = signal.SIGKILL, timeout_s: float = 120.0) -> float:
         """Stop one replica with `sig` (SIGKILL: no cleanup runs), start it on the same ports and
@@ -349,8 +360,8 @@ class Stack:
 
     def wait_all_healthy(self, names: list[str], timeout_s: float) -> None:
         """Wait for several processes at once (they load in parallel); the first failure raises."""
-        if len(names) == 1:
-            return self.wait_healthy(names[0], timeout_s)
+        if len(names) <= 1:
+            return self.wait_healthy(names[0], timeout_s) if names else None
         with ThreadPoolExecutor(len(names)) as pool:
             for waited in [pool.submit(self.wait_healthy, n, timeout_s) for n in names]:
                 waited.result()
