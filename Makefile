@@ -68,7 +68,7 @@ $(ARTIFACTS)/LATEST:
 	$(MAKE) artifacts
 
 run: setup $(ARTIFACTS)/LATEST  ## start Triton + retrieval + ranking + gateway on loopback, print samples, serve until Ctrl-C
-	$(FUSIONREC) run --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO)
+	$(FUSIONREC) run --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) $(RUN_ARGS)
 
 test: system-packages setup  ## all tests, integration tests included (real Triton, FAISS, LightGBM)
 	$(PY) -m pytest -q

@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=5, help="items per sample (default: %(default)s)")
     p.add_argument("--insecure-dev", action="store_true",
                    help="no TLS, no tokens: every port plaintext and open (development only; logs a warning)")
+    p.add_argument("--colocated", action="store_true",
+                   help="retrieval and ranking inside the gateway process (tools/colocated.py): Triton + one process")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,10 +28,12 @@ def run(args: argparse.Namespace) -> int:
     from tools.stack import Stack
     from tools.supervisor import Supervisor
 
-    stack = Stack(args.artifacts, args.model_repo, args.run_dir, insecure_dev=args.insecure_dev)
+    stack = Stack(args.artifacts, args.model_repo, args.run_dir, insecure_dev=args.insecure_dev,
+                  colocated=args.colocated)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    print("starting Triton, retrieval, ranking and gateway on 127.0.0.1 ...", flush=True)
+    what = "the gateway with retrieval and ranking in it" if args.colocated else "retrieval, ranking and gateway"
+    print(f"starting Triton and {what} on 127.0.0.1 ...", flush=True)
     started = time.monotonic()
     stack.start()
     try:
