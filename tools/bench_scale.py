@@ -67,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reuse-builds", action="store_true",
                    help="serve a size's previous build again when its data spec and epochs match (its build "
                         "figures are that build's, marked build_reused); default: build every size afresh")
+    p.add_argument("--colocated", action="store_true",
+                   help="serve each size with retrieval and ranking inside the gateway process (tools/colocated.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("reports/bench/scale.json"))
 
@@ -187,7 +189,7 @@ def serve(root: Path, model_repo: Path, run_dir: Path, args: argparse.Namespace)
         return pb.RecommendRequest(user_id=picks[i % len(picks)], k=args.k, surface="bench-scale")
 
     shutil.rmtree(run_dir, ignore_errors=True)    # a fresh item log and user state per size
-    stack = Stack(root, model_repo, run_dir)
+    stack = Stack(root, model_repo, run_dir, colocated=args.colocated)
     started = time.perf_counter()
     stack.start(timeout_s=900)
     try:
@@ -203,7 +205,8 @@ def serve(root: Path, model_repo: Path, run_dir: Path, args: argparse.Namespace)
             "degraded_share": summary.get("degraded_share"),
             "rss_mib": rss, "resident_mib": round(rss.get("services_total", 0) + rss.get("triton", 0), 1),
             "pss_mib": summary["pss_mib"], "resident_pss_mib": summary["pss_mib"]["total"],
-            "stack_start_s": round(start_s, 1), "rate": args.rate, "duration_s": args.duration,
+            "stack_start_s": round(start_s, 1), "processes": "colocated" if args.colocated else "three",
+            "rate": args.rate, "duration_s": args.duration,
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

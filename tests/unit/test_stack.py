@@ -113,3 +113,20 @@ def test_bad_replica_counts_are_refused(tmp_path):
         Stack(tmp_path, tmp_path, tmp_path, replicas={"triton": 2})
     with pytest.raises(ValueError, match="at least 1"):
         Stack(tmp_path, tmp_path, tmp_path, replicas={"gateway": 0})
+
+
+def test_a_colocated_stack_starts_gateways_that_hold_retrieval_and_ranking(tmp_path):
+    import pytest
+    from tools.stack import Stack
+    stack, spawned = _recording_stack(tmp_path, colocated=True, replicas={"gateway": 2}, insecure_dev=True)
+    assert stack.names("retrieval") == stack.names("ranking") == []
+    for name in stack.names("gateway"):
+        stack.start_service(name)
+    assert sorted(spawned) == ["gateway-0", "gateway-1"]
+    for argv in spawned.values():
+        assert argv[argv.index("-m") + 1] == "tools.colocated"
+        flags = _flags(argv)
+        assert "--retrieval-addr" not in flags and "--ranking-addr" not in flags
+        assert flags["--triton-url"] == stack.addr("triton") and flags["--item-log"] == flags["--state"]
+    with pytest.raises(ValueError, match="colocated"):
+        Stack(tmp_path, tmp_path, tmp_path, colocated=True, replicas={"ranking": 2})
