@@ -81,3 +81,29 @@ def test_a_shared_table_is_mapped_in_full_at_load(tmp_path, monkeypatch, advice)
     artifacts_module.populate(lazy)
     assert _rss_file_mib() - before > 40
     np.testing.assert_array_equal(lazy[[0, 5000, -1]], table[[0, 5000, -1]])   # still the same values
+
+
+def test_a_shared_table_is_mapped_once_per_process_and_let_go_with_its_last_user(tmp_path):
+    """Retrieval and ranking in one process (the colocated gateway) read the same mapping: its
+    pages count once in the process's RSS. Once no version holds it, it is unmapped."""
+    import gc
+    import threading
+
+    import numpy as np
+    from common.artifacts import ArtifactSet, _shared_tables
+    table = np.arange(10_000 * 384, dtype=np.float32).reshape(-1, 384)   # 15 MiB
+    np.save(tmp_path / "item_text.npy", table)
+    a_set, b_set = ArtifactSet(tmp_path, {}), ArtifactSet(tmp_path, {})
+    got = []
+    threads = [threading.Thread(target=lambda s=s: got.append(s.shared_table("item_text.npy"))) for s in (a_set, b_set)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] is got[1] and not got[0].flags.writeable
+    maps = [line for line in open("/proc/self/maps") if str(tmp_path / "item_text.npy") in line]
+    assert len(maps) == 1, maps
+    del got, threads, t
+    gc.collect()
+    assert (tmp_path / "item_text.npy").resolve() not in _shared_tables
+    assert not [line for line in open("/proc/self/maps") if str(tmp_path / "item_text.npy") in line]
