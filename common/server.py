@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common import tracing
 from common.admission import admission_interceptors
+from common.gc_pauses import freeze_loaded, watch_pauses
 from common.config import ServerConfig
 from common.logs import get_logger
 from common.metrics import GRPC_LATENCY, GRPC_REQUESTS, start_metrics_server
@@ -77,6 +78,7 @@ async def serve(config: ServerConfig, service_names: list[str],
     reports more health names of its own (the gateway's replicas) passes its servicer in.
     service: the metrics/log name of the service; interceptors: the service's own (the gateway's
     token check), run inside the standard ones."""
+    watch_pauses()
     server = grpc.aio.server(interceptors=[*standard_interceptors(config, service), *interceptors],
                              options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -106,6 +108,7 @@ async def serve(config: ServerConfig, service_names: list[str],
         if on_start is not None and not await _started(on_start, stop):
             log.info("stopped before it was ready")
         else:
+            freeze_loaded()   # the first version's objects are never walked by a full collection
             for name in names:
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("serving", extra={"address": address, "services": service_names,
