@@ -17,6 +17,7 @@ from common import tracing
 from common.admission import admission_interceptors
 from common.gc_pauses import freeze_loaded, watch_pauses
 from common.config import ServerConfig
+from common.local_service import LocalService
 from common.logs import get_logger
 from common.metrics import GRPC_LATENCY, GRPC_REQUESTS, start_metrics_server
 from common.security import add_port, process_security
@@ -123,6 +124,16 @@ async def serve(config: ServerConfig, service_names: list[str],
         await server.stop(config.grace_s)
         if on_stop is not None:
             await on_stop()
+
+
+async def serve_service(config: ServerConfig, service: LocalService, full_name: str,
+                        add_servicer: Callable[[Any, grpc.aio.Server], None]) -> None:
+    """A service opened by its `open_service`, served on its own port until SIGTERM, then closed."""
+    try:
+        await serve(config, [full_name], lambda server: add_servicer(service.servicer, server),
+                    on_start=service.start, service=service.name)
+    finally:
+        await service.close()
 
 
 async def _started(on_start: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:

@@ -19,7 +19,7 @@ from common.client import triton_channel_args
 from common.item_log import open_item_log
 from common.local_service import LocalService
 from common.metrics import UNKNOWN_ITEMS, set_artifact_info
-from common.server import observed, serve
+from common.server import observed, serve_service
 from common.security import process_security, read_secret
 from common.triton import admin_headers
 from common.versions import VersionSet, version_or_abort, watch_versions
@@ -182,13 +182,8 @@ def open_service(config: RankingConfig) -> LocalService:
 
 
 async def run(config: RankingConfig) -> None:
-    service = open_service(config)
-    try:
-        await serve(config, [pb.DESCRIPTOR.services_by_name["Ranking"].full_name],
-                    lambda server: pb_grpc.add_RankingServicer_to_server(service.servicer, server),
-                    on_start=service.start, service=SERVICE)
-    finally:
-        await service.close()
+    await serve_service(config, open_service(config), pb.DESCRIPTOR.services_by_name["Ranking"].full_name,
+                        pb_grpc.add_RankingServicer_to_server)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from common.item_follower import ItemLogFollower
 from common.item_log import open_item_log
 from common.local_service import LocalService
 from common.metrics import CANDIDATES, INDEX_ITEMS, STAGE_LATENCY, UNKNOWN_ITEMS, set_artifact_info
-from common.server import observed, serve
+from common.server import observed, serve_service
 from common.security import process_security
 from common.versions import VersionSet, version_or_abort, watch_versions
 from common.wire import candidates_to_proto, known_indices
@@ -175,13 +175,8 @@ def open_service(config: RetrievalConfig) -> LocalService:
 
 
 async def run(config: RetrievalConfig) -> None:
-    service = open_service(config)
-    try:
-        await serve(config, [pb.DESCRIPTOR.services_by_name["Retrieval"].full_name],
-                    lambda server: pb_grpc.add_RetrievalServicer_to_server(service.servicer, server),
-                    on_start=service.start, service=SERVICE)
-    finally:
-        await service.close()
+    await serve_service(config, open_service(config), pb.DESCRIPTOR.services_by_name["Retrieval"].full_name,
+                        pb_grpc.add_RetrievalServicer_to_server)
 
 
 def main() -> None:
