@@ -42,13 +42,16 @@ def served_version(stub, user: str) -> tuple[str, str]:
     return r.versions["artifacts"], r.versions.get("fused_ranker", "")
 
 
-def test_swap_under_load_with_zero_failures(built, known_user, tmp_path):
+@pytest.mark.parametrize("colocated", [False, True], ids=["three-processes", "colocated"])
+def test_swap_under_load_with_zero_failures(built, known_user, tmp_path, colocated):
+    """colocated: the gateway's own load waits for its in-process retrieval and ranking (their
+    Status through the replica monitor's local probe) before it offers the version."""
     root, model_repo = tmp_path / "artifacts", tmp_path / "model_repository"
     shutil.copytree(built[0], root)
     shutil.copytree(built[1], model_repo)
     user = known_user[0]
     old = int(latest_dir(root).name)
-    with Stack(root, model_repo, tmp_path / "run") as stack, stack.gateway_channel() as ch:
+    with Stack(root, model_repo, tmp_path / "run", colocated=colocated) as stack, stack.gateway_channel() as ch:
         stub = pb_grpc.RecommenderStub(ch)
         stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.NewItem(
             item_id="swap-new", title="A brand new film about swaps", category="Drama")]), timeout=5)
@@ -58,7 +61,8 @@ def test_swap_under_load_with_zero_failures(built, known_user, tmp_path):
             republish(root, model_repo, old + 1, corrupt=True)
             time.sleep(3)
             assert served_version(stub, user) == (str(old), str(old))   # refused; old one serves
-            assert "artifact version refused" in (stack.run_dir / "retrieval.log").read_text()
+            log = stack.run_dir / ("gateway.log" if colocated else "retrieval.log")
+            assert "artifact version refused" in log.read_text()
 
             republish(root, model_repo, old + 2)
             deadline = time.monotonic() + 90
