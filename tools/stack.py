@@ -83,6 +83,28 @@ def service_of(name: str) -> str:
     return name.split("-", 1)[0]
 
 
+def reap_backend_stubs(triton_pid: int) -> int:
+    """SIGKILL the python-backend stubs a stopped tritonserver left behind; how many. A
+    tritonserver killed before its graceful exit (SIGKILL, or SIGTERM past our wait while requests
+    were in flight) orphans its stubs, which ignore SIGTERM and outlive the stack. A stub names
+    its server's pid among its arguments."""
+    reaped = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"triton_python_backend_stub") and str(triton_pid).encode() in argv[1:]:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                reaped += 1
+            except OSError:
+                pass
+    return reaped
+
+
 @dataclass
 class Process:
     name: str
@@ -376,6 +398,8 @@ class Stack:
         except subprocess.TimeoutExpired:
             proc.popen.kill()
             proc.popen.wait()
+        if name == "triton":
+            reap_backend_stubs(proc.popen.pid)
 
     def stop(self) -> None:
         """Gateways first (they call the rest), then the backends, then Triton; the replicas of
@@ -393,6 +417,8 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     popen.kill()
                     popen.wait()
+        if "triton" in self.processes:
+            reap_backend_stubs(self.processes["triton"].popen.pid)
 
     def pids(self) -> dict[str, int]:
         return {n: p.popen.pid for n, p in self.processes.items() if p.popen.poll() is None}

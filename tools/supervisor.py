@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from common.logs import get_logger
+from tools.stack import reap_backend_stubs
 
 log = get_logger("supervisor")
 
@@ -78,6 +79,7 @@ class Supervisor:
 
     def _start(self, name: str) -> None:
         if name == "triton":
+            reap_backend_stubs(self.stack.processes[name].popen.pid)   # the dead server's orphans
             self.stack.start_triton(wait=False)
         else:
             self.stack.start_service(name)

@@ -130,3 +130,23 @@ def test_a_colocated_stack_starts_gateways_that_hold_retrieval_and_ranking(tmp_p
         assert flags["--triton-url"] == stack.addr("triton") and flags["--item-log"] == flags["--state"]
     with pytest.raises(ValueError, match="colocated"):
         Stack(tmp_path, tmp_path, tmp_path, colocated=True, replicas={"ranking": 2})
+
+
+def test_a_stopped_tritons_orphaned_backend_stubs_are_reaped(tmp_path):
+    """A stub ignores SIGTERM and outlives a tritonserver killed before its graceful exit; the
+    stack kills the ones naming that server's pid, and only those."""
+    from tools.stack import reap_backend_stubs
+    stub = tmp_path / "triton_python_backend_stub"
+    stub.symlink_to(sys.executable)   # a process whose argv[0] is the stub's name
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    mine = subprocess.Popen([str(stub), "-c", code, "model.py", "424242"])
+    other = subprocess.Popen([str(stub), "-c", code, "model.py", "434343"])
+    try:
+        time.sleep(0.3)
+        assert reap_backend_stubs(424242) == 1
+        assert mine.wait(5) == -signal.SIGKILL
+        assert other.poll() is None
+    finally:
+        for p in (mine, other):
+            p.kill()
+            p.wait()
