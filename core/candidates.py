@@ -11,7 +11,7 @@ from core.channels import Channel
 from core.filters import Filter, apply_filters, blocked_count
 from core.limits import DEFAULT_CANDIDATES
 from core.merge import CandidateMerger, MergedCandidates
-from core.pipeline import Step, run_steps
+from core.pipeline import Step, run_steps, run_steps_yielding
 from core.types import EMPTY, ChannelResult, RetrievalQuery
 
 
@@ -69,6 +69,14 @@ class CandidateGenerator:
         want = max(total, max(quotas.values(), default=0))
         r = Retrieval(query, want, total, quotas)
         return run_steps(self.steps(), r, r.stage_ms, r.failed)
+
+    async def retrieve_yielding(self, query: RetrievalQuery, total: int = DEFAULT_CANDIDATES,
+                                quotas: dict[str, int] | None = None) -> Retrieval:
+        """retrieve(), yielding to the event loop between its steps (the retrieval service)."""
+        quotas = dict(self.quotas if not quotas else quotas)
+        want = max(total, max(quotas.values(), default=0))
+        r = Retrieval(query, want, total, quotas)
+        return await run_steps_yielding(self.steps(), r, r.stage_ms, r.failed)
 
     def channel_results(self, query: RetrievalQuery, want: int,
                         names: list[str] | None = None) -> dict[str, ChannelResult]:

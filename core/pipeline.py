@@ -6,6 +6,7 @@ into `stage_ms[name]`, so the list of steps is also the list of stages a respons
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from contextlib import contextmanager
@@ -54,6 +55,18 @@ def run_steps(steps: list[Step[C]], ctx: C, stage_ms: dict[str, float],
     for step in steps:
         with _policy(step, stage_ms, degraded):
             step.run(ctx)
+    return ctx
+
+
+async def run_steps_yielding(steps: list[Step[C]], ctx: C, stage_ms: dict[str, float],
+                             degraded: list[str]) -> C:
+    """As run_steps, inside an event loop: it yields to the loop after each step, so a loop that
+    also accepts and refuses other calls (a service's own, or the colocated gateway's) is never
+    held for a whole retrieval, only for one step."""
+    for step in steps:
+        with _policy(step, stage_ms, degraded):
+            step.run(ctx)
+        await asyncio.sleep(0)
     return ctx
 
 

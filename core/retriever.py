@@ -96,6 +96,13 @@ class Retriever:
         encoded: query vectors computed upstream, by channel name (the seq_encoder on Triton)."""
         return self.generator.retrieve(RetrievalQuery(user_id, history, exclude, dict(encoded or {})), total, quotas)
 
+    async def retrieve_yielding(self, user_id: str, history: np.ndarray, exclude: np.ndarray,
+                                total: int = DEFAULT_CANDIDATES, quotas: dict[str, int] | None = None,
+                                encoded: dict[str, np.ndarray] | None = None) -> Retrieval:
+        """retrieve(), yielding to the event loop between channels (the retrieval service)."""
+        return await self.generator.retrieve_yielding(
+            RetrievalQuery(user_id, history, exclude, dict(encoded or {})), total, quotas)
+
     def channel_results(self, user_id: str, history: np.ndarray, exclude: np.ndarray, want: int,
                         names: list[str] | None = None):
         return self.generator.channel_results(RetrievalQuery(user_id, history, exclude), want, names)

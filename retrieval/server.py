@@ -94,9 +94,9 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         # channel is skipped), within a bounded share of the remaining deadline.
         encoded, seq_ms = ({}, None) if self.seq_encoder is None else \
             await self.seq_encoder.encoded(retriever.version, history, context.time_remaining())
-        result = retriever.retrieve(request.user_id, history, exclude,
-                                    request.num_candidates or self.default_candidates, dict(request.quotas),
-                                    encoded=encoded)
+        result = await retriever.retrieve_yielding(request.user_id, history, exclude,
+                                                   request.num_candidates or self.default_candidates,
+                                                   dict(request.quotas), encoded=encoded)
         if seq_ms is not None:
             result.stage_ms[SEQ_ENCODER_NAME] = seq_ms
         observe(result)

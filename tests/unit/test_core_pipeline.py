@@ -12,7 +12,7 @@ from core.channels import BertChannel, ItemVectors, PopularChannel
 from core.blocked_items import BlockedItems
 from core.filters import (BlockedItemsFilter, ExcludedItemsFilter, SeenItemsFilter, apply_filters,
                           retrieval_filters)
-from core.pipeline import Step, StepFailed, run_steps, run_steps_async
+from core.pipeline import Step, StepFailed, run_steps, run_steps_async, run_steps_yielding
 from core.types import ChannelResult, RetrievalQuery
 
 
@@ -129,3 +129,36 @@ def test_overfetch_counts_an_item_blocked_twice_once():
     from core.filters import blocked_count
     query = RetrievalQuery("u", history=np.array([1, 2, 3]), exclude=np.array([3, 4]))
     assert blocked_count(retrieval_filters(lambda: blocked({4, 5})), query) == 4
+
+
+def test_yielding_steps_let_the_loop_run_other_work_between_them_with_the_same_policy():
+    """run_steps_yielding: what run_steps does (fail-open recorded, fail-closed raised), and the
+    event loop runs other callbacks between two steps, never inside one."""
+    order: list[str] = []
+
+    def step(name: str, fail: bool = False):
+        def run(ctx: list) -> None:
+            order.append(name)
+            if fail:
+                raise StepFailed("channel_x", "boom")
+            ctx.append(name)
+        return run
+
+    async def other() -> None:
+        for _ in range(3):
+            order.append("other")
+            await asyncio.sleep(0)
+
+    async def go():
+        stage_ms: dict[str, float] = {}
+        degraded: list[str] = []
+        steps = [Step("a", step("a"), fail_open=False), Step("b", step("b", fail=True), fail_open=True, reason="b"),
+                 Step("c", step("c"), fail_open=False)]
+        done, _ = await asyncio.gather(run_steps_yielding(steps, [], stage_ms, degraded), other())
+        return done, stage_ms, degraded
+
+    done, stage_ms, degraded = asyncio.run(go())
+    assert done == ["a", "c"] and set(stage_ms) == {"a", "b", "c"} and degraded == ["channel_x"]
+    assert order.index("other") < order.index("c") and order[:2] == ["a", "other"]   # interleaved between steps
+    with pytest.raises(StepFailed):
+        asyncio.run(run_steps_yielding([Step("z", step("z", fail=True), fail_open=False)], [], {}, []))
