@@ -3,7 +3,9 @@
 A full (generation 2) collection walks every tracked object of the process, and it runs on the
 event loop's thread, so every request in flight waits for it. `freeze_loaded()` (after a
 service's first version is loaded) moves what exists then to the permanent generation, as the
-Python docs advise for servers: the catalog, tables and models are never walked again. Every
+Python docs advise for servers: the catalog, tables and models are never walked again;
+`refreeze()` after each version swap collects what was let go of (frozen objects in reference
+cycles would otherwise never be freed) and freezes the new state. Every
 collection is timed: `fusionrec_gc_pause_seconds{generation}`, and one of 50 ms or more is
 logged.
 """
@@ -44,3 +46,18 @@ def freeze_loaded() -> None:
     """What the process holds now is never collected again: collect once, then freeze."""
     gc.collect()
     gc.freeze()
+
+
+def refreeze() -> None:
+    """After a version swap: what the process no longer holds is collected, cycles included (a
+    frozen object in a reference cycle is never collected), then what it holds now is frozen.
+    No-op while nothing is frozen (a process that never reported SERVING, or a test)."""
+    if gc.get_freeze_count():
+        gc.unfreeze()
+        freeze_loaded()
+
+
+def unwatch_pauses() -> None:
+    """Stop timing (a test process that ran a server in process, before its streams close)."""
+    if _on_gc in gc.callbacks:
+        gc.callbacks.remove(_on_gc)

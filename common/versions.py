@@ -14,6 +14,7 @@ from typing import Awaitable, Callable, Generic, TypeVar
 import grpc
 
 from common.artifacts import LATEST, ArtifactError, ArtifactSet, open_artifacts
+from common.gc_pauses import refreeze
 from common.logs import get_logger
 
 T = TypeVar("T")
@@ -87,3 +88,4 @@ async def watch_versions(root: Path, current: str, load: Callable[[ArtifactSet],
             continue
         log.info("artifact version loaded", extra={"version": version, "previous": seen})
         seen = version
+        refreeze()   # a version let go of is collected (cycles included), the new one frozen

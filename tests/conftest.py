@@ -15,6 +15,17 @@ if str(REPO) not in sys.path:
 DATA = f"movielens:{REPO / 'data' / 'ml-latest-small'}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _servers_in_process_leave_the_gc_as_found():
+    """A test that runs a service's server in this process (common.server.serve) times its GC
+    pauses and freezes what it loaded: undone at the end, before pytest closes the streams."""
+    yield
+    import gc
+    from common.gc_pauses import unwatch_pauses
+    unwatch_pauses()
+    gc.unfreeze()
+
+
 @pytest.fixture(scope="session")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(artifact root, model repository) of a small but real build: 600 items, 150 users, with the

@@ -30,3 +30,30 @@ def test_what_was_loaded_is_moved_out_of_the_collected_generations():
     finally:
         gc.unfreeze()   # the rest of the test session collects as usual
     assert gc.get_freeze_count() == 0
+
+
+def test_a_refreeze_collects_a_frozen_cycle_let_go_of_and_freezes_the_rest():
+    import weakref
+
+    class Node:
+        pass
+    a, b = Node(), Node()
+    a.other, b.other = b, a          # a cycle: only the cyclic collector frees it
+    gone = weakref.ref(a)
+    try:
+        freeze_loaded()
+        del a, b
+        gc.collect()
+        assert gone() is not None    # frozen: the collector never looks at it
+        from common.gc_pauses import refreeze
+        refreeze()
+        assert gone() is None and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_a_refreeze_does_nothing_while_nothing_is_frozen():
+    from common.gc_pauses import refreeze
+    gc.unfreeze()
+    refreeze()
+    assert gc.get_freeze_count() == 0
