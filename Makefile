@@ -67,7 +67,7 @@ artifacts: setup  ## build a new artifact version: make artifacts DATA=movielens
 $(ARTIFACTS)/LATEST:
 	$(MAKE) artifacts
 
-run: setup $(ARTIFACTS)/LATEST  ## start Triton + retrieval + ranking + gateway on loopback, print samples, serve until Ctrl-C
+run: setup $(ARTIFACTS)/LATEST  ## start Triton + retrieval + ranking + gateway on loopback, print samples, serve until Ctrl-C (RUN_ARGS=--colocated: Triton + one process)
 	$(FUSIONREC) run --artifacts $(ARTIFACTS) --model-repo $(MODEL_REPO) $(RUN_ARGS)
 
 test: system-packages setup  ## all tests, integration tests included (real Triton, FAISS, LightGBM)
