@@ -1,6 +1,6 @@
 """A service run inside another process: its servicer called as a remote stub would call it.
 
-The colocated gateway (`gateway --colocate`, README "One process or three") hosts retrieval and
+The colocated gateway (`python -m tools.colocated`, README "One process or three") hosts retrieval and
 ranking in its own process and event loop. Its pipeline keeps calling them through the stub
 interface (`await stub.Retrieve(request, timeout=...)`), so this module gives it an object with
 that interface over the servicer: the same request and response messages (not serialized), the
@@ -62,6 +62,7 @@ class LocalStub:
 
         async def call(request: Any, timeout: float | None = None, **_: Any) -> Any:
             return await call_local(handler, request, timeout)
+        setattr(self, method, call)   # found on the instance from now on: __getattr__ runs once per method
         return call
 
 

@@ -82,6 +82,11 @@ class ReplicaStatus:
     def serves(self, version: str) -> bool:
         return version in self.loaded_versions
 
+    @classmethod
+    def answered(cls, address: str, status: pb.ServiceStatus) -> "ReplicaStatus":
+        return cls(address, True, tuple(status.loaded_versions), status.newest_version,
+                   int(status.item_log_seq), bool(status.item_log_ok))
+
 
 StatusStubFactory = Callable[[grpc.aio.Channel], object]   # channel -> a stub with Status()
 
@@ -93,8 +98,7 @@ async def probe_address(address: str, stub_factory: StatusStubFactory, timeout_s
             status: pb.ServiceStatus = await stub_factory(channel).Status(pb.StatusRequest(), timeout=timeout_s)
     except (grpc.aio.AioRpcError, OSError, asyncio.TimeoutError):
         return ReplicaStatus(address, reachable=False)
-    return ReplicaStatus(address, True, tuple(status.loaded_versions), status.newest_version,
-                         int(status.item_log_seq), bool(status.item_log_ok))
+    return ReplicaStatus.answered(address, status)
 
 
 async def probe_replicas(target: str, stub_factory: StatusStubFactory,

@@ -64,19 +64,20 @@ class CandidateGenerator:
     def retrieve(self, query: RetrievalQuery, total: int = DEFAULT_CANDIDATES,
                  quotas: dict[str, int] | None = None) -> Retrieval:
         """Seen, excluded and deleted items never return."""
-        quotas = dict(self.quotas if not quotas else quotas)
-        # Ask each channel for enough to fill the whole list alone if the others come up short.
-        want = max(total, max(quotas.values(), default=0))
-        r = Retrieval(query, want, total, quotas)
+        r = self._retrieval(query, total, quotas)
         return run_steps(self.steps(), r, r.stage_ms, r.failed)
 
     async def retrieve_yielding(self, query: RetrievalQuery, total: int = DEFAULT_CANDIDATES,
                                 quotas: dict[str, int] | None = None) -> Retrieval:
         """retrieve(), yielding to the event loop between its steps (the retrieval service)."""
-        quotas = dict(self.quotas if not quotas else quotas)
-        want = max(total, max(quotas.values(), default=0))
-        r = Retrieval(query, want, total, quotas)
+        r = self._retrieval(query, total, quotas)
         return await run_steps_yielding(self.steps(), r, r.stage_ms, r.failed)
+
+    def _retrieval(self, query: RetrievalQuery, total: int, quotas: dict[str, int] | None) -> Retrieval:
+        quotas = dict(self.quotas if not quotas else quotas)
+        # Ask each channel for enough to fill the whole list alone if the others come up short.
+        want = max(total, max(quotas.values(), default=0))
+        return Retrieval(query, want, total, quotas)
 
     def channel_results(self, query: RetrievalQuery, want: int,
                         names: list[str] | None = None) -> dict[str, ChannelResult]:

@@ -193,8 +193,7 @@ class Backends:
     """What the gateway calls for a Recommend: retrieval and ranking stubs (`await stub.Retrieve(
     request, timeout=...)`), their replicas for the monitor (Status through `probe`), and what
     runs before SERVING (start) and after the server stops (close). Remote services over gRPC
-    channels by default; in the gateway's own process with `fusionrec gateway-colocated`
-    (tools/colocated.py)."""
+    channels by default; in the gateway's own process with `python -m tools.colocated`."""
     retrieval: Any
     ranking: Any
     replicas: list[ReplicaService]

@@ -130,7 +130,7 @@ def follow(retriever: Retriever):
 def open_service(config: RetrievalConfig) -> LocalService:
     """The retrieval service without its server (called inside the running event loop): the
     servicer, its start (the first version replayed, then tail and watch) and close. Its own
-    process serves it (run); a colocated gateway calls it in process (gateway/colocated.py)."""
+    process serves it (run); a colocated gateway calls it in process (tools/colocated.py)."""
     security = process_security(config)   # no TLS files and no --insecure-dev: fails at once, naming the flags
     if not 0 < config.triton_deadline_share <= 1:
         raise SystemExit(f"--triton-deadline-share must be in (0, 1], got {config.triton_deadline_share}")

@@ -50,8 +50,7 @@ def colocated_backends(config: ColocatedConfig) -> gateway_server.Backends:
         """The replica monitor's probe of an in-process service: one replica, always reachable."""
         service = next(s for s in services if LOCAL_TARGET + s.name == target)
         status = await service.stub.Status(pb.StatusRequest(), timeout=timeout_s)
-        return [ReplicaStatus(target, True, tuple(status.loaded_versions), status.newest_version,
-                              int(status.item_log_seq), bool(status.item_log_ok))]
+        return [ReplicaStatus.answered(target, status)]
 
     async def start() -> None:   # both loaded and replayed (what their SERVING means), in parallel
         await asyncio.gather(*(s.start() for s in services))
