@@ -13,14 +13,14 @@ from pathlib import Path
 import faiss
 
 SEARCH_PARAM = {"hnsw": "efSearch", "ivf": "nprobe"}   # exact search has no knob
-GPU_KINDS = ("flat", "ivf")   # faiss has no GPU HNSW
+GPU_KINDS = ("flat", "ivf")   # faiss has no GPU HNSW, nor a GPU copy of a flat scalar quantizer (flat16)
 GPU_MAX_K = 2048   # faiss GPU k-selection limit: k and nprobe above it are refused
 FAISS_GPU_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
 class IndexInfo:
-    kind: str                                              # "flat" | "hnsw" | "ivf"
+    kind: str                                              # "flat" | "flat16" | "hnsw" | "ivf"
     search: dict[str, int] = field(default_factory=dict)   # set at search time (efSearch / nprobe)
     build: dict[str, int] = field(default_factory=dict)    # fixed when built (M / nlist)
 
@@ -42,6 +42,8 @@ def index_info(index: faiss.Index) -> IndexInfo:
         return IndexInfo("ivf", {"nprobe": int(inner.nprobe)}, {"nlist": int(inner.nlist)})
     if isinstance(inner, faiss.IndexFlat):
         return IndexInfo("flat")
+    if isinstance(inner, faiss.IndexScalarQuantizer):   # exhaustive over float16 rows (CPU only)
+        return IndexInfo("flat16")
     raise ValueError(f"unsupported FAISS index type {type(inner).__name__}")
 
 

@@ -199,3 +199,19 @@ def novelty(slate: Sequence[Hashable], popularity_rank: Mapping[Hashable, int]) 
         return 0.0
     unseen = len(popularity_rank) + 1
     return float(np.mean([popularity_rank.get(item, unseen) for item in slate]))
+
+
+def standard_error(values: Sequence[float] | np.ndarray) -> float:
+    """Standard error of the mean of per-list values (0 for fewer than two)."""
+    values = np.asarray(values, np.float64)
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def measurable_gain(gains: Sequence[float] | np.ndarray, min_z: float) -> bool:
+    """Whether per-list paired gains raise the mean by more than noise: mean > 0 and at least
+    min_z standard errors of the per-list gains."""
+    gains = np.asarray(gains, np.float64)
+    if len(gains) == 0:
+        return False
+    mean = float(gains.mean())
+    return mean > 0 and mean >= min_z * standard_error(gains)

@@ -66,9 +66,9 @@ def test_a_tiny_build_gives_a_row_of_the_schema(tmp_path, capsys):
     assert written == rows and len(rows) == 1
     row = rows[0]
     assert set(ROW_KEYS) <= set(row)
-    assert row["items"] == 600 and row["users"] == 120 and row["index_kind"] == "flat"
-    assert row["recall_at_300"] == pytest.approx(1.0)       # exact search is exact
-    assert row["build_s"] > 0 and row["peak_rss_mib"] > 100 and row["index_mib"] > 0.5   # 600 x 384 floats
+    assert row["items"] == 600 and row["users"] == 120 and row["index_kind"] == "flat16"
+    assert row["recall_at_300"] >= 0.99       # exhaustive over float16 rows: only near-ties may swap
+    assert row["build_s"] > 0 and row["peak_rss_mib"] > 100 and row["index_mib"] >= 0.4   # 600 x 384 float16 (0.44 MiB, rounded)
     assert row["text_space"] == "brought" and row["p50_ms"] is None
     assert "600" in format_table(rows) and "recall@300 1.000" in format_targets(rows)
     # --reuse-builds: the same spec serves the finished build again (no rebuild, figures kept) ...

@@ -144,7 +144,8 @@ def test_a_build_with_brought_vectors_serves_them(brought_build):
     expected = raw[order] / np.linalg.norm(raw[order], axis=1, keepdims=True)
     np.testing.assert_allclose(artifacts.npy("item_text.npy"), expected, atol=1e-6)
     index = faiss.read_index(str(artifacts.path("index_text.faiss")))   # the BERT channel's index
-    np.testing.assert_allclose(np.stack([index.reconstruct(j) for j in range(len(order))]), expected, atol=1e-6)
+    # float16 rows (the CPU exact kind, flat16): equal to float16 rounding
+    np.testing.assert_allclose(np.stack([index.reconstruct(j) for j in range(len(order))]), expected, atol=2e-4)
     m = artifacts.manifest
     model = torch.jit.load(str(final.parent.parent / "model_repository" / "fused_ranker" /
                                m["models"]["fused_ranker"] / "model.pt"))    # the fused ranker's text features

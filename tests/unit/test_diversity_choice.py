@@ -47,8 +47,8 @@ def test_trees_that_keep_validation_ndcg_are_served_with_the_weight_chosen_on_th
 def test_trees_whose_gain_is_inside_the_noise_are_switched_off():
     trees = rows((0.0, 0.110, 0.50), (0.1, 0.109, 0.58))
     plain = rows((0.0, 0.100, 0.50), (0.1, 0.100, 0.70))
-    assert choose_reranking(trees, plain, fused_ndcg=0.100, gain_se=0.009)["trees"] is True    # +0.010 >= 1 se
-    off = choose_reranking(trees, plain, fused_ndcg=0.100, gain_se=0.011)                      # +0.010 < 1 se
+    assert choose_reranking(trees, plain, fused_ndcg=0.100, gain_se=0.0049)["trees"] is True   # +0.010 >= 2 se
+    off = choose_reranking(trees, plain, fused_ndcg=0.100, gain_se=0.0051)                     # +0.010 < 2 se
     assert off["trees"] is False and off["diversity_weight"] == 0.1 and "less than" in off["why"]
 
 

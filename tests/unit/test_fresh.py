@@ -132,6 +132,18 @@ def test_the_build_takes_no_slot_that_costs_more_than_two_percent_of_ndcg():
     assert fresh.slots == 0
 
 
+def test_a_slot_backed_by_one_hit_in_many_lists_is_noise_and_not_taken():
+    """Eight lists with an unseen positive; a fresh slot finds it in one of them (the other seven
+    unseen positives are in no list): a gain of 1/8 with a standard error as large. BERT finds none."""
+    slates, candidates, _ = choice_case(cheap=True)
+    slates, candidates = slates * 2, candidates * 2
+    targets = [np.array([0, 30])] + [np.array([0, 39])] * 7   # 39: untrained, in no list
+    bert_top = [np.array([9, 8])] * 8
+    fresh, report = choose_fresh_slots(FreshItems(candidates=10), slates, candidates, targets, bert_top, COUNTS, k=5)
+    assert report["valid"][1]["unseen_recall@10"] == 1 / 8 and not report["valid"][1]["measurable"]
+    assert fresh.slots == 0 and report["min_z"] == 2.0
+
+
 def test_no_unseen_positive_means_no_slots():
     slates, candidates, _ = choice_case(cheap=True)
     targets = [np.array([0])] * 4

@@ -162,3 +162,12 @@ def test_impression_metrics_match_official_script_without_ties():
         for k in (5, 10):
             ref = _official_dcg(labels, scores, k) / _official_dcg(labels, labels, k)
             assert m[f"ndcg@{k}"] == pytest.approx(ref)
+
+
+def test_a_gain_is_measurable_only_beyond_its_standard_errors():
+    from offline.metrics import measurable_gain, standard_error
+    assert standard_error([1.0]) == 0.0 and standard_error([0.0, 2.0]) == pytest.approx(1.0)
+    one_hit = [1.0] + [0.0] * 7                  # mean 1/8, standard error 1/8
+    assert measurable_gain(one_hit, 0.5) and not measurable_gain(one_hit, 2.0)
+    assert measurable_gain([0.1] * 5, 2.0)       # the same gain everywhere: no noise
+    assert not measurable_gain([], 0.0) and not measurable_gain([0.0, 0.0], 0.0) and not measurable_gain([-1.0, 0.5], 0.0)
