@@ -22,6 +22,7 @@ class DegradedReason(StrEnum):
     RERANKER_ERROR = auto()           # the slate re-ranker failed: fused order
     NO_CANDIDATES = auto()
     ITEM_STATE_UNAVAILABLE = auto()   # the item log could not be read: online items may be stale
+    SEQUENTIAL_UNAVAILABLE = auto()   # the sequential channel's encoder on Triton failed: candidates without it
 
 
 PRODUCED = frozenset(r for r in DegradedReason if r is not DegradedReason.UNSPECIFIED)

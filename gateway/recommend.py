@@ -358,6 +358,7 @@ class RecommendPipeline:
         run.candidates = select_candidates(candidates, keep)
         run.candidate_items = items if keep.all() else items[keep]
         run.versions["index"] = retrieved.index_version
+        run.reasons.extend(reasons_from_proto(retrieved.reasons))   # a channel that failed (the sequential encoder)
         run.remote_ms.update({f"retrieval.{k}": v for k, v in retrieved.stage_ms.items()})
 
     def popular_fallback(self, run: RecommendRun) -> None:

@@ -4,7 +4,10 @@ Retrieval asks Triton once per Retrieve, before the channels run, with the user'
 indices, oldest first) and puts the vector in RetrievalQuery.encoded["sequential"]. The call gets a
 bounded share of the caller's remaining deadline (never more than the configured cap); on any
 failure or timeout the answer is None and retrieval runs without the channel (it comes back empty
-and is named in skipped_channels): a Triton problem degrades the answer, never fails the call.
+and is named in skipped_channels, and the answer carries SEQUENTIAL_UNAVAILABLE, so the caller sees
+it is degraded): a Triton problem degrades the answer, never fails the call. Each loaded version's
+encoder is called a few times before that version serves (warm_up): the first TorchScript calls
+after a load run past the 20 ms cap, and were skipped silently.
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ MODEL = SEQ_ENCODER_NAME
 (INPUT, DTYPE, _), = SEQ_ENCODER_INPUTS
 (OUTPUT, _, _), = SEQ_ENCODER_OUTPUTS
 MIN_TIMEOUT_S = 0.001         # less left than this: do not call at all
+WARM_UP_CALLS = 5
+WARM_UP_TIMEOUT_S = 30.0
+WARM_UP_HISTORY = 20          # items in the warm-up call's history
 LOG_EVERY_S = 10.0            # failures are logged at most this often (with the count held back)
 
 
@@ -44,6 +50,30 @@ class SeqEncoderClient:
         self._outputs = [InferRequestedOutput(OUTPUT)]
         self._failures = 0
         self._logged_at = 0.0
+
+    def expects(self, artifact_version: str) -> bool:
+        """Whether this version's answers should have the sequential channel."""
+        return self.client is not None and bool(self.versions.get(artifact_version))
+
+    async def warm_up(self, artifact_version: str, n_items: int) -> int:
+        """Call the version's encoder WARM_UP_CALLS times with a seeded history before it serves
+        (no failure is counted: Triton may still be loading); returns the calls answered."""
+        if not self.expects(artifact_version) or n_items <= 0:
+            return 0
+        history = np.random.default_rng(0).choice(n_items, size=min(WARM_UP_HISTORY, n_items), replace=False)
+        array = history.astype(np.int64)[None]
+        answered = 0
+        for _ in range(WARM_UP_CALLS):
+            tensor = InferInput(INPUT, list(array.shape), DTYPE)
+            tensor.set_data_from_numpy(array)
+            try:
+                await self.client.infer(MODEL, [tensor], model_version=self.versions[artifact_version],
+                                        outputs=self._outputs, client_timeout=WARM_UP_TIMEOUT_S)
+                answered += 1
+            except (InferenceServerException, grpc.RpcError) as e:
+                log.warning("seq_encoder warm-up failed", extra={"version": artifact_version, "error": str(e)[:200]})
+                break
+        return answered
 
     def timeout_s(self, remaining_s: float | None) -> float:
         """The call's budget: a share of what the caller has left, capped."""
@@ -86,7 +116,7 @@ class SeqEncoderClient:
         return vector[0].astype(np.float32, copy=False)
 
     def _failed(self, why: str) -> None:
-        DEGRADED.labels(SERVICE, DegradedReason.TRITON_UNAVAILABLE.value).inc()
+        DEGRADED.labels(SERVICE, DegradedReason.SEQUENTIAL_UNAVAILABLE.value).inc()
         self._failures += 1
         now = time.monotonic()
         if now - self._logged_at >= LOG_EVERY_S:

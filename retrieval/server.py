@@ -25,15 +25,18 @@ from common.metrics import CANDIDATES, INDEX_ITEMS, STAGE_LATENCY, UNKNOWN_ITEMS
 from common.server import observed, serve_service
 from common.security import process_security
 from common.versions import VersionSet, version_or_abort, watch_versions
-from common.wire import candidates_to_proto, known_indices
-from core.channel_names import MERGED
+from common.wire import candidates_to_proto, known_indices, reasons_to_proto
+from core.channel_names import MERGED, ChannelName
 from core.features import SEQ_ENCODER_NAME
 from core.limits import MAX_RETRIEVE_CANDIDATES, MAX_RETRIEVE_EXCLUDE, MAX_RETRIEVE_HISTORY, MAX_USER_ID
+from core.reasons import DegradedReason
 from core.retriever import Retriever
 from core.text_rules import VERSION_FORM, plain_error
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 from retrieval.seq_encoder import SeqEncoderClient
+
+SEQ_CHANNEL = ChannelName.SEQUENTIAL
 
 SERVICE = "retrieval"
 
@@ -99,11 +102,15 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
                                                    dict(request.quotas), encoded=encoded)
         if seq_ms is not None:
             result.stage_ms[SEQ_ENCODER_NAME] = seq_ms
+        # A version with an encoder whose call failed: the answer lacks a channel it should have.
+        failed = self.seq_encoder is not None and self.seq_encoder.expects(retriever.version) \
+            and SEQ_CHANNEL not in encoded
         observe(result)
         c = result.candidates
         return pb.RetrieveResponse(candidates=candidates_to_proto(c.items, c.columns),
                                    index_version=retriever.version,
-                                   skipped_channels=result.skipped, stage_ms=result.stage_ms)
+                                   skipped_channels=result.skipped, stage_ms=result.stage_ms,
+                                   reasons=reasons_to_proto([DegradedReason.SEQUENTIAL_UNAVAILABLE] if failed else []))
 
     @observed(SERVICE, "Status")
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ServiceStatus:
@@ -149,6 +156,7 @@ def open_service(config: RetrievalConfig) -> LocalService:
         retriever = await asyncio.to_thread(load_retriever, artifacts, gpu)
         if SEQ_ENCODER_NAME in artifacts.manifest["models"]:   # before it is offered: its first call has it
             seq_encoder.versions[retriever.version] = str(artifacts.manifest["models"][SEQ_ENCODER_NAME])
+            await seq_encoder.warm_up(retriever.version, retriever.n_items)
         await offer_followed(versions, follower, retriever.version, retriever, follow(retriever),
                              retriever.overlay.folded_seq)
         set_artifact_info(SERVICE, retriever.version)

@@ -174,7 +174,7 @@ def test_built_seq_encoder_on_triton_equals_in_process(own_stack, built, artifac
 def test_retrieve_uses_the_vector_and_skips_the_channel_without_triton(own_stack, artifacts):
     history = _history(artifacts)
     up = _retrieve(own_stack, history)
-    assert "sequential" not in up.skipped_channels
+    assert "sequential" not in up.skipped_channels and list(up.reasons) == []
     assert SEQ_ENCODER_NAME in up.stage_ms            # the Triton hop was made
     assert _sequential_ranked(up) > 0                 # and its vector found candidates
 
@@ -186,10 +186,12 @@ def test_retrieve_uses_the_vector_and_skips_the_channel_without_triton(own_stack
         triton_proc.send_signal(signal.SIGCONT)
     for response in frozen:   # answered inside a 1 s deadline although Triton never replies
         assert "sequential" in response.skipped_channels
+        assert list(response.reasons) == [pb.DegradedReason.DEGRADED_REASON_SEQUENTIAL_UNAVAILABLE]
         assert _sequential_ranked(response) == 0
         assert len(response.candidates.items) == 100   # the other channels still fill the list
 
     own_stack.kill("triton")                          # stopped: unavailable
     down = _retrieve(own_stack, history)
     assert "sequential" in down.skipped_channels and _sequential_ranked(down) == 0
+    assert list(down.reasons) == [pb.DegradedReason.DEGRADED_REASON_SEQUENTIAL_UNAVAILABLE]
     assert len(down.candidates.items) == 100

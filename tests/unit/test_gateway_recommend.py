@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 
 from common.config import GatewayConfig
 from common.versions import VersionSet
+from common.wire import reasons_to_proto
 from core.item_records import ItemOp, ItemRecord
 from core.reasons import DegradedReason as R
 from gateway.recommend import Recommendation, RecommendPipeline
@@ -46,9 +47,11 @@ def candidates(items: list[int]) -> pb.Candidates:
 
 
 class FakeRetrieval:
-    def __init__(self, items: list[int] | None = None, fail: Exception | None = None) -> None:
+    def __init__(self, items: list[int] | None = None, fail: Exception | None = None,
+                 reasons: tuple[R, ...] = ()) -> None:
         self.items = items if items is not None else list(range(40, 10, -1))
         self.fail = fail
+        self.reasons = reasons
         self.requests: list[pb.RetrieveRequest] = []
 
     async def Retrieve(self, request: pb.RetrieveRequest, timeout: float) -> pb.RetrieveResponse:
@@ -56,7 +59,8 @@ class FakeRetrieval:
         if self.fail is not None:
             raise self.fail
         return pb.RetrieveResponse(candidates=candidates(self.items), index_version="idx-7",
-                                   stage_ms={"channel_bert": 0.5, "merge": 0.1})
+                                   stage_ms={"channel_bert": 0.5, "merge": 0.1},
+                                   reasons=reasons_to_proto(self.reasons))
 
 
 class FakeRanking:
@@ -233,6 +237,16 @@ def test_no_budget_left_skips_ranking(state):
     assert r.reasons == [R.RANKING_TIMEOUT] and ranking.requests == []
     assert indices(state, r) == retrieval.items[:K]
     assert "rank" not in r.stage_ms and "retrieve" in r.stage_ms
+
+
+def test_retrievals_reasons_degrade_the_answer_before_rankings(state):
+    """A channel that failed in retrieval (the sequential encoder) is a degraded answer, though the
+    candidates came and were ranked."""
+    pipeline, _, _ = make(state, retrieval=FakeRetrieval(reasons=(R.SEQUENTIAL_UNAVAILABLE,)),
+                          ranking=FakeRanking(reasons=(R.RERANKER_ERROR,)))
+    r = recommend(pipeline)
+    assert r.reasons == [R.SEQUENTIAL_UNAVAILABLE, R.RERANKER_ERROR] and len(r.items) == K
+    assert recommendation_to_proto(r).degraded
 
 
 def test_ranking_reasons_pass_through_as_enum_and_strings(state):

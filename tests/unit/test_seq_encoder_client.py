@@ -9,6 +9,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from common.metrics import DEGRADED
+from protos import fusionrec_pb2 as pb
 from retrieval.seq_encoder import SeqEncoderClient
 
 
@@ -28,7 +29,7 @@ class FakeTriton:
         self.answer = answer
         self.calls = []
 
-    async def infer(self, model, inputs, model_version, outputs, client_timeout, headers):
+    async def infer(self, model, inputs, model_version, outputs, client_timeout, headers=None):
         self.calls.append({"model": model, "version": model_version, "timeout": client_timeout,
                            "shape": inputs[0].shape(), "dtype": inputs[0].datatype()})
         if isinstance(self.answer, Exception):
@@ -44,7 +45,7 @@ def _client(answer, cap_s=0.02, share=0.4):
 
 
 def _degraded() -> float:
-    return DEGRADED.labels("retrieval", "triton_unavailable")._value.get()
+    return DEGRADED.labels("retrieval", "sequential_unavailable")._value.get()
 
 
 def test_the_vector_goes_to_the_sequential_channel_with_one_user_per_request():
@@ -131,7 +132,7 @@ def test_retrieve_puts_the_triton_vector_in_the_query(tiny_artifacts):
     servicer, _, fake, _ = _servicer_with_sequential(tiny_artifacts, np.ones((1, 4), np.float32))
     response, context = _retrieve(servicer)
     assert context.code() is None and "sequential" not in response.skipped_channels
-    assert _ranked(response) > 0 and "seq_encoder" in response.stage_ms
+    assert _ranked(response) > 0 and "seq_encoder" in response.stage_ms and list(response.reasons) == []
     assert fake.calls[0]["shape"] == [1, 3] and fake.calls[0]["timeout"] == pytest.approx(0.02)
 
 
@@ -142,6 +143,28 @@ def test_retrieve_without_a_vector_answers_and_names_the_channel_skipped(tiny_ar
     response, context = _retrieve(servicer)
     assert context.code() is None and len(response.candidates.items) == 30
     assert "sequential" in response.skipped_channels and _ranked(response) == 0
+    # A failed call degrades the answer (the caller sees it); an empty vector is nothing to do.
+    failed = isinstance(answer, Exception)
+    assert [pb.DegradedReason.Name(r) for r in response.reasons] == \
+        (["DEGRADED_REASON_SEQUENTIAL_UNAVAILABLE"] if failed else [])
+
+
+def test_a_version_without_an_encoder_is_not_degraded_by_its_absence(tiny_artifacts):
+    servicer, retriever, fake, _ = _servicer_with_sequential(tiny_artifacts, np.ones((1, 4), np.float32))
+    servicer.seq_encoder.versions.clear()   # this version's manifest names no seq_encoder
+    response, context = _retrieve(servicer)
+    assert context.code() is None and fake.calls == [] and list(response.reasons) == []
+
+
+def test_warm_up_calls_the_versions_encoder_before_it_serves_and_counts_no_failure():
+    client, fake = _client(np.ones((1, 4), np.float32))
+    before = _degraded()
+    assert asyncio.run(client.warm_up("7", 100)) == 5
+    assert [c["shape"] for c in fake.calls] == [[1, 20]] * 5 and fake.calls[0]["timeout"] == 30.0
+    assert asyncio.run(client.warm_up("8", 100)) == 0 and len(fake.calls) == 5   # no encoder for "8"
+    down, down_fake = _client(InferenceServerException("unavailable", status="StatusCode.UNAVAILABLE"))
+    assert asyncio.run(down.warm_up("7", 100)) == 0 and len(down_fake.calls) == 1   # stops at the first failure
+    assert _degraded() == before
 
 
 def test_online_items_join_the_sequential_index_through_the_content_path(tiny_artifacts):
