@@ -96,16 +96,19 @@ def run(args: argparse.Namespace) -> int:
 
 def measure(stack: Stack, args: argparse.Namespace, make_request) -> tuple[dict, object]:
     """One open-loop run at args.rate: the summary with per-process CPU per request and memory."""
-    cpu_before = {name: tree_total(cpu_seconds, pid) for name, pid in stack.pids().items()}
+    cpu_before: dict[str, float] = {}
+
+    def window_opens() -> None:   # CPU from the first measured send: warm-up and start-up spill excluded
+        cpu_before.update({name: tree_total(cpu_seconds, pid) for name, pid in stack.pids().items()})
+
     result = asyncio.run(run_open_loop(stack.addr("gateway"), args.rate, args.duration, make_request,
                                        warmup=args.warmup, deadline_s=args.deadline_ms / 1000.0,
-                                       progress=sys.stderr,
+                                       progress=sys.stderr, on_window=window_opens,
                                        connect=lambda target: stack.gateway_channel("recommend", aio=True)))
     memory = {name: round(tree_total(rss_mib, pid), 1) for name, pid in stack.pids().items()}
     pss = {name: round(tree_total(pss_mib, pid), 1) for name, pid in stack.pids().items()}
-    answered = max(len([x for x in result.samples if x.latency is not None]), 1)
-    # Includes warm-up requests' CPU, so divide by everything sent.
-    sent = answered + int(args.warmup * args.rate)
+    # Every request sent in the window, answered or not (a few warm-up calls may still finish in it).
+    sent = max(len(result.samples), 1)
     cpu_ms = {name: round((tree_total(cpu_seconds, pid) - cpu_before[name]) * 1000 / sent, 2)
               for name, pid in stack.pids().items()}
     summary = report.summarize(result)

@@ -79,14 +79,17 @@ async def run_open_loop(target: str, rate: float, duration: float,
                         progress: TextIO | None = None,
                         connect: Callable[[str], grpc.aio.Channel] | None = None,
                         metadata: Metadata | None = None,
-                        on_answer: Callable[[int, Any], None] | None = None) -> LoadResult:
+                        on_answer: Callable[[int, Any], None] | None = None,
+                        on_window: Callable[[], None] | None = None) -> LoadResult:
     """Offer `rate` requests/s for warmup + duration seconds; only the last `duration` count.
 
     make_request(i) builds request number i (i counts from 0, warm-up included). Sending stops at
     the end of the window even if the client fell behind (the rest is `not_sent`); calls still in
     flight get up to max(drain_s, deadline_s) to finish, then are cancelled as NOT_ANSWERED.
     on_answer(i, response) is called for each OK answer inside the window (the overload mode
-    scores them). connect / metadata: the channel and per-call metadata (default: set_connector's).
+    scores them). on_window() is called once, right before the first measured send (the bench reads
+    the processes' CPU there, so warm-up and whatever the stack still did after its start do not
+    count). connect / metadata: the channel and per-call metadata (default: set_connector's).
     A sample's latency runs from its actual send, not its scheduled time (lag: the difference).
     """
     if rate <= 0 or duration <= 0 or warmup < 0:
@@ -141,6 +144,8 @@ async def run_open_loop(target: str, rate: float, duration: float,
                 await asyncio.sleep(scheduled - now)
             sent_count[0] += 1
             sample = None
+            if i == n_warm and on_window is not None:
+                on_window()
             if i >= n_warm:  # recorded at send time, so a call that never answers still counts
                 sample = Sample(at=scheduled - t_window, lag=loop.time() - scheduled, latency=None,
                                 code="NOT_ANSWERED")

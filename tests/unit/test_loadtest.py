@@ -92,6 +92,19 @@ def test_open_loop_sends_rate_times_duration_and_counts_codes() -> None:
     assert set(s["schedule_lag_ms"]) == {"p50", "p99", "max"}
 
 
+def test_the_window_opens_once_after_the_warm_up_sends_and_before_the_first_measured_one() -> None:
+    """The bench reads the processes' CPU when the window opens: every warm-up call is sent by
+    then and no measured one yet."""
+    servicer = ScriptedRecommender()
+    at_open: list[int] = []
+    result = asyncio.run(_drive(servicer, rate=100.0, duration=0.3, warmup=0.2,
+                                on_window=lambda: at_open.append(servicer.calls)))
+    assert len(at_open) == 1 and 0 < at_open[0] <= 20     # the calls that reached the server by then: warm-up only
+    assert len(result.samples) == 30 and servicer.calls == 50
+    assert asyncio.run(_drive(ScriptedRecommender(), rate=100.0, duration=0.1, on_window=lambda: at_open.append(-1))).samples
+    assert at_open[-1] == -1                              # no warm-up: it opens before the first send
+
+
 def test_sends_keep_their_schedule_while_answers_are_slow() -> None:
     """Open loop: a slow server does not hold the next send back, so calls pile up in flight."""
     servicer = ScriptedRecommender(delay_s=0.5)
