@@ -200,7 +200,7 @@ def _recording_stack(tmp_path, **kwargs):
     stack = Stack(tmp_path, tmp_path, tmp_path / "run", **kwargs)
     spawned: dict[str, list[str]] = {}
 
-    def spawn(name, argv, env, ports):
+    def spawn(name, argv, env, ports, nice=0):
         spawned[name] = argv
         stack._ports[name] = ports
     stack._spawn = spawn

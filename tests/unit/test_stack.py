@@ -45,14 +45,43 @@ def test_children_start_without_a_preexec_fn():
     assert SETPRIV, "setpriv (util-linux) is required to start children"
 
 
+def test_a_nicer_child_keeps_its_pid_and_runs_at_the_lower_priority(tmp_path):
+    from tools.stack import Stack
+    stack = Stack(tmp_path, tmp_path, tmp_path)
+    stack._spawn("sleeper", ["sleep", "30"], dict(os.environ), {}, nice=5)
+    popen = stack.processes["sleeper"].popen
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _command(popen.pid) != b"sleep":
+            time.sleep(0.02)
+        assert _command(popen.pid) == b"sleep"   # setpriv and nice exec'd it in place
+        stat = Path(f"/proc/{popen.pid}/stat").read_text()
+        assert int(stat[stat.rindex(")") + 2:].split()[16]) == os.nice(0) + 5   # field 19: nice
+    finally:
+        popen.kill()
+        popen.wait()
+
+
+def test_the_backends_run_nicer_than_the_gateway(tmp_path):
+    stack, _ = _recording_stack(tmp_path, insecure_dev=True)
+    for name in ("retrieval", "ranking", "gateway"):
+        stack.start_service(name)
+    assert stack.niceness == {"retrieval": 5, "ranking": 5, "gateway": 0}
+    colocated, _ = _recording_stack(tmp_path, colocated=True, insecure_dev=True, backend_nice=0)
+    colocated.start_service("gateway")
+    assert colocated.niceness == {"gateway": 0}
+
+
 def _recording_stack(tmp_path, **kwargs):
     """A Stack whose _spawn records argv instead of starting anything."""
     from tools.stack import Stack
     stack = Stack(tmp_path, tmp_path, tmp_path, **kwargs)
     spawned: dict[str, list[str]] = {}
+    stack.niceness = {}
 
-    def spawn(name, argv, env, ports):
+    def spawn(name, argv, env, ports, nice=0):
         spawned[name] = argv
+        stack.niceness[name] = nice
         stack._ports[name] = ports
     stack._spawn = spawn
     stack._ports["triton"] = {"grpc": 1, "http": 2, "metrics": 3}
