@@ -55,20 +55,21 @@ class SeqEncoderClient:
         """Whether this version's answers should have the sequential channel."""
         return self.client is not None and bool(self.versions.get(artifact_version))
 
+    def missing(self, artifact_version: str, encoded: dict[str, np.ndarray]) -> bool:
+        """Whether encoded() failed for a version that has an encoder (the answer is degraded);
+        an empty vector (a history the encoder knows nothing of) is nothing to do, not a failure."""
+        return self.expects(artifact_version) and CHANNEL not in encoded
+
     async def warm_up(self, artifact_version: str, n_items: int) -> int:
         """Call the version's encoder WARM_UP_CALLS times with a seeded history before it serves
         (no failure is counted: Triton may still be loading); returns the calls answered."""
         if not self.expects(artifact_version) or n_items <= 0:
             return 0
         history = np.random.default_rng(0).choice(n_items, size=min(WARM_UP_HISTORY, n_items), replace=False)
-        array = history.astype(np.int64)[None]
         answered = 0
         for _ in range(WARM_UP_CALLS):
-            tensor = InferInput(INPUT, list(array.shape), DTYPE)
-            tensor.set_data_from_numpy(array)
             try:
-                await self.client.infer(MODEL, [tensor], model_version=self.versions[artifact_version],
-                                        outputs=self._outputs, client_timeout=WARM_UP_TIMEOUT_S)
+                await self._call(self.versions[artifact_version], history, WARM_UP_TIMEOUT_S)
                 answered += 1
             except (InferenceServerException, grpc.RpcError) as e:
                 log.warning("seq_encoder warm-up failed", extra={"version": artifact_version, "error": str(e)[:200]})
@@ -85,25 +86,27 @@ class SeqEncoderClient:
                       remaining_s: float | None) -> tuple[dict[str, np.ndarray], float | None]:
         """({"sequential": vector [D] float32}, the call's ms), or ({}, ...) when there is no
         encoder (ms None: no call) or the call failed."""
-        model_version = self.versions.get(artifact_version)
-        if self.client is None or not model_version:
+        if not self.expects(artifact_version):
             return {}, None
         timeout = self.timeout_s(remaining_s)
         if timeout < MIN_TIMEOUT_S:
             self._failed("no time left")
             return {}, None
         start = time.perf_counter()
-        vector = await self._infer(model_version, history, timeout)
+        vector = await self._infer(self.versions[artifact_version], history, timeout)
         return ({CHANNEL: vector} if vector is not None else {}), (time.perf_counter() - start) * 1000.0
 
-    async def _infer(self, model_version: str, history: np.ndarray, timeout: float) -> np.ndarray | None:
+    async def _call(self, model_version: str, history: np.ndarray, timeout: float):
+        """One infer call (raises what tritonclient raises)."""
         array = np.ascontiguousarray(history, np.int64)[None]   # batch dim: one user per request
         tensor = InferInput(INPUT, list(array.shape), DTYPE)
         tensor.set_data_from_numpy(array)
+        return await self.client.infer(MODEL, [tensor], model_version=model_version, outputs=self._outputs,
+                                       client_timeout=timeout, headers=outgoing_headers())
+
+    async def _infer(self, model_version: str, history: np.ndarray, timeout: float) -> np.ndarray | None:
         try:
-            result = await self.client.infer(MODEL, [tensor], model_version=model_version, outputs=self._outputs,
-                                             client_timeout=timeout, headers=outgoing_headers())
-            vector = result.as_numpy(OUTPUT)
+            vector = (await self._call(model_version, history, timeout)).as_numpy(OUTPUT)
         except InferenceServerException as e:
             self._failed((e.status() or "error").lower())
             return None

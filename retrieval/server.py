@@ -26,7 +26,7 @@ from common.server import observed, serve_service
 from common.security import process_security
 from common.versions import VersionSet, version_or_abort, watch_versions
 from common.wire import candidates_to_proto, known_indices, reasons_to_proto
-from core.channel_names import MERGED, ChannelName
+from core.channel_names import MERGED
 from core.features import SEQ_ENCODER_NAME
 from core.limits import MAX_RETRIEVE_CANDIDATES, MAX_RETRIEVE_EXCLUDE, MAX_RETRIEVE_HISTORY, MAX_USER_ID
 from core.reasons import DegradedReason
@@ -35,8 +35,6 @@ from core.text_rules import VERSION_FORM, plain_error
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 from retrieval.seq_encoder import SeqEncoderClient
-
-SEQ_CHANNEL = ChannelName.SEQUENTIAL
 
 SERVICE = "retrieval"
 
@@ -103,8 +101,7 @@ class RetrievalServicer(pb_grpc.RetrievalServicer):
         if seq_ms is not None:
             result.stage_ms[SEQ_ENCODER_NAME] = seq_ms
         # A version with an encoder whose call failed: the answer lacks a channel it should have.
-        failed = self.seq_encoder is not None and self.seq_encoder.expects(retriever.version) \
-            and SEQ_CHANNEL not in encoded
+        failed = self.seq_encoder is not None and self.seq_encoder.missing(retriever.version, encoded)
         observe(result)
         c = result.candidates
         return pb.RetrieveResponse(candidates=candidates_to_proto(c.items, c.columns),
