@@ -47,7 +47,7 @@ from offline.serving.export import publish_seq_encoder, weights_checksum
 from offline.serving.seq_encoder import SEQ_ENCODER_WEIGHTS
 from offline.serving.seq_encoder import (SEQ_INDEX, SEQ_INDEX_NAME, SEQ_ITEM_VECTORS, SEQ_TEXT_BIAS,
                                          SEQ_TEXT_PROJ, InProcessSeqEncoder, script_encoder)
-from offline.sequential import SeqConfig, recall_figures, train_sequential, user_vectors
+from offline.sequential import SeqConfig, Validation, recall_figures, train_sequential, user_vectors
 from core.features import SEQ_ENCODER_NAME
 from offline.serving.fused_ranker import FusedRanker
 from offline.split import dataset_split, split_impressions
@@ -261,18 +261,19 @@ def build(opts: BuildOptions) -> Path:
             # The next-item encoder (offline/sequential.py) on the training sequences: its item vectors
             # are index_seq.faiss, its TorchScript the seq_encoder Triton serves to retrieval.
             seq_config = SeqConfig(seed=opts.seed)
+            # Validation users (train history -> validation items, seen ones excluded): the stage
+            # stops on their recall, reports their figures (so those are optimistic) and tunes and
+            # measures the index with their vectors.
+            seq_users = [u for u in sorted(valid_t, key=lambda u: zlib.crc32(u.encode())) if u in train_seq][:QUOTA_USERS]
+            seq_valid = Validation([train_seq[u] for u in seq_users], [np.unique(valid_t[u]) for u in seq_users])
             seq = train_sequential([train_seq[u] for u in sorted(train_seq)], item_text, seq_config,
-                                   progress=opts.progress)
+                                   progress=opts.progress, valid=seq_valid)
             script_encoder(seq.encoder, staging / SEQ_ENCODER_WEIGHTS)
             np.save(staging / SEQ_ITEM_VECTORS, seq.item_vectors)
             np.save(staging / SEQ_TEXT_PROJ, seq.text_proj)
             np.save(staging / SEQ_TEXT_BIAS, seq.text_bias)
-            # Validation users (train history -> validation items, seen ones excluded): the figures, and
-            # their vectors as the index's tuning / measuring queries.
-            seq_users = [u for u in sorted(valid_t, key=lambda u: zlib.crc32(u.encode())) if u in train_seq][:QUOTA_USERS]
             seq_queries = user_vectors(seq.encoder, [train_seq[u] for u in seq_users])
-            seq_figures = recall_figures(seq.item_vectors, seq_queries, [train_seq[u] for u in seq_users],
-                                         [np.unique(valid_t[u]) for u in seq_users])
+            seq_figures = recall_figures(seq.item_vectors, seq_queries, seq_valid.histories, seq_valid.targets)
             # IVF above the exact size: HNSW construction over ~1M vectors takes far longer than this stage.
             seq_index = build_index(seq.item_vectors, ivf_above=EXACT_BELOW,
                                     queries=seq_queries[::2] if len(seq_users) > 1 else None, k=RECALL_K, seed=opts.seed)
@@ -281,9 +282,10 @@ def build(opts: BuildOptions) -> Path:
             seq_index_info = {**asdict(index_info(seq_index)), f"recall@{RECALL_K}": seq_index_recall}
             del seq_index
             sequential_info = {**seq_config.describe(), "softmax": seq.softmax, "steps": seq.steps,
+                               "best_step": seq.best_step, "valid_checks": seq.checks,
                                "train_loss": [round(x, 4) for x in seq.losses], "valid_users": len(seq_users),
                                "valid": {k: round(v, 4) for k, v in seq_figures.items()}}
-            figures.update(steps=str(seq.steps), softmax=seq.softmax,
+            figures.update(steps=str(seq.steps), best_step=str(seq.best_step), softmax=seq.softmax,
                            loss=f"{seq.losses[0]:.3f}->{seq.losses[-1]:.3f}" if seq.losses else "-",
                            recall_at_300=f"{seq_figures['recall@300']:.3f}")
 

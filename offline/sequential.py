@@ -6,6 +6,10 @@ Item vectors = id embedding + Linear(BERT vector): items seen in training learn 
 others (and items added online) rely on their text. The loss is a full softmax over the catalog
 while it is small, else a sampled softmax over the batch's own targets plus uniform negatives.
 Reproducible (fixed seed, deterministic algorithms) and bounded: at most `max_steps` steps.
+Given validation users (their training history and the items they picked next), it stops early:
+every `eval_every` steps it measures their recall@`eval_k` and keeps the best checkpoint, and it
+stops once `patience` checks in a row did not beat it (measured on ml-latest-small: at the old
+fixed 200 steps the training loss was still falling, recall@300 0.457; 1,000 steps 0.531).
 """
 from __future__ import annotations
 
@@ -26,8 +30,12 @@ class SeqConfig:
     layers: int = 2
     heads: int = 2
     dropout: float = 0.2
-    epochs: int = 10
-    max_steps: int = 200            # bounds the build's time whatever the data size
+    epochs: int = 60
+    max_steps: int = 1500           # bounds the build's time whatever the data size (~0.1 s a step here)
+    eval_every: int = 200           # steps between validation checks (with validation users; 100 was too noisy to stop on)
+    patience: int = 3               # checks without a new best recall before it stops
+    eval_k: int = 300               # the recall it stops on: the candidate list's length
+    eval_users: int = 500           # validation users per check (bounds a check's cost at 1M items)
     batch: int = 64                 # windows per step
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -52,6 +60,8 @@ class SeqModel:
     steps: int = 0
     softmax: str = "full"
     tower: "ItemTower | None" = None   # the trained item side (tests compare the exported projection to it)
+    checks: list[tuple[int, float]] = field(default_factory=list)   # (step, validation recall@eval_k)
+    best_step: int = 0              # the checkpoint kept (steps when there was no validation)
 
 
 class ItemTower(nn.Module):
@@ -97,18 +107,45 @@ def windows(sequences: list[np.ndarray], max_history: int, per_user: int) -> np.
     return np.array(out, np.int64).reshape(-1, m)
 
 
+@dataclass(frozen=True)
+class Validation:
+    """Users held out for early stopping: each one's training history and the items picked next."""
+    histories: list[np.ndarray]
+    targets: list[np.ndarray]
+
+    def head(self, n: int) -> "Validation":
+        return Validation(self.histories[:n], self.targets[:n])
+
+
 def train_sequential(sequences: list[np.ndarray], item_text: np.ndarray, config: SeqConfig = SeqConfig(),
-                     progress: bool = True) -> SeqModel:
-    """sequences: each user's training items, oldest first (item indices into item_text)."""
+                     progress: bool = True, valid: Validation | None = None) -> SeqModel:
+    """sequences: each user's training items, oldest first (item indices into item_text).
+    valid: stop early on their recall (module docstring); None: train the whole budget."""
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(sequences, item_text, config, progress)
+        return _train(sequences, item_text, config, progress, valid)
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
-def _train(sequences: list[np.ndarray], item_text: np.ndarray, c: SeqConfig, progress: bool) -> SeqModel:
+def _checkpoint(module: nn.Module) -> dict[str, Tensor]:
+    """A copy of the trained state; not the encoder's item_vectors table (made from the tower)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if k != "item_vectors"}
+
+
+def _valid_recall(encoder: "SeqEncoder", tower: "ItemTower", valid: Validation, k: int) -> float:
+    """recall@k of the validation users as served (eval mode; the caller restores train mode)."""
+    encoder.eval()
+    tower.eval()
+    table = tower.table()
+    encoder.item_vectors = table
+    queries = user_vectors(encoder, valid.histories)
+    return recall_figures(table.numpy(), queries, valid.histories, valid.targets, ks=(k,))[f"recall@{k}"]
+
+
+def _train(sequences: list[np.ndarray], item_text: np.ndarray, c: SeqConfig, progress: bool,
+           valid: Validation | None) -> SeqModel:
     rng = np.random.default_rng(c.seed)
     torch.manual_seed(c.seed)
     n = len(item_text)
@@ -126,7 +163,11 @@ def _train(sequences: list[np.ndarray], item_text: np.ndarray, c: SeqConfig, pro
     tower.train()
     bar = tqdm(total=steps, desc="sequential", unit="step", disable=not progress)
     done = 0
-    while done < steps:
+    valid = valid.head(c.eval_users) if valid is not None and valid.histories else None
+    checks: list[tuple[int, float]] = []
+    best: tuple[float, int, dict, dict] | None = None   # (recall, step, encoder state, tower state)
+    stale = 0
+    while done < steps and stale < c.patience:
         order = rng.permutation(len(data))
         total, count = 0.0, 0
         for start in range(0, len(order), c.batch):
@@ -139,14 +180,32 @@ def _train(sequences: list[np.ndarray], item_text: np.ndarray, c: SeqConfig, pro
             opt.step()
             total, count, done = total + float(loss.detach()), count + 1, done + 1
             bar.update(1)
+            if valid is not None and (done % c.eval_every == 0 or done == steps):
+                recall = _valid_recall(encoder, tower, valid, c.eval_k)
+                checks.append((done, round(recall, 5)))
+                if best is None or recall > best[0]:
+                    best, stale = (recall, done, _checkpoint(encoder), _checkpoint(tower)), 0
+                else:
+                    stale += 1
+                encoder.train()
+                tower.train()
+                bar.set_postfix(recall=f"{recall:.3f}", best=f"{best[0]:.3f}@{best[1]}")
+                if stale >= c.patience:
+                    break
         losses.append(total / max(count, 1))
     bar.close()
+    best_step = done
+    if best is not None:
+        best_step = best[1]
+        encoder.load_state_dict(best[2], strict=False)   # item_vectors: rebuilt below
+        tower.load_state_dict(best[3])
     encoder.eval()
     tower.eval()
     table = tower.table()
     encoder.item_vectors = table.clone()
     return SeqModel(encoder, table.numpy(), tower.proj.weight.detach().T.contiguous().numpy(),
-                    tower.proj.bias.detach().numpy().copy(), losses, done, "full" if full else "sampled", tower)
+                    tower.proj.bias.detach().numpy().copy(), losses, done, "full" if full else "sampled", tower,
+                    checks, best_step)
 
 
 def _step_loss(encoder: SeqEncoder, tower: ItemTower, batch: Tensor, full: bool, c: SeqConfig,
@@ -198,7 +257,7 @@ def recall_figures(item_vectors: np.ndarray, users: np.ndarray, histories: list[
     """Mean recall@k (and nDCG@10) of each user's targets among the top items by inner product,
     the history's items excluded (as retrieval's seen filter does)."""
     table = torch.from_numpy(item_vectors)
-    top = max(ks)
+    top = max(*ks, 10)   # nDCG@10 needs the top 10 whatever ks asks for
     recall = {k: [] for k in ks}
     ndcg = []
     for start in range(0, len(users), chunk):
@@ -210,7 +269,7 @@ def recall_figures(item_vectors: np.ndarray, users: np.ndarray, histories: list[
             hit = np.isin(ranked[j], t)
             for k in ks:
                 recall[k].append(hit[:k].sum() / len(t))
-            gains = hit[:10] / np.log2(np.arange(2, 12))
+            gains = hit[:10] / np.log2(np.arange(2, 2 + len(hit[:10])))   # a catalog under 10 items
             ideal = (1 / np.log2(np.arange(2, 2 + min(len(t), 10)))).sum()
             ndcg.append(gains.sum() / ideal)
     figures = {f"recall@{k}": float(np.mean(v)) if v else 0.0 for k, v in recall.items()}

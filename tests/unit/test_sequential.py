@@ -10,7 +10,7 @@ from core.channels import BertChannel, CfChannel, ItemVectors, PopularChannel, S
 from core.types import RetrievalQuery
 from offline.cf import train_als
 from offline.index import build_index
-from offline.sequential import SeqConfig, train_sequential, user_vectors
+from offline.sequential import SeqConfig, Validation, recall_figures, train_sequential, user_vectors
 from offline.serving.seq_encoder import InProcessSeqEncoder, content_vectors, script_encoder
 
 N_ITEMS, TEXT_DIM, USERS, PAIRS = 60, 16, 300, 7
@@ -144,3 +144,44 @@ def test_sampled_softmax_trains_on_a_catalog_above_the_full_softmax_limit(plante
                        negatives=20, seed=0)
     model = train_sequential(sequences[:100], text, config, progress=False)
     assert model.softmax == "sampled" and model.steps == 4 and np.isfinite(model.item_vectors).all()
+
+
+def _validation(succ: np.ndarray, seed: int, n: int = 60) -> Validation:
+    """Held-out users on the planted order: a history of pairs ending on a pair's first item, and its successor."""
+    rng = np.random.default_rng(seed)
+    histories = [np.r_[_pairs(succ, rng, 3), int(rng.integers(N_ITEMS))] for _ in range(n)]
+    return Validation(histories, [np.array([succ[h[-1]]]) for h in histories])
+
+
+def _served_recall(model, valid: Validation, k: int) -> float:
+    queries = user_vectors(model.encoder, valid.histories)
+    return recall_figures(model.item_vectors, queries, valid.histories, valid.targets, ks=(k,))[f"recall@{k}"]
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_stops_after_patience(planted):
+    succ, sequences, text, _, _ = planted
+    valid = _validation(succ, seed=7)
+    config = SeqConfig(dim=32, max_history=10, layers=1, epochs=100, max_steps=400, batch=64, dropout=0.1,
+                       lr=2e-2, loss_share=1.0, eval_every=5, patience=2, eval_k=1, seed=0)
+    model = train_sequential(sequences, text, config, progress=False, valid=valid)
+    steps, recalls = zip(*model.checks)
+    best = int(np.argmax(recalls))          # the first best: a later tie is not "better"
+    assert model.best_step == steps[best]
+    # Stopped at the patience-th check without a new best, or at the budget.
+    assert len(steps) - 1 - best == config.patience or model.steps == config.max_steps
+    assert model.steps == steps[-1] and model.steps < config.max_steps   # it did stop early here
+    # What is returned is that checkpoint, as served: its recall is the best check's.
+    assert _served_recall(model, valid, 1) == pytest.approx(recalls[best], abs=1e-5)
+
+
+def test_early_stopping_is_reproducible_and_without_validation_trains_the_whole_budget(planted):
+    succ, sequences, text, _, _ = planted
+    valid = _validation(succ, seed=8, n=20)
+    config = SeqConfig(dim=16, max_history=10, layers=1, epochs=100, max_steps=30, batch=64, eval_every=10,
+                       patience=1, eval_k=5, seed=3)
+    a = train_sequential(sequences[:100], text, config, progress=False, valid=valid)
+    b = train_sequential(sequences[:100], text, config, progress=False, valid=valid)
+    np.testing.assert_array_equal(a.item_vectors, b.item_vectors)
+    assert a.checks == b.checks and a.best_step == b.best_step
+    whole = train_sequential(sequences[:100], text, config, progress=False)
+    assert whole.steps == config.max_steps and whole.checks == [] and whole.best_step == config.max_steps
