@@ -106,3 +106,13 @@ def test_diversity_weight_mixes_clusters():
     plain, _ = _reranker(0.0)[0].rerank(items, fused, np.zeros((200, F), np.float32), 10)
     diverse, _ = _reranker(50.0)[0].rerank(items, fused, np.zeros((200, F), np.float32), 10)
     assert (plain >= 100).sum() < (diverse >= 100).sum()
+
+
+def test_gather_equals_advanced_indexing_for_any_index_shape():
+    import torch
+    from offline.serving.fused_ranker import gather
+    table = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+    for index in (torch.tensor([3, 0, 9]), torch.tensor([[1, 2], [9, 9], [0, 5]]), torch.zeros(0, dtype=torch.int64)):
+        assert torch.equal(gather(table, index), table[index])
+    flat = torch.arange(10)
+    assert torch.equal(gather(flat, torch.tensor([[4, 1]])), flat[torch.tensor([[4, 1]])])
