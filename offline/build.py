@@ -272,7 +272,7 @@ def build(opts: BuildOptions) -> Path:
             np.save(staging / SEQ_ITEM_VECTORS, seq.item_vectors)
             np.save(staging / SEQ_TEXT_PROJ, seq.text_proj)
             np.save(staging / SEQ_TEXT_BIAS, seq.text_bias)
-            seq_queries = user_vectors(seq.encoder, [train_seq[u] for u in seq_users])
+            seq_queries = user_vectors(seq.encoder, seq_valid.histories)
             seq_figures = recall_figures(seq.item_vectors, seq_queries, seq_valid.histories, seq_valid.targets)
             # IVF above the exact size: HNSW construction over ~1M vectors takes far longer than this stage.
             seq_index = build_index(seq.item_vectors, ivf_above=EXACT_BELOW,

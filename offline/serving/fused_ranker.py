@@ -116,8 +116,7 @@ class FusedRanker(nn.Module):
             return torch.zeros(history_len.shape[0], 0, dtype=torch.int64), mask
         starts = torch.cumsum(history_len, 0) - keep                               # last `keep` of each
         index = torch.clamp(starts.unsqueeze(1) + positions, max=history.shape[0] - 1)
-        padded = torch.where(mask, history.index_select(0, index.reshape(-1)).reshape(index.shape),
-                             torch.zeros_like(index))
+        padded = torch.where(mask, gather(history, index), torch.zeros_like(index))
         return padded, mask
 
     def user_text(self, history: Tensor, mask: Tensor, extra_text: Tensor) -> Tensor:
