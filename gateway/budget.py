@@ -13,28 +13,7 @@ a hop that became slower gets more time on the next calls rather than failing fo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass
-class LatencyEstimate:
-    """Exponentially weighted mean and mean absolute deviation of one hop's latency, seconds."""
-    alpha: float = 0.05
-    mean: float = 0.0
-    deviation: float = 0.0
-    samples: int = 0
-
-    def observe(self, seconds: float) -> None:
-        if self.samples == 0:
-            self.mean, self.deviation = seconds, seconds / 2
-        else:
-            self.deviation += self.alpha * (abs(seconds - self.mean) - self.deviation)
-            self.mean += self.alpha * (seconds - self.mean)
-        self.samples += 1
-
-    @property
-    def tail(self) -> float:
-        return self.mean + 2.0 * self.deviation
+from common.latency import LatencyEstimate
 
 
 class HopBudget:

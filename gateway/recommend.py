@@ -40,6 +40,7 @@ import numpy as np
 from common.admission import report_late
 from common.config import GatewayConfig
 from common.item_follower import ItemLogFollower
+from common.latency import LatencyEstimate
 from common.metrics import UNKNOWN_ITEMS, record_degraded, record_stage
 from common.wire import reasons_from_proto
 from common.versions import VersionSet
@@ -50,7 +51,7 @@ from core.merge import rows_in
 from core.pipeline import Step, StepFailed, run_steps_async
 from core.reasons import DegradedReason
 from core.types import EMPTY, ChannelResult, RetrievalQuery
-from gateway.budget import HopBudget, LatencyEstimate
+from gateway.budget import HopBudget
 from gateway.catalog import Catalog
 from gateway.serving_state import ServingState
 from gateway.state_store import UserStateStore

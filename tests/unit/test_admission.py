@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.admission import SHED_MESSAGE, Admission, AdmissionInterceptor, GradientLimit, percentile
+from common.admission import DOOMED_MESSAGE, SHED_MESSAGE, Admission, AdmissionInterceptor, GradientLimit, percentile
 from protos import fusionrec_pb2 as pb
 from protos import fusionrec_pb2_grpc as pb_grpc
 
@@ -179,6 +179,44 @@ def test_bounded_wait_hands_the_slot_over_fifo_or_refuses():
         admission = Admission(limiter(Clock(), min_limit=1, max_limit=1), queue_s=0.0)
         assert await admission.acquire() and not await admission.acquire()
     asyncio.run(no_queue())
+
+
+def finished(admission: Admission, latency_s: float, calls: int) -> None:
+    """`calls` admitted calls of latency_s each, one at a time."""
+    for _ in range(calls):
+        admission.release(latency_s, asyncio.run(admission.acquire()))
+
+
+def test_a_call_with_less_time_left_than_the_recent_mean_latency_is_doomed_but_for_one_probe_per_window():
+    clock = Clock()
+    admission = Admission(limiter(clock), queue_s=0.0)
+    finished(admission, 0.030, 19)
+    assert not admission.doomed(0.001)                  # too few calls measured: nothing is judged
+    finished(admission, 0.030, 1)
+    assert not admission.doomed(None)                   # the caller set no deadline
+    assert not admission.doomed(0.031)                  # time enough
+    assert not admission.doomed(0.010)                  # short, but the window's probe
+    assert admission.doomed(0.010) and admission.doomed(0.0)
+    clock.t += admission.limiter.window_s
+    assert not admission.doomed(0.010) and admission.doomed(0.010)   # the next window's probe
+    finished(admission, 0.005, 40)                      # the probes found the service fast again
+    assert not admission.doomed(0.010) and admission.inflight == 0
+
+
+def test_late_calls_raise_the_latency_estimate_but_never_lower_it():
+    """A late call's latency is what it was given, a lower bound of what it needed: it may only
+    raise the estimate (a flood of calls late at 5 ms must not make a 30 ms service look fast)."""
+    clock = Clock()
+    admission = Admission(limiter(clock), queue_s=0.0)
+    finished(admission, 0.030, 20)
+    before = admission.recent.mean
+    for _ in range(20):
+        admission.release(0.005, asyncio.run(admission.acquire()), late=True)
+    assert admission.recent.mean == before
+    for _ in range(20):
+        admission.release(0.200, asyncio.run(admission.acquire()), late=True)
+    assert admission.recent.mean > 0.1 and admission.doomed(0.05) is False   # the window's probe
+    assert admission.doomed(0.05)
 
 
 class SlowRetrieval(pb_grpc.RetrievalServicer):
@@ -364,3 +402,50 @@ def test_standard_chain_refuses_a_saturated_method_before_tracing_and_inner_inte
     assert codes == ["RESOURCE_EXHAUSTED"] * 5
     assert reached_inner == 0
     assert len(spans) == 2   # the two admitted calls only
+
+
+def test_doomed_calls_are_refused_at_once_and_never_reach_the_servicer():
+    """Once the service knows its latency (50 ms a call here), a call arriving with a shorter
+    deadline is refused with RESOURCE_EXHAUSTED before any work (a timeout would be
+    DEADLINE_EXCEEDED), after the window's one probe; a call with time enough is served."""
+    class Timed(pb_grpc.RetrievalServicer):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def Retrieve(self, request, context):
+            self.calls += 1
+            await asyncio.sleep(0.05)
+            return pb.RetrieveResponse(index_version="v")
+
+    async def go():
+        # A long window: the one probe it allows is the first short call, however slow the machine.
+        interceptor = AdmissionInterceptor("retrieval", make_limit=lambda: GradientLimit(2, 8, window_s=30.0))
+        server = grpc.aio.server(interceptors=[interceptor])
+        servicer = Timed()
+        pb_grpc.add_RetrievalServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.RetrievalStub(channel)
+                for _ in range(20):   # sequential: the latency estimate, ~50 ms a call
+                    await stub.Retrieve(pb.RetrieveRequest(), timeout=5)
+                codes = []
+                for _ in range(3):
+                    try:
+                        await stub.Retrieve(pb.RetrieveRequest(), timeout=0.03)
+                        codes.append(("OK", ""))
+                    except grpc.aio.AioRpcError as e:
+                        codes.append((e.code().name, e.details()))
+                short_calls = servicer.calls - 20
+                ok = await stub.Retrieve(pb.RetrieveRequest(), timeout=5)
+                return codes, short_calls, ok, interceptor.admissions["Retrieve"]
+        finally:
+            await server.stop(None)
+
+    codes, short_calls, ok, admission = asyncio.run(go())
+    assert admission.recent.mean >= 0.03
+    assert codes[0][0] == "DEADLINE_EXCEEDED"            # the probe: admitted, and it ran out of time
+    assert codes[1:] == [("RESOURCE_EXHAUSTED", DOOMED_MESSAGE)] * 2
+    assert short_calls == 1                              # the refused ones never reached the servicer
+    assert ok.index_version == "v" and admission.inflight == 0

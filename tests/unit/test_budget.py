@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.budget import HopBudget, LatencyEstimate
+from common.latency import LatencyEstimate
+from gateway.budget import HopBudget
 
 
 def measured(retrieve_s: float, rank_s: float, n: int = 50, jitter: float = 0.0) -> HopBudget:
