@@ -35,10 +35,10 @@ refusal is the hot path: measured ~0.35-0.45 server core-ms per refused call, ne
 grpc.aio's own per-call cost (a pass-through interceptor layer adds ~0.02). A refused call gets
 no trace span (metrics count it).
 
-A call that arrives with less of its deadline left than the service's mean latency now (of the
+A call that arrives with less of its deadline left than the method's mean latency now (of the
 calls it admitted lately, Admission.recent) is refused at once too, whatever the limit
-(Admission.doomed): it would more likely than not end past its deadline, and the work on it be
-lost. Under overload calls get that late queueing in gRPC's core before any Python runs, which the
+(Admission.doomed; the serving reads only, DEADLINE_JUDGED_METHODS): it would more likely than
+not end past its deadline, and the work on it be lost. Under overload calls get that late queueing in gRPC's core before any Python runs, which the
 limit cannot see (it counts calls in Python); one call per window goes through anyway, so that the
 estimate can come down again when no caller has that much time.
 
@@ -71,6 +71,10 @@ SHED_MESSAGE = "overloaded; retry with backoff"
 DOOMED_MESSAGE = "too little of the deadline left for this service; retry with backoff or a longer deadline"
 EXEMPT_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 EXEMPT_METHODS = frozenset({"Status"})
+# Judged by the deadline they have left (Admission.doomed): the serving reads, whose latency does
+# not hang on the request's size. A write's does (UpsertItems of 1 item or of 256), so its mean
+# would refuse small writes for the time big ones took.
+DEADLINE_JUDGED_METHODS = frozenset({"Recommend", "Retrieve", "Rank"})
 LATE_BACKOFF = 0.8      # multiplicative decrease when calls of the window ran out of time
 LATE_SHARE = 0.1        # a call that ends with less than this share of its deadline left was late
 LATE_MARGIN_S = 0.002   # ... or with less than this
@@ -307,9 +311,10 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     def _guard(self, behaviour: Callable, admission: Admission, method: str) -> Callable:
         gauge = ADMISSION_LIMIT.labels(self.service, method)
         refuse, refuse_doomed = self._refuse(method), self._refuse(method, DOOMED_MESSAGE)
+        judged = method in DEADLINE_JUDGED_METHODS
 
         async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if admission.doomed(context.time_remaining()):
+            if judged and admission.doomed(context.time_remaining()):
                 return await refuse_doomed(request, context)
             admitted_with = await admission.acquire()
             if not admitted_with:

@@ -449,3 +449,42 @@ def test_doomed_calls_are_refused_at_once_and_never_reach_the_servicer():
     assert codes[1:] == [("RESOURCE_EXHAUSTED", DOOMED_MESSAGE)] * 2
     assert short_calls == 1                              # the refused ones never reached the servicer
     assert ok.index_version == "v" and admission.inflight == 0
+
+
+def test_writes_are_not_judged_by_their_deadline():
+    """A write's latency hangs on its size (UpsertItems of 1 item or 256): a short write with a
+    short deadline is worked on, however long earlier writes took."""
+    class Writes(pb_grpc.RecommenderServicer):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def UpsertItems(self, request, context):
+            self.calls += 1
+            await asyncio.sleep(0.05)
+            return pb.UpsertItemsResponse()
+
+    async def go():
+        interceptor = AdmissionInterceptor("gateway", make_limit=lambda: GradientLimit(2, 8, window_s=30.0))
+        server = grpc.aio.server(interceptors=[interceptor])
+        servicer = Writes()
+        pb_grpc.add_RecommenderServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.RecommenderStub(channel)
+                for _ in range(20):
+                    await stub.UpsertItems(pb.UpsertItemsRequest(), timeout=5)
+                codes = []
+                for _ in range(3):
+                    try:
+                        await stub.UpsertItems(pb.UpsertItemsRequest(), timeout=0.03)
+                        codes.append("OK")
+                    except grpc.aio.AioRpcError as e:
+                        codes.append(e.code().name)
+                return codes, servicer.calls
+        finally:
+            await server.stop(None)
+
+    codes, calls = asyncio.run(go())
+    assert codes == ["DEADLINE_EXCEEDED"] * 3 and calls == 23
