@@ -39,8 +39,9 @@ A call that arrives with less of its deadline left than the method's mean latenc
 calls it admitted lately, Admission.recent) is refused at once too, whatever the limit
 (Admission.doomed; the serving reads only, DEADLINE_JUDGED_METHODS): it would more likely than
 not end past its deadline, and the work on it be lost. Under overload calls get that late queueing in gRPC's core before any Python runs, which the
-limit cannot see (it counts calls in Python); one call per window goes through anyway, so that the
-estimate can come down again when no caller has that much time.
+limit cannot see (it counts calls in Python). Only while the method is slow (its mean above
+1.5x its uncrowded p90): a healthy one serves tiny deadlines the degraded answer they have time
+for. One call per window goes through anyway, so that the estimate can come down again.
 
 Not grpc.aio.server(maximum_concurrent_rpcs=N): measured on grpcio 1.81, calls over N are refused
 at once but only after every Python interceptor has run for them (it saves ~0.07 core-ms per
@@ -81,6 +82,7 @@ LATE_MARGIN_S = 0.002   # ... or with less than this
 INITIAL_LIMIT = 8       # where a method's limit starts (clamped to min/max concurrency)
 RECENT_ALPHA = 0.1      # weight of each admitted call in the latency a deadline is judged against
 RECENT_MIN_SAMPLES = 20 # ... judged only once this many calls were measured
+SLOW_MEAN_MULTIPLE = 1.5  # ... and only while that mean is this far above the uncrowded p90 (overload)
 
 
 # The running call's "late" flag (set by the admission wrapper, read when the call ends).
@@ -215,9 +217,12 @@ class Admission:
         refuse it (each refusal ~0.4 core-ms instead of a whole call that would miss), except one
         call per limiter window, a probe, so that an estimate inflated by a slow spell is measured
         again even when every caller is short of time (otherwise nothing would ever be admitted to
-        bring it down). On a healthy service only callers whose whole deadline is shorter than
-        the typical latency are refused, at once instead of at their deadline."""
-        if budget_s is None or self.recent.samples < RECENT_MIN_SAMPLES or budget_s >= self.recent.mean:
+        bring it down). Judged only while the service is slow (that mean above SLOW_MEAN_MULTIPLE
+        x min_rtt, its uncrowded p90): on a healthy one a caller with a tiny deadline still gets
+        the degraded answer it has time for."""
+        rtt = self.limiter.min_rtt
+        if budget_s is None or rtt is None or self.recent.samples < RECENT_MIN_SAMPLES \
+                or self.recent.mean < SLOW_MEAN_MULTIPLE * rtt or budget_s >= self.recent.mean:
             return False
         now = self.limiter.clock()
         if now >= self._probe_at:

@@ -190,9 +190,11 @@ def finished(admission: Admission, latency_s: float, calls: int) -> None:
 def test_a_call_with_less_time_left_than_the_recent_mean_latency_is_doomed_but_for_one_probe_per_window():
     clock = Clock()
     admission = Admission(limiter(clock), queue_s=0.0)
-    finished(admission, 0.030, 19)
-    assert not admission.doomed(0.001)                  # too few calls measured: nothing is judged
-    finished(admission, 0.030, 1)
+    finished(admission, 0.010, 10)                      # the uncrowded baseline: min_rtt 10 ms
+    assert admission.limiter.min_rtt == pytest.approx(0.010)
+    finished(admission, 0.012, 10)
+    assert not admission.doomed(0.001)                  # healthy (mean near min_rtt): nothing is judged
+    finished(admission, 0.030, 20)                      # slow now: mean ~28 ms, above 1.5 x min_rtt
     assert not admission.doomed(None)                   # the caller set no deadline
     assert not admission.doomed(0.031)                  # time enough
     assert not admission.doomed(0.010)                  # short, but the window's probe
@@ -200,7 +202,7 @@ def test_a_call_with_less_time_left_than_the_recent_mean_latency_is_doomed_but_f
     clock.t += admission.limiter.window_s
     assert not admission.doomed(0.010) and admission.doomed(0.010)   # the next window's probe
     finished(admission, 0.005, 40)                      # the probes found the service fast again
-    assert not admission.doomed(0.010) and admission.inflight == 0
+    assert not admission.doomed(0.001) and admission.inflight == 0
 
 
 def test_late_calls_raise_the_latency_estimate_but_never_lower_it():
@@ -208,6 +210,7 @@ def test_late_calls_raise_the_latency_estimate_but_never_lower_it():
     raise the estimate (a flood of calls late at 5 ms must not make a 30 ms service look fast)."""
     clock = Clock()
     admission = Admission(limiter(clock), queue_s=0.0)
+    finished(admission, 0.010, 10)
     finished(admission, 0.030, 20)
     before = admission.recent.mean
     for _ in range(20):
@@ -405,7 +408,7 @@ def test_standard_chain_refuses_a_saturated_method_before_tracing_and_inner_inte
 
 
 def test_doomed_calls_are_refused_at_once_and_never_reach_the_servicer():
-    """Once the service knows its latency (50 ms a call here), a call arriving with a shorter
+    """Once the service is slow (50 ms a call here against a 5 ms baseline), a call arriving with a shorter
     deadline is refused with RESOURCE_EXHAUSTED before any work (a timeout would be
     DEADLINE_EXCEEDED), after the window's one probe; a call with time enough is served."""
     class Timed(pb_grpc.RetrievalServicer):
@@ -414,12 +417,13 @@ def test_doomed_calls_are_refused_at_once_and_never_reach_the_servicer():
 
         async def Retrieve(self, request, context):
             self.calls += 1
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.005 if self.calls <= 10 else 0.05)   # fast, then slowed down
             return pb.RetrieveResponse(index_version="v")
 
     async def go():
         # A long window: the one probe it allows is the first short call, however slow the machine.
-        interceptor = AdmissionInterceptor("retrieval", make_limit=lambda: GradientLimit(2, 8, window_s=30.0))
+        interceptor = AdmissionInterceptor("retrieval", make_limit=lambda: GradientLimit(
+            2, 8, window_s=30.0, probe_samples=10, probe_interval_s=1e9))
         server = grpc.aio.server(interceptors=[interceptor])
         servicer = Timed()
         pb_grpc.add_RetrievalServicer_to_server(servicer, server)
@@ -428,7 +432,7 @@ def test_doomed_calls_are_refused_at_once_and_never_reach_the_servicer():
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = pb_grpc.RetrievalStub(channel)
-                for _ in range(20):   # sequential: the latency estimate, ~50 ms a call
+                for _ in range(30):   # sequential: baseline ~5 ms, then ~50 ms a call
                     await stub.Retrieve(pb.RetrieveRequest(), timeout=5)
                 codes = []
                 for _ in range(3):
@@ -437,7 +441,7 @@ def test_doomed_calls_are_refused_at_once_and_never_reach_the_servicer():
                         codes.append(("OK", ""))
                     except grpc.aio.AioRpcError as e:
                         codes.append((e.code().name, e.details()))
-                short_calls = servicer.calls - 20
+                short_calls = servicer.calls - 30
                 ok = await stub.Retrieve(pb.RetrieveRequest(), timeout=5)
                 return codes, short_calls, ok, interceptor.admissions["Retrieve"]
         finally:
@@ -460,11 +464,12 @@ def test_writes_are_not_judged_by_their_deadline():
 
         async def UpsertItems(self, request, context):
             self.calls += 1
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.005 if self.calls <= 10 else 0.05)
             return pb.UpsertItemsResponse()
 
     async def go():
-        interceptor = AdmissionInterceptor("gateway", make_limit=lambda: GradientLimit(2, 8, window_s=30.0))
+        interceptor = AdmissionInterceptor("gateway", make_limit=lambda: GradientLimit(
+            2, 8, window_s=30.0, probe_samples=10, probe_interval_s=1e9))
         server = grpc.aio.server(interceptors=[interceptor])
         servicer = Writes()
         pb_grpc.add_RecommenderServicer_to_server(servicer, server)
@@ -473,7 +478,7 @@ def test_writes_are_not_judged_by_their_deadline():
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = pb_grpc.RecommenderStub(channel)
-                for _ in range(20):
+                for _ in range(30):   # as the Retrieve test: slow against its baseline
                     await stub.UpsertItems(pb.UpsertItemsRequest(), timeout=5)
                 codes = []
                 for _ in range(3):
@@ -487,4 +492,4 @@ def test_writes_are_not_judged_by_their_deadline():
             await server.stop(None)
 
     codes, calls = asyncio.run(go())
-    assert codes == ["DEADLINE_EXCEEDED"] * 3 and calls == 23
+    assert codes == ["DEADLINE_EXCEEDED"] * 3 and calls == 33
