@@ -38,8 +38,9 @@ no trace span (metrics count it).
 A call that arrives with less of its deadline left than the method's mean latency now (of the
 calls it admitted lately, Admission.recent) is refused at once too, whatever the limit
 (Admission.doomed; the serving reads only, DEADLINE_JUDGED_METHODS): it would more likely than
-not end past its deadline, and the work on it be lost. Under overload calls get that late queueing in gRPC's core before any Python runs, which the
-limit cannot see (it counts calls in Python). Only while the method is slow (its mean above
+not end past its deadline, and the work on it be lost. Under overload calls get that late
+queueing in gRPC's core before any Python runs, which the limit cannot see (it counts calls in
+Python). Only while the method is slow (its mean above
 1.5x its uncrowded p90): a healthy one serves tiny deadlines the degraded answer they have time
 for. One call per window goes through anyway, so that the estimate can come down again.
 
@@ -300,7 +301,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         """This limit's cheap refusal, to run outermost (common.server.standard_interceptors)."""
         return AdmissionGate(self)
 
-    def _refuse(self, method: str, message: str = SHED_MESSAGE) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
+    def _refuse(self, method: str,
+                message: str = SHED_MESSAGE) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
         shed = ADMISSION_SHED.labels(self.service, method)
         refused = GRPC_REQUESTS.labels(self.service, method, "RESOURCE_EXHAUSTED")
 

@@ -407,51 +407,63 @@ def test_standard_chain_refuses_a_saturated_method_before_tracing_and_inner_inte
     assert len(spans) == 2   # the two admitted calls only
 
 
+class SlowedDown:
+    """A servicer method: 5 ms a call for its first 10 calls (the uncrowded baseline), 50 ms after."""
+
+    def __init__(self, response) -> None:
+        self.calls = 0
+        self.response = response
+
+    async def __call__(self, request, context):
+        self.calls += 1
+        await asyncio.sleep(0.005 if self.calls <= 10 else 0.05)
+        return self.response
+
+
+async def short_calls_after_a_slowdown(service: str, add_servicer, servicer, stub_class, method: str, request):
+    """30 sequential calls (baseline, then slowed down), 3 calls with a 30 ms deadline, then one with
+    time enough: ([(code, details)] of the short calls, servicer calls before the last one, the
+    last answer, the method's Admission)."""
+    # A long window: the one probe it allows is the first short call, however slow the machine.
+    interceptor = AdmissionInterceptor(service, make_limit=lambda: GradientLimit(
+        2, 8, window_s=30.0, probe_samples=10, probe_interval_s=1e9))
+    server = grpc.aio.server(interceptors=[interceptor])
+    add_servicer(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = getattr(stub_class(channel), method)
+            for _ in range(30):
+                await call(request, timeout=5)
+            codes = []
+            for _ in range(3):
+                try:
+                    await call(request, timeout=0.03)
+                    codes.append(("OK", ""))
+                except grpc.aio.AioRpcError as e:
+                    codes.append((e.code().name, e.details()))
+            calls = getattr(servicer, method).calls
+            last = await call(request, timeout=5)
+            return codes, calls, last, interceptor.admissions[method]
+    finally:
+        await server.stop(None)
+
+
 def test_doomed_calls_are_refused_at_once_and_never_reach_the_servicer():
-    """Once the service is slow (50 ms a call here against a 5 ms baseline), a call arriving with a shorter
-    deadline is refused with RESOURCE_EXHAUSTED before any work (a timeout would be
+    """Once the service is slow (50 ms a call here against a 5 ms baseline), a call arriving with a
+    shorter deadline is refused with RESOURCE_EXHAUSTED before any work (a timeout would be
     DEADLINE_EXCEEDED), after the window's one probe; a call with time enough is served."""
     class Timed(pb_grpc.RetrievalServicer):
-        def __init__(self) -> None:
-            self.calls = 0
+        Retrieve = SlowedDown(pb.RetrieveResponse(index_version="v"))
 
-        async def Retrieve(self, request, context):
-            self.calls += 1
-            await asyncio.sleep(0.005 if self.calls <= 10 else 0.05)   # fast, then slowed down
-            return pb.RetrieveResponse(index_version="v")
-
-    async def go():
-        # A long window: the one probe it allows is the first short call, however slow the machine.
-        interceptor = AdmissionInterceptor("retrieval", make_limit=lambda: GradientLimit(
-            2, 8, window_s=30.0, probe_samples=10, probe_interval_s=1e9))
-        server = grpc.aio.server(interceptors=[interceptor])
-        servicer = Timed()
-        pb_grpc.add_RetrievalServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = pb_grpc.RetrievalStub(channel)
-                for _ in range(30):   # sequential: baseline ~5 ms, then ~50 ms a call
-                    await stub.Retrieve(pb.RetrieveRequest(), timeout=5)
-                codes = []
-                for _ in range(3):
-                    try:
-                        await stub.Retrieve(pb.RetrieveRequest(), timeout=0.03)
-                        codes.append(("OK", ""))
-                    except grpc.aio.AioRpcError as e:
-                        codes.append((e.code().name, e.details()))
-                short_calls = servicer.calls - 30
-                ok = await stub.Retrieve(pb.RetrieveRequest(), timeout=5)
-                return codes, short_calls, ok, interceptor.admissions["Retrieve"]
-        finally:
-            await server.stop(None)
-
-    codes, short_calls, ok, admission = asyncio.run(go())
+    codes, calls, ok, admission = asyncio.run(short_calls_after_a_slowdown(
+        "retrieval", pb_grpc.add_RetrievalServicer_to_server, Timed(), pb_grpc.RetrievalStub, "Retrieve",
+        pb.RetrieveRequest()))
     assert admission.recent.mean >= 0.03
     assert codes[0][0] == "DEADLINE_EXCEEDED"            # the probe: admitted, and it ran out of time
     assert codes[1:] == [("RESOURCE_EXHAUSTED", DOOMED_MESSAGE)] * 2
-    assert short_calls == 1                              # the refused ones never reached the servicer
+    assert calls - 30 == 1                               # the refused ones never reached the servicer
     assert ok.index_version == "v" and admission.inflight == 0
 
 
@@ -459,37 +471,9 @@ def test_writes_are_not_judged_by_their_deadline():
     """A write's latency hangs on its size (UpsertItems of 1 item or 256): a short write with a
     short deadline is worked on, however long earlier writes took."""
     class Writes(pb_grpc.RecommenderServicer):
-        def __init__(self) -> None:
-            self.calls = 0
+        UpsertItems = SlowedDown(pb.UpsertItemsResponse())
 
-        async def UpsertItems(self, request, context):
-            self.calls += 1
-            await asyncio.sleep(0.005 if self.calls <= 10 else 0.05)
-            return pb.UpsertItemsResponse()
-
-    async def go():
-        interceptor = AdmissionInterceptor("gateway", make_limit=lambda: GradientLimit(
-            2, 8, window_s=30.0, probe_samples=10, probe_interval_s=1e9))
-        server = grpc.aio.server(interceptors=[interceptor])
-        servicer = Writes()
-        pb_grpc.add_RecommenderServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = pb_grpc.RecommenderStub(channel)
-                for _ in range(30):   # as the Retrieve test: slow against its baseline
-                    await stub.UpsertItems(pb.UpsertItemsRequest(), timeout=5)
-                codes = []
-                for _ in range(3):
-                    try:
-                        await stub.UpsertItems(pb.UpsertItemsRequest(), timeout=0.03)
-                        codes.append("OK")
-                    except grpc.aio.AioRpcError as e:
-                        codes.append(e.code().name)
-                return codes, servicer.calls
-        finally:
-            await server.stop(None)
-
-    codes, calls = asyncio.run(go())
-    assert codes == ["DEADLINE_EXCEEDED"] * 3 and calls == 33
+    codes, calls, _, _ = asyncio.run(short_calls_after_a_slowdown(
+        "gateway", pb_grpc.add_RecommenderServicer_to_server, Writes(), pb_grpc.RecommenderStub, "UpsertItems",
+        pb.UpsertItemsRequest()))
+    assert [code for code, _ in codes] == ["DEADLINE_EXCEEDED"] * 3 and calls == 33
